@@ -1,7 +1,12 @@
 //! The sequencer: the one process allowed to change stock.
 //!
-//! Read in this order: [`engine`] decides (pure, no IO); [`runtime`] feeds it batches from the
-//! requests topic, commits each batch through `persistence`, and publishes the outcomes;
-//! [`lease`] decides which of several sequencer processes may write.
+//! Read in this order: [`engine`] decides (pure, no IO); [`log`] reads the requests topic from
+//! the offset Postgres holds; [`runtime`] cuts batches, commits each one through `persistence` in
+//! one fenced transaction, and hands the outcomes to [`publish`]; [`status`] reports.
 
+pub mod admin;
 pub mod engine;
+pub mod log;
+pub mod publish;
+pub mod runtime;
+pub mod status;

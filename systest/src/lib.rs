@@ -1,1 +1,448 @@
-//! placeholder
+//! A harness that runs the real system for a test: a fresh database, fresh topics on the real
+//! broker, real `sequencer` and `ingress` processes on free loopback ports. Nothing is faked.
+//!
+//! Needs `FLASH_BIN_DIR` (where the built binaries are) and `FLASH_PG_ADMIN_URL` (a superuser
+//! connection to create databases); `scripts/test` sets both and starts Postgres and the broker.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+pub const ADMIN_TOKEN: &str = "systest-admin-token-0123456789";
+
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("FLASH_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug")))
+}
+
+fn admin_url() -> String {
+    std::env::var("FLASH_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn log_dir() -> PathBuf {
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/systest-logs"
+    ));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub sequencers: usize,
+    pub batch_size_max: usize,
+    pub lease_ms: u64,
+    pub renew_ms: u64,
+    pub outcome_timeout_ms: u64,
+    pub extra_ingress_env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sequencers: 1,
+            batch_size_max: 250,
+            lease_ms: 600,
+            renew_ms: 150,
+            outcome_timeout_ms: 5_000,
+            extra_ingress_env: Vec::new(),
+        }
+    }
+}
+
+pub struct Sequencer {
+    pub node_id: String,
+    pub status_port: u16,
+    pub child: Option<Child>,
+    restarts: u32,
+}
+
+pub struct Stack {
+    pub name: String,
+    pub db_name: String,
+    pub database_url: String,
+    pub requests_topic: String,
+    pub outcomes_topic: String,
+    pub pool: PgPool,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub options: Options,
+    pub sequencers: Vec<Sequencer>,
+    ingress: Option<Child>,
+    ingress_port: u16,
+}
+
+impl Stack {
+    /// Starts a fresh system named after the test.
+    pub async fn start(test: &str, options: Options) -> anyhow::Result<Stack> {
+        let suffix = format!("{}_{:08x}", test, rand32());
+        let db_name = format!("flash_t_{suffix}");
+        let admin = PgPool::connect(&admin_url())
+            .await
+            .context("connecting to Postgres (is it up?)")?;
+        sqlx::query(&format!("CREATE DATABASE \"{db_name}\""))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let base_url = admin_url();
+        let database_url = format!(
+            "{}/{db_name}",
+            &base_url[..base_url.rfind('/').expect("url with a path")]
+        );
+        let requests_topic = format!("req-{suffix}");
+        let outcomes_topic = format!("out-{suffix}");
+        let status = Command::new(bin_dir().join("sequencer"))
+            .args([
+                "create-topics",
+                "--brokers",
+                &brokers(),
+                "--requests-topic",
+                &requests_topic,
+                "--outcomes-topic",
+                &outcomes_topic,
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .context("running sequencer create-topics")?;
+        if !status.success() {
+            bail!("create-topics failed (is the broker up on {}?)", brokers());
+        }
+        let pool = persistence::connect(&database_url, 4).await?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let mut stack = Stack {
+            name: suffix,
+            db_name,
+            database_url,
+            requests_topic,
+            outcomes_topic,
+            pool,
+            http,
+            base: String::new(),
+            options: options.clone(),
+            sequencers: Vec::new(),
+            ingress: None,
+            ingress_port: free_port(),
+        };
+        for i in 0..options.sequencers {
+            let node_id = format!("seq-{}", (b'a' + i as u8) as char);
+            stack.sequencers.push(Sequencer {
+                node_id,
+                status_port: free_port(),
+                child: None,
+                restarts: 0,
+            });
+            stack.spawn_sequencer(i)?;
+        }
+        stack.wait_for_active(Duration::from_secs(60)).await?;
+        stack.base = format!("http://127.0.0.1:{}", stack.ingress_port);
+        stack.spawn_ingress()?;
+        stack.wait_ready(Duration::from_secs(60)).await?;
+        Ok(stack)
+    }
+
+    pub fn spawn_sequencer(&mut self, i: usize) -> anyhow::Result<()> {
+        let s = &mut self.sequencers[i];
+        s.restarts += 1;
+        let log = File::create(
+            log_dir().join(format!("{}-{}-{}.log", self.name, s.node_id, s.restarts)),
+        )?;
+        let child = Command::new(bin_dir().join("sequencer"))
+            .arg("run")
+            .env("DATABASE_URL", &self.database_url)
+            .env("KAFKA_BROKERS", brokers())
+            .env("REQUESTS_TOPIC", &self.requests_topic)
+            .env("OUTCOMES_TOPIC", &self.outcomes_topic)
+            .env("NODE_ID", &s.node_id)
+            .env("STATUS_ADDR", format!("127.0.0.1:{}", s.status_port))
+            .env("BATCH_SIZE_MAX", self.options.batch_size_max.to_string())
+            .env("LEASE_MS", self.options.lease_ms.to_string())
+            .env("RENEW_MS", self.options.renew_ms.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning the sequencer")?;
+        s.child = Some(child);
+        Ok(())
+    }
+
+    fn spawn_ingress(&mut self) -> anyhow::Result<()> {
+        let log = File::create(log_dir().join(format!("{}-ingress.log", self.name)))?;
+        let mut cmd = Command::new(bin_dir().join("ingress"));
+        cmd.env("LISTEN_ADDR", format!("127.0.0.1:{}", self.ingress_port))
+            .env("DATABASE_URL", &self.database_url)
+            .env("KAFKA_BROKERS", brokers())
+            .env("REQUESTS_TOPIC", &self.requests_topic)
+            .env("OUTCOMES_TOPIC", &self.outcomes_topic)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env(
+                "OUTCOME_TIMEOUT_MS",
+                self.options.outcome_timeout_ms.to_string(),
+            )
+            .env("RUST_LOG", "info");
+        for (k, v) in &self.options.extra_ingress_env {
+            cmd.env(k, v);
+        }
+        self.ingress = Some(
+            cmd.stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("spawning the ingress")?,
+        );
+        Ok(())
+    }
+
+    /// The `/status` document of sequencer `i`, if it answers.
+    pub async fn sequencer_status(&self, i: usize) -> Option<Value> {
+        let url = format!("http://127.0.0.1:{}/status", self.sequencers[i].status_port);
+        let r = self
+            .http
+            .get(url)
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    /// Index of the sequencer reporting `active`, waiting up to `within`.
+    pub async fn wait_for_active(&self, within: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            for i in 0..self.sequencers.len() {
+                if let Some(doc) = self.sequencer_status(i).await {
+                    if doc["role"] == "active" {
+                        return Ok(i);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no sequencer became active within {within:?} (logs in target/systest-logs/{}*)", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("ingress not ready within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal (KILL, STOP, CONT, TERM) to sequencer `i`.
+    pub fn signal_sequencer(&mut self, i: usize, signal: &str) -> anyhow::Result<()> {
+        let pid = self.sequencers[i]
+            .child
+            .as_ref()
+            .context("sequencer not running")?
+            .id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill -{signal} {pid} failed");
+        }
+        if signal == "KILL" {
+            if let Some(mut c) = self.sequencers[i].child.take() {
+                c.wait()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for sequencer `i` to exit; returns its exit code.
+    pub fn wait_sequencer_exit(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + within;
+        let child = self.sequencers[i]
+            .child
+            .as_mut()
+            .context("sequencer not running")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.sequencers[i].child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("sequencer {i} still running after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn put_sku(
+        &self,
+        sku: &str,
+        total: u64,
+        per_user_limit: u32,
+        ttl_s: f64,
+    ) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .admin("PUT", &format!("/v1/admin/skus/{sku}"),
+                   Some(json!({"total_stock": total, "per_user_limit": per_user_limit, "hold_ttl_seconds": ttl_s})))
+            .await?;
+        if status != 200 {
+            bail!("PUT sku answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method.parse()?, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        answer(req.send().await?).await
+    }
+
+    pub async fn reserve(
+        &self,
+        sku: &str,
+        user: &str,
+        quantity: i64,
+        key: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        let body =
+            json!({"sku": sku, "user_id": user, "quantity": quantity, "idempotency_key": key});
+        answer(
+            self.http
+                .post(format!("{}/v1/reservations", self.base))
+                .json(&body)
+                .send()
+                .await?,
+        )
+        .await
+    }
+
+    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        answer(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .send()
+                .await?,
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        answer(self.http.get(format!("{}{path}", self.base)).send().await?).await
+    }
+
+    /// Runs `sequencer audit --json` against this stack's database.
+    pub fn audit(&self) -> anyhow::Result<Value> {
+        let out = Command::new(bin_dir().join("sequencer"))
+            .args(["audit", "--json", "--database-url", &self.database_url])
+            .output()?;
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("audit output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if out.status.success()
+            != report["violations"]
+                .as_array()
+                .is_some_and(|v| v.is_empty())
+        {
+            bail!("audit exit code disagrees with its report: {report}");
+        }
+        Ok(report)
+    }
+
+    /// Counters of one SKU as Postgres holds them.
+    pub async fn sku_row(&self, sku: &str) -> anyhow::Result<HashMap<&'static str, i64>> {
+        let row: (i64, i64, i64, i64) =
+            sqlx::query_as("SELECT total, available, held, sold FROM skus WHERE sku = $1")
+                .bind(sku)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(HashMap::from([
+            ("total", row.0),
+            ("available", row.1),
+            ("held", row.2),
+            ("sold", row.3),
+        ]))
+    }
+}
+
+async fn answer(r: reqwest::Response) -> anyhow::Result<(u16, Value)> {
+    let status = r.status().as_u16();
+    let text = r.text().await?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, body))
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.ingress.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for s in &mut self.sequencers {
+            if let Some(mut c) = s.child.take() {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &c.id().to_string()])
+                    .status();
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Keep the database of a failed test for inspection; drop it otherwise.
+        if !std::thread::panicking() {
+            let _ = Command::new("psql")
+                .args([
+                    &admin_url(),
+                    "-qc",
+                    &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+pub fn rand32() -> u32 {
+    uuid::Uuid::new_v4().as_u128() as u32
+}

@@ -20,6 +20,22 @@ pub type RequestId = u128;
 /// Random per ingress process; outcomes are routed back by it.
 pub type IngressId = u64;
 
+/// Limits shared by the ingress (which refuses larger input with 422) and the engine (which
+/// refuses it again, so a foreign producer cannot break them either).
+pub mod limits {
+    /// Largest total stock of one SKU. Far below `i64::MAX` so that Postgres `bigint` sums of
+    /// counters can never overflow.
+    pub const STOCK_MAX: u64 = 1_000_000_000_000;
+    /// Largest quantity of one reservation and largest per-user limit.
+    pub const QUANTITY_MAX: u32 = 1_000_000;
+    /// Longest hold: a week. Keeps `decided_at + ttl` far inside `i64` milliseconds.
+    pub const HOLD_TTL_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+    /// Longest SKU name, user id and idempotency key, in bytes.
+    pub const SKU_BYTES_MAX: usize = 64;
+    pub const USER_ID_BYTES_MAX: usize = 128;
+    pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+}
+
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub request_id: RequestId,
@@ -83,7 +99,9 @@ pub enum Outcome {
     /// Result of an admin command on one SKU.
     Sku(SkuView),
     /// Result of the emergency freeze.
-    Frozen { skus_paused: u32 },
+    Frozen {
+        skus_paused: u32,
+    },
     Rejected(Reject),
 }
 
@@ -219,6 +237,20 @@ pub struct OutcomeBatch {
     pub replies: Vec<Reply>,
 }
 
+/// A decision row as persisted, read back at start-up. Shared by `persistence` (which reads it)
+/// and the engine (which rebuilds its state from it); it never travels over Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDecision {
+    pub request_id: RequestId,
+    pub user_id: String,
+    pub idempotency_key: String,
+    pub sku: String,
+    pub quantity: u32,
+    /// The reservation's current status, or why the request was refused.
+    pub status: Result<ReservationStatus, Reject>,
+    pub expires_at_ms: i64,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("message is empty or shorter than its header")]
@@ -261,8 +293,8 @@ pub fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, WireError> {
     if *version != WIRE_VERSION {
         return Err(WireError::UnsupportedVersion { found: *version });
     }
-    let (value, read) = bincode::decode_from_slice(body, config())
-        .map_err(|e| WireError::Body(e.to_string()))?;
+    let (value, read) =
+        bincode::decode_from_slice(body, config()).map_err(|e| WireError::Body(e.to_string()))?;
     if read != body.len() {
         return Err(WireError::Body(format!(
             "{} trailing bytes after the message",
@@ -338,7 +370,10 @@ mod tests {
     #[test]
     fn foreign_truncated_and_trailing_bytes_are_refused() {
         assert_eq!(decode::<Request>(b""), Err(WireError::Truncated));
-        assert_eq!(decode::<Request>(b"{\"a\":1}"), Err(WireError::BadMagic(b'{')));
+        assert_eq!(
+            decode::<Request>(b"{\"a\":1}"),
+            Err(WireError::BadMagic(b'{'))
+        );
         let bytes = encode(&reserve());
         assert!(matches!(
             decode::<Request>(&bytes[..bytes.len() - 1]),
@@ -355,6 +390,9 @@ mod tests {
             assert_eq!(Reject::from_code(r.code()), Some(r));
         }
         assert_eq!(Reject::SoldOut.code(), "sold_out");
-        assert_eq!(Reject::IdempotencyKeyReused.code(), "idempotency_key_reused");
+        assert_eq!(
+            Reject::IdempotencyKeyReused.code(),
+            "idempotency_key_reused"
+        );
     }
 }

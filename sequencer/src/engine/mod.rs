@@ -15,6 +15,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use rustc_hash::FxHashMap;
+pub use wire::StoredDecision;
 use wire::{
     Command, Outcome, Reject, Request, RequestId, ReservationStatus, ReservationView, SkuConfig,
     SkuView,
@@ -25,13 +26,7 @@ mod model;
 #[cfg(test)]
 mod tests;
 
-/// Largest total stock of one SKU. Far below `i64::MAX` so that Postgres `bigint` sums of
-/// counters can never overflow.
-pub const STOCK_MAX: u64 = 1_000_000_000_000;
-/// Largest quantity of one reservation and largest per-user limit.
-pub const QUANTITY_MAX: u32 = 1_000_000;
-/// Longest hold: a week. Keeps `decided_at + ttl` far inside `i64` milliseconds.
-pub const HOLD_TTL_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+pub use wire::limits::{HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
 
 pub type SkuIdx = u32;
 type UserIdx = u32;
@@ -80,7 +75,11 @@ impl Sku {
             self.sold,
             self.total()
         );
-        assert!(self.total() <= STOCK_MAX, "sku {} total over STOCK_MAX", self.name);
+        assert!(
+            self.total() <= STOCK_MAX,
+            "sku {} total over STOCK_MAX",
+            self.name
+        );
     }
 }
 
@@ -140,19 +139,6 @@ pub struct BatchOutput {
     pub transitions: Vec<Transition>,
     /// Final state of every SKU the batch changed, in SKU creation order.
     pub skus: Vec<SkuView>,
-}
-
-/// A decision row as read back from Postgres at start-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredDecision {
-    pub request_id: RequestId,
-    pub user_id: String,
-    pub idempotency_key: String,
-    pub sku: String,
-    pub quantity: u32,
-    /// The reservation's current status, or why the request was refused.
-    pub status: Result<ReservationStatus, Reject>,
-    pub expires_at_ms: i64,
 }
 
 /// The engine's whole state as persisted: what start-up and takeover load.
@@ -393,8 +379,7 @@ impl Engine {
         let now = self.clock_ms;
         let &sku_idx = self.sku_index.get(sku_name).ok_or(Reject::UnknownSku)?;
         let sku = &self.skus[sku_idx as usize];
-        if quantity == 0 || quantity > QUANTITY_MAX || self.reservations.contains_key(&request_id)
-        {
+        if quantity == 0 || quantity > QUANTITY_MAX || self.reservations.contains_key(&request_id) {
             return Err(Reject::InvalidCommand);
         }
         if sku.paused {
@@ -492,8 +477,15 @@ impl Engine {
 
     /// Held -> cancelled or expired: the units go back on sale and stop counting to the limit.
     fn release_hold(&mut self, id: RequestId, to: ReservationStatus) {
-        let r = self.reservations.get_mut(&id).expect("release of unknown hold");
-        assert_eq!(r.status, ReservationStatus::Held, "release of a non-held reservation");
+        let r = self
+            .reservations
+            .get_mut(&id)
+            .expect("release of unknown hold");
+        assert_eq!(
+            r.status,
+            ReservationStatus::Held,
+            "release of a non-held reservation"
+        );
         r.status = to;
         let (sku_idx, user, quantity) = (r.sku, r.user, u64::from(r.quantity));
         let sku = &mut self.skus[sku_idx as usize];
@@ -613,7 +605,10 @@ impl Engine {
                 paused: view.paused,
                 dirty_in_batch: 0,
             };
-            if sku.available.checked_add(sku.held).and_then(|s| s.checked_add(sku.sold))
+            if sku
+                .available
+                .checked_add(sku.held)
+                .and_then(|s| s.checked_add(sku.sold))
                 != Some(sku.total())
             {
                 return Err(RestoreError::StockInvariant { sku: sku.name });
@@ -626,22 +621,29 @@ impl Engine {
             let user = engine.user_idx(&d.user_id);
             let decision = match d.status {
                 Ok(status) => {
-                    let &sku = engine.sku_index.get(&d.sku).ok_or_else(|| {
-                        RestoreError::UnknownSku {
-                            request_id: d.request_id,
-                            sku: d.sku.clone(),
-                        }
-                    })?;
+                    let &sku =
+                        engine
+                            .sku_index
+                            .get(&d.sku)
+                            .ok_or_else(|| RestoreError::UnknownSku {
+                                request_id: d.request_id,
+                                sku: d.sku.clone(),
+                            })?;
                     let quantity = u64::from(d.quantity);
                     match status {
                         ReservationStatus::Held => {
                             rows_held[sku as usize] += quantity;
-                            engine.expiries.push(Reverse((d.expires_at_ms, d.request_id)));
+                            engine
+                                .expiries
+                                .push(Reverse((d.expires_at_ms, d.request_id)));
                         }
                         ReservationStatus::Confirmed => rows_sold[sku as usize] += quantity,
                         ReservationStatus::Cancelled | ReservationStatus::Expired => {}
                     }
-                    if matches!(status, ReservationStatus::Held | ReservationStatus::Confirmed) {
+                    if matches!(
+                        status,
+                        ReservationStatus::Held | ReservationStatus::Confirmed
+                    ) {
                         *engine.users[user as usize].holdings.entry(sku).or_insert(0) += quantity;
                     }
                     engine.reservations.insert(
@@ -664,7 +666,10 @@ impl Engine {
                 decision,
             };
             let keys = &mut engine.users[user as usize].keys;
-            if keys.insert(d.idempotency_key.clone().into(), record).is_some() {
+            if keys
+                .insert(d.idempotency_key.clone().into(), record)
+                .is_some()
+            {
                 return Err(RestoreError::DuplicateKey {
                     user_id: d.user_id,
                     key: d.idempotency_key,
@@ -702,18 +707,35 @@ impl Engine {
         }
         for (i, sku) in self.skus.iter().enumerate() {
             sku.check_stock_invariant();
-            assert_eq!(sku.held, held[i], "sku {}: held counter != held reservations", sku.name);
-            assert_eq!(sku.sold, sold[i], "sku {}: sold counter != confirmed reservations", sku.name);
+            assert_eq!(
+                sku.held, held[i],
+                "sku {}: held counter != held reservations",
+                sku.name
+            );
+            assert_eq!(
+                sku.sold, sold[i],
+                "sku {}: sold counter != confirmed reservations",
+                sku.name
+            );
         }
         for (u, user) in self.users.iter().enumerate() {
             for (&sku, &units) in &user.holdings {
                 let expected = holdings.get(&(u as UserIdx, sku)).copied().unwrap_or(0);
-                assert_eq!(units, expected, "user {} holdings on sku {} drifted", user.name, sku);
+                assert_eq!(
+                    units, expected,
+                    "user {} holdings on sku {} drifted",
+                    user.name, sku
+                );
             }
         }
         for ((u, sku), units) in holdings {
             let recorded = self.users[u as usize].holdings.get(&sku).copied();
-            assert_eq!(recorded, Some(units), "holding missing for user {}", self.users[u as usize].name);
+            assert_eq!(
+                recorded,
+                Some(units),
+                "holding missing for user {}",
+                self.users[u as usize].name
+            );
         }
     }
 }

@@ -1,0 +1,252 @@
+//! The ingress's side of Kafka: append a request, then wait for its outcome.
+//!
+//! Requests go to the requests topic through an idempotent producer (acks=all). Every ingress
+//! reads the whole outcomes topic from the offset that was its end at start-up, but decodes only
+//! the messages keyed with its own id; each reply completes the waiting HTTP request, if any.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use rustc_hash::FxHashMap;
+use tokio::sync::oneshot;
+use wire::{IngressId, Outcome, OutcomeBatch, Request, RequestId};
+
+const PENDING_SHARDS: usize = 64;
+
+/// Requests waiting for their outcome, sharded to keep lock hold times tiny under load.
+pub struct Pending {
+    shards: Vec<Mutex<FxHashMap<RequestId, oneshot::Sender<Outcome>>>>,
+    count: AtomicUsize,
+}
+
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            shards: (0..PENDING_SHARDS).map(|_| Mutex::default()).collect(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, id: RequestId) -> &Mutex<FxHashMap<RequestId, oneshot::Sender<Outcome>>> {
+        // UUIDv7's low bits are random: a fine shard selector.
+        &self.shards[(id as usize) % PENDING_SHARDS]
+    }
+
+    fn insert(&self, id: RequestId) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .shard(id)
+            .lock()
+            .expect("pending lock")
+            .insert(id, tx)
+            .is_none()
+        {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        rx
+    }
+
+    fn remove(&self, id: RequestId) -> Option<oneshot::Sender<Outcome>> {
+        let sender = self.shard(id).lock().expect("pending lock").remove(&id);
+        if sender.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        sender
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a request got no decided outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Definitely not appended (local queue full): safe to answer 503.
+    #[error("the producer queue is full")]
+    Overloaded,
+    /// Appended or maybe appended, but no outcome arrived in time: answer 504, retry is safe.
+    #[error("no outcome within the timeout: {0}")]
+    Unknown(String),
+}
+
+pub struct Bus {
+    pub ingress_id: IngressId,
+    producer: FutureProducer,
+    requests_topic: String,
+    pending: Arc<Pending>,
+    outcome_timeout: Duration,
+    pub health: Arc<BusHealth>,
+}
+
+#[derive(Default)]
+pub struct BusHealth {
+    /// The outcomes reader has its start offset and is polling.
+    pub listening: AtomicBool,
+    pub outcome_messages: AtomicU64,
+    pub replies_delivered: AtomicU64,
+    pub replies_unclaimed: AtomicU64,
+    pub last_poll_ms: AtomicI64,
+}
+
+impl Bus {
+    pub fn start(
+        brokers: &str,
+        requests_topic: &str,
+        outcomes_topic: &str,
+        outcome_timeout: Duration,
+    ) -> anyhow::Result<Bus> {
+        let ingress_id: IngressId = rand_u64();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // Many concurrent requests share a produce request: ~2 ms buys large batches.
+            .set("linger.ms", "2")
+            .set("queue.buffering.max.messages", "200000")
+            .set(
+                "message.timeout.ms",
+                outcome_timeout.as_millis().max(1000).to_string(),
+            )
+            .create()
+            .context("creating the requests producer")?;
+        let pending = Arc::new(Pending::new());
+        let health = Arc::new(BusHealth::default());
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("flash-ingress-{ingress_id:016x}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .set("fetch.wait.max.ms", "5")
+            .set("fetch.min.bytes", "1")
+            .set("enable.partition.eof", "false")
+            .create()
+            .context("creating the outcomes consumer")?;
+        // Start exactly at today's end: every outcome for a request sent after this is at or
+        // beyond it. (Offset::End would be resolved later, possibly after our first outcome.)
+        let (_, high) = consumer
+            .fetch_watermarks(outcomes_topic, 0, Duration::from_secs(10))
+            .with_context(|| {
+                format!("reading the end of topic {outcomes_topic:?}: does it exist?")
+            })?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(outcomes_topic, 0, Offset::Offset(high))?;
+        consumer.assign(&tpl)?;
+        let (p, h) = (pending.clone(), health.clone());
+        std::thread::Builder::new()
+            .name("outcomes-reader".into())
+            .spawn(move || listen(consumer, ingress_id, &p, &h))?;
+        tracing::info!(
+            ingress_id = format!("{ingress_id:016x}"),
+            start_offset = high,
+            "outcomes reader started"
+        );
+        Ok(Bus {
+            ingress_id,
+            producer,
+            requests_topic: requests_topic.to_owned(),
+            pending,
+            outcome_timeout,
+            health,
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Appends `request` to the log and waits for its outcome.
+    pub async fn call(&self, request: &Request) -> Result<Outcome, SendError> {
+        let id = request.request_id;
+        let rx = self.pending.insert(id);
+        let result = self.append_and_wait(request, rx).await;
+        self.pending.remove(id);
+        result
+    }
+
+    async fn append_and_wait(
+        &self,
+        request: &Request,
+        rx: oneshot::Receiver<Outcome>,
+    ) -> Result<Outcome, SendError> {
+        let payload = wire::encode(request);
+        let record: FutureRecord<'_, (), [u8]> =
+            FutureRecord::to(&self.requests_topic).payload(&payload[..]);
+        let deadline = tokio::time::Instant::now() + self.outcome_timeout;
+        match self.producer.send(record, Duration::ZERO).await {
+            Ok(_) => {}
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(SendError::Overloaded)
+            }
+            Err((e, _)) => return Err(SendError::Unknown(format!("append failed: {e}"))),
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(SendError::Unknown("the outcomes reader stopped".into())),
+            Err(_) => Err(SendError::Unknown(
+                "the sequencer did not answer in time".into(),
+            )),
+        }
+    }
+}
+
+fn listen(consumer: BaseConsumer, ingress_id: IngressId, pending: &Pending, health: &BusHealth) {
+    let my_key = wire::ingress_key(ingress_id);
+    health.listening.store(true, Ordering::Relaxed);
+    loop {
+        let polled = consumer.poll(Duration::from_millis(100));
+        health.last_poll_ms.store(now_ms(), Ordering::Relaxed);
+        let message = match polled {
+            None => continue,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "outcomes consumer error");
+                continue;
+            }
+        };
+        health.outcome_messages.fetch_add(1, Ordering::Relaxed);
+        if message.key() != Some(&my_key[..]) {
+            continue;
+        }
+        let batch: OutcomeBatch = match wire::decode(message.payload().unwrap_or_default()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(offset = message.offset(), error = %e, "undecodable outcome message");
+                continue;
+            }
+        };
+        for reply in batch.replies {
+            // A missing entry is a request that already timed out, or a re-published batch.
+            match pending.remove(reply.request_id) {
+                Some(tx) => {
+                    let _ = tx.send(reply.outcome);
+                    health.replies_delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    health.replies_unclaimed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+fn rand_u64() -> u64 {
+    let b = uuid::Uuid::new_v4().as_u128();
+    (b as u64) ^ ((b >> 64) as u64)
+}

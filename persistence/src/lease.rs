@@ -1,0 +1,95 @@
+//! Who may write: a lease with a monotonically increasing epoch, kept in `sequencer_state`.
+//!
+//! Time is Postgres's `now()` only, so sequencers on different hosts never compare their own
+//! clocks. The lease is about liveness (when may a standby take over); safety comes from the
+//! fence in every batch commit, which checks the epoch in the same transaction.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, Row};
+
+/// The fenced row as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequencerState {
+    pub epoch: u64,
+    pub next_offset: i64,
+    pub batch_seq: u64,
+    pub clock_ms: i64,
+    pub leader: Option<String>,
+    /// Milliseconds until the current lease lapses (negative when it has lapsed).
+    pub lease_remaining_ms: i64,
+}
+
+const SELECT_STATE: &str = "SELECT epoch, next_offset, batch_seq, clock_ms, leader,
+        (EXTRACT(EPOCH FROM (lease_expires_at - now())) * 1000)::float8 AS remaining_ms
+   FROM sequencer_state WHERE id = 1";
+
+fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<SequencerState, sqlx::Error> {
+    let remaining: Option<f64> = row.try_get("remaining_ms")?;
+    Ok(SequencerState {
+        epoch: row.try_get::<i64, _>("epoch")? as u64,
+        next_offset: row.try_get("next_offset")?,
+        batch_seq: row.try_get::<i64, _>("batch_seq")? as u64,
+        clock_ms: row.try_get("clock_ms")?,
+        leader: row.try_get("leader")?,
+        // '-infinity' lease: lapsed long ago.
+        lease_remaining_ms: remaining
+            .filter(|r| r.is_finite())
+            .map(|r| r as i64)
+            .unwrap_or(i64::MIN),
+    })
+}
+
+pub async fn read_state<'e, E: sqlx::PgExecutor<'e>>(db: E) -> Result<SequencerState, sqlx::Error> {
+    let row = sqlx::query(SELECT_STATE).fetch_one(db).await?;
+    state_from_row(&row)
+}
+
+/// Takes the lease if it has lapsed (or was released), bumping the epoch. Returns the new state
+/// when this caller is now the leader, `None` when someone else holds a live lease.
+pub async fn try_acquire(
+    pool: &PgPool,
+    holder: &str,
+    lease: Duration,
+) -> Result<Option<SequencerState>, sqlx::Error> {
+    let row = sqlx::query(
+        "UPDATE sequencer_state
+            SET epoch = epoch + 1, leader = $1,
+                lease_expires_at = now() + make_interval(secs => $2)
+          WHERE id = 1 AND lease_expires_at < now()
+      RETURNING epoch, next_offset, batch_seq, clock_ms, leader,
+                (EXTRACT(EPOCH FROM (lease_expires_at - now())) * 1000)::float8 AS remaining_ms",
+    )
+    .bind(holder)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(state_from_row).transpose()
+}
+
+/// Extends the lease of `epoch`. `Ok(false)` means the lease was lost: stop writing.
+pub async fn renew(pool: &PgPool, epoch: u64, lease: Duration) -> Result<bool, sqlx::Error> {
+    let renewed = sqlx::query(
+        "UPDATE sequencer_state SET lease_expires_at = now() + make_interval(secs => $2)
+          WHERE id = 1 AND epoch = $1",
+    )
+    .bind(epoch as i64)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(renewed == 1)
+}
+
+/// Gives the lease up at once (graceful handover): a standby can take it on its next try.
+pub async fn release(pool: &PgPool, epoch: u64) -> Result<bool, sqlx::Error> {
+    let released = sqlx::query(
+        "UPDATE sequencer_state SET lease_expires_at = 'epoch', leader = NULL
+          WHERE id = 1 AND epoch = $1",
+    )
+    .bind(epoch as i64)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(released == 1)
+}

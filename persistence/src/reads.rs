@@ -1,0 +1,61 @@
+//! The ingress's read path: single-row lookups by primary key, straight from the system of record
+//! (so a GET never shows anything that is not committed).
+
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+use wire::SkuView;
+
+use crate::ms;
+use crate::snapshot::sku_from_row;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRecord {
+    pub reservation_id: Uuid,
+    pub user_id: String,
+    pub sku: String,
+    pub quantity: u32,
+    /// held, confirmed, cancelled or expired.
+    pub status: String,
+    pub expires_at_ms: i64,
+    pub decided_at_ms: i64,
+}
+
+/// A granted reservation by id. Refusals have no public id and are not returned.
+pub async fn reservation(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<ReservationRecord>, sqlx::Error> {
+    let Some(row) = sqlx::query(
+        "SELECT reservation_id, user_id, sku, quantity, status, expires_at, decided_at
+           FROM reservations WHERE reservation_id = $1 AND status <> 'rejected'",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(ReservationRecord {
+        reservation_id: row.try_get("reservation_id")?,
+        user_id: row.try_get("user_id")?,
+        sku: row.try_get("sku")?,
+        quantity: row.try_get::<i32, _>("quantity")? as u32,
+        status: row.try_get("status")?,
+        expires_at_ms: ms(row.try_get("expires_at")?),
+        decided_at_ms: ms(row.try_get("decided_at")?),
+    }))
+}
+
+pub async fn sku(pool: &PgPool, name: &str) -> Result<Option<SkuView>, sqlx::Error> {
+    sqlx::query(
+        "SELECT sku, total, available, held, sold, per_user_limit, hold_ttl_ms, starts_at,
+                ends_at, paused
+           FROM skus WHERE sku = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?
+    .as_ref()
+    .map(sku_from_row)
+    .transpose()
+}

@@ -1,0 +1,168 @@
+//! Reading the whole state back: at start-up, at takeover, and for the standby's catch-up.
+//!
+//! Everything is read in one REPEATABLE READ transaction, so the counters, the rows and the
+//! committed offset are from the same instant: the engine rebuilt from them resumes exactly at
+//! `state.next_offset`.
+
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+use wire::{Reject, ReservationStatus, SkuConfig, SkuView, StoredDecision};
+
+use crate::lease::{read_state, SequencerState};
+use crate::ms;
+
+#[derive(Debug, Clone)]
+pub struct LoadedState {
+    pub state: SequencerState,
+    pub skus: Vec<SkuView>,
+    pub decisions: Vec<StoredDecision>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("reservation {id}: unknown status {status:?} / reason {reason:?}")]
+    BadRow {
+        id: Uuid,
+        status: String,
+        reason: Option<String>,
+    },
+}
+
+pub async fn load(pool: &PgPool) -> Result<LoadedState, LoadError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let state = read_state(&mut *tx).await?;
+    let skus = sqlx::query(
+        "SELECT sku, total, available, held, sold, per_user_limit, hold_ttl_ms, starts_at,
+                ends_at, paused
+           FROM skus ORDER BY updated_batch, sku",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(sku_from_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    let rows = sqlx::query(
+        "SELECT reservation_id, user_id, idempotency_key, sku, quantity, status, reject_reason,
+                expires_at
+           FROM reservations ORDER BY batch_seq, request_offset",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut decisions = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: Uuid = row.try_get("reservation_id")?;
+        let status: String = row.try_get("status")?;
+        let reason: Option<String> = row.try_get("reject_reason")?;
+        let parsed = match (ReservationStatus::parse(&status), reason.as_deref()) {
+            (Some(s), None) => Some(Ok(s)),
+            (None, Some(r)) if status == "rejected" => Reject::from_code(r).map(Err),
+            _ => None,
+        };
+        let Some(status) = parsed else {
+            return Err(LoadError::BadRow { id, status, reason });
+        };
+        let expires_at: Option<chrono::DateTime<chrono::Utc>> = row.try_get("expires_at")?;
+        decisions.push(StoredDecision {
+            request_id: id.as_u128(),
+            user_id: row.try_get("user_id")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            sku: row.try_get("sku")?,
+            quantity: row.try_get::<i32, _>("quantity")? as u32,
+            status,
+            expires_at_ms: expires_at.map(ms).unwrap_or(0),
+        });
+    }
+    tx.commit().await?;
+    Ok(LoadedState {
+        state,
+        skus,
+        decisions,
+    })
+}
+
+pub(crate) fn sku_from_row(row: &sqlx::postgres::PgRow) -> Result<SkuView, sqlx::Error> {
+    let starts: Option<chrono::DateTime<chrono::Utc>> = row.try_get("starts_at")?;
+    let ends: Option<chrono::DateTime<chrono::Utc>> = row.try_get("ends_at")?;
+    Ok(SkuView {
+        sku: row.try_get("sku")?,
+        total: row.try_get::<i64, _>("total")? as u64,
+        available: row.try_get::<i64, _>("available")? as u64,
+        held: row.try_get::<i64, _>("held")? as u64,
+        sold: row.try_get::<i64, _>("sold")? as u64,
+        config: SkuConfig {
+            total_stock: row.try_get::<i64, _>("total")? as u64,
+            per_user_limit: row.try_get::<i32, _>("per_user_limit")? as u32,
+            hold_ttl_ms: row.try_get::<i64, _>("hold_ttl_ms")? as u64,
+            starts_at_ms: starts.map(ms),
+            ends_at_ms: ends.map(ms),
+        },
+        paused: row.try_get("paused")?,
+    })
+}
+
+/// A committed batch as the standby and the republisher need it.
+#[derive(Debug, Clone)]
+pub struct BatchHeader {
+    pub batch_seq: u64,
+    pub epoch: u64,
+    pub first_offset: i64,
+    pub next_offset: i64,
+    pub decided_at_ms: i64,
+    pub outbox: Vec<u8>,
+}
+
+/// Committed batches with `batch_seq > after`, oldest first, at most `limit` of them.
+pub async fn batches_after(
+    pool: &PgPool,
+    after: u64,
+    limit: i64,
+) -> Result<Vec<BatchHeader>, sqlx::Error> {
+    sqlx::query(
+        "SELECT batch_seq, epoch, first_offset, next_offset, decided_at, outbox
+           FROM batches WHERE batch_seq > $1 ORDER BY batch_seq LIMIT $2",
+    )
+    .bind(after as i64)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(BatchHeader {
+            batch_seq: row.try_get::<i64, _>("batch_seq")? as u64,
+            epoch: row.try_get::<i64, _>("epoch")? as u64,
+            first_offset: row.try_get("first_offset")?,
+            next_offset: row.try_get("next_offset")?,
+            decided_at_ms: ms(row.try_get("decided_at")?),
+            outbox: row.try_get("outbox")?,
+        })
+    })
+    .collect()
+}
+
+/// The batches decided in the last `window_ms` before the latest one (at most `limit`), oldest
+/// first: what a new leader publishes again in case the old one died between commit and publish.
+pub async fn recent_batches(
+    pool: &PgPool,
+    window_ms: i64,
+    limit: i64,
+) -> Result<Vec<BatchHeader>, sqlx::Error> {
+    let from: Option<i64> = sqlx::query_scalar(
+        "SELECT min(batch_seq) FROM (
+             SELECT batch_seq FROM batches
+              WHERE decided_at >= (SELECT max(decided_at) FROM batches) - make_interval(secs => $1)
+              ORDER BY batch_seq DESC LIMIT $2) recent",
+    )
+    .bind(window_ms as f64 / 1000.0)
+    .bind(limit)
+    .fetch_one(pool)
+    .await?;
+    match from {
+        Some(first) => batches_after(pool, (first - 1) as u64, limit).await,
+        None => Ok(Vec::new()),
+    }
+}

@@ -1,0 +1,195 @@
+//! Reading the requests log: one partition, assigned explicitly at the offset Postgres says is
+//! next. Kafka consumer-group offsets are never read or committed: Postgres is the only record of
+//! what has been decided.
+//!
+//! A reader thread polls the broker and hands raw messages to the decide loop through a bounded
+//! channel, so a slow commit pushes back on fetching instead of growing memory.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::Context;
+use crossbeam_channel::{Receiver, Sender};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Messages buffered between the reader and the decide loop. About 1 s of the target load:
+/// enough to keep batches full, small enough that a crash loses no more than re-reading it.
+pub const READ_AHEAD_MESSAGES_MAX: usize = 32_768;
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+pub enum LogEvent {
+    Message {
+        offset: i64,
+        payload: Vec<u8>,
+    },
+    /// The reader cannot go on; the decide loop must stop with this explanation.
+    Fatal(String),
+}
+
+pub fn consumer_config(brokers: &str, node_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        // Required by librdkafka even though no group protocol is used (assign, never subscribe).
+        .set("group.id", format!("flash-sequencer-{node_id}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Never jump silently to the start or end of the log.
+        .set("auto.offset.reset", "error")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.min.bytes", "1")
+        .set("queued.max.messages.kbytes", "65536")
+        .set("enable.partition.eof", "false");
+    config
+}
+
+/// The low and high watermarks of partition 0, with a clear error when the topic is missing.
+pub fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<(i64, i64)> {
+    consumer
+        .fetch_watermarks(topic, 0, timeout)
+        .with_context(|| {
+            format!("reading the log end of topic {topic:?} (does it exist? is the broker up?)")
+        })
+}
+
+/// The log does not hold the next offset to decide: a condition no retry can fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LogGap(pub String);
+
+/// Refuses to start when the log does not contain the next offset to decide: the topic was
+/// recreated, truncated or expired. Skipping or re-deciding silently would break exactly-once.
+pub fn check_log_covers(topic: &str, low: i64, high: i64, next_offset: i64) -> Result<(), LogGap> {
+    if high < next_offset {
+        return Err(LogGap(format!(
+            "topic {topic:?} ends at offset {high}, but Postgres has already decided every offset \
+             below {next_offset}. The log was recreated or truncated (a broker with memory storage \
+             loses its topics when restarted). Refusing to skip or re-decide anything. To start a \
+             new sale log, reset the database as well (scripts/down --wipe); to resume, restore \
+             the topic's data."
+        )));
+    }
+    if low > next_offset {
+        return Err(LogGap(format!(
+            "topic {topic:?} starts at offset {low}, but offsets from {next_offset} were never \
+             decided: retention deleted requests before they were sequenced. Refusing to skip them."
+        )));
+    }
+    Ok(())
+}
+
+pub struct LogReader {
+    pub events: Receiver<LogEvent>,
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl LogReader {
+    /// Starts reading `topic` partition 0 at `from_offset`. `log_end` is kept up to date with the
+    /// high watermark so the runtime can report lag cheaply.
+    pub fn start(
+        config: &ClientConfig,
+        topic: &str,
+        from_offset: i64,
+        log_end: Arc<AtomicI64>,
+    ) -> anyhow::Result<LogReader> {
+        let consumer: BaseConsumer = config.create().context("creating the requests consumer")?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, 0, Offset::Offset(from_offset))?;
+        consumer.assign(&assignment)?;
+        let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_MESSAGES_MAX);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_reader = stop.clone();
+        let topic = topic.to_owned();
+        let handle = thread::Builder::new()
+            .name("log-reader".into())
+            .spawn(move || read_loop(consumer, &topic, tx, &stop_reader, &log_end))?;
+        Ok(LogReader {
+            events: rx,
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for LogReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Unblock a reader stuck on a full channel.
+        while self.events.try_recv().is_ok() {}
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn read_loop(
+    consumer: BaseConsumer,
+    topic: &str,
+    tx: Sender<LogEvent>,
+    stop: &AtomicBool,
+    log_end: &AtomicI64,
+) {
+    let mut polls: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        polls += 1;
+        if polls % 64 == 1 {
+            if let Ok((_, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_millis(500)) {
+                log_end.store(high, Ordering::Relaxed);
+            }
+        }
+        let event = match consumer.poll(POLL_TIMEOUT) {
+            None => continue,
+            Some(Ok(m)) => {
+                log_end.fetch_max(m.offset() + 1, Ordering::Relaxed);
+                LogEvent::Message {
+                    offset: m.offset(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                }
+            }
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
+                LogEvent::Fatal(format!(
+                    "the broker says the next offset of {topic:?} is out of range: the log was \
+                     truncated or recreated under a running sequencer"
+                ))
+            }
+            Some(Err(e)) => {
+                // Transient broker trouble: librdkafka retries by itself; keep polling.
+                tracing::warn!(error = %e, "requests consumer error");
+                continue;
+            }
+        };
+        let fatal = matches!(event, LogEvent::Fatal(_));
+        // Blocks while the decide loop is behind: back-pressure, bounded memory.
+        if !offer(&tx, event, stop) || fatal {
+            return;
+        }
+    }
+}
+
+/// Keeps offering `event` until it is taken (true) or the reader must stop (false).
+fn offer(tx: &Sender<LogEvent>, mut event: LogEvent, stop: &AtomicBool) -> bool {
+    loop {
+        match tx.send_timeout(event, POLL_TIMEOUT) {
+            Ok(()) => return true,
+            Err(crossbeam_channel::SendTimeoutError::Timeout(e)) => {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                event = e;
+            }
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+        }
+    }
+}

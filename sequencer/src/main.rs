@@ -1,0 +1,291 @@
+//! `sequencer run` decides (or stands by); `sequencer audit` checks every invariant over Postgres.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sequencer::admin;
+use sequencer::runtime::{Config, Sequencer, Stop};
+
+#[derive(Parser)]
+#[command(version, about = "Flash-sale inventory sequencer: the single writer.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "LOG_JSON", global = true)]
+    log_json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Follow the log as a standby and decide when this process holds the lease.
+    Run(RunArgs),
+    /// Check every invariant over Postgres; exit 1 on any violation.
+    Audit {
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the group: the fence row in Postgres and each sequencer's /status.
+    Status {
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+        /// Comma-separated status URLs of the sequencers (http://127.0.0.1:9101,...).
+        #[arg(long, env = "SEQUENCER_PEERS", value_delimiter = ',')]
+        peers: Vec<String>,
+    },
+    /// Create the requests and outcomes topics (one partition each) if they do not exist.
+    CreateTopics {
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
+        requests_topic: String,
+        #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
+        outcomes_topic: String,
+    },
+}
+
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/flash";
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
+    requests_topic: String,
+    #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
+    outcomes_topic: String,
+    /// Name of this process in the lease row and the logs (default: host-pid).
+    #[arg(long, env = "NODE_ID")]
+    node_id: Option<String>,
+    /// Most requests decided and committed together.
+    #[arg(long, env = "BATCH_SIZE_MAX", default_value_t = 250)]
+    batch_size_max: usize,
+    /// Longest wait for more requests once a batch has one and fewer than the maximum.
+    #[arg(long, env = "LINGER_MS", default_value_t = 1)]
+    linger_ms: u64,
+    /// How long the lease lasts without renewal: the longest a dead leader blocks a takeover.
+    #[arg(long, env = "LEASE_MS", default_value_t = 600)]
+    lease_ms: u64,
+    /// How often the leader renews its lease (several renewals fit in one lease).
+    #[arg(long, env = "RENEW_MS", default_value_t = 150)]
+    renew_ms: u64,
+    /// How often a standby replays new batches and tries to take a lapsed lease.
+    #[arg(long, env = "STANDBY_POLL_MS", default_value_t = 50)]
+    standby_poll_ms: u64,
+    /// A new leader re-publishes the outcomes of batches committed this long before the last.
+    #[arg(long, env = "REPUBLISH_WINDOW_MS", default_value_t = 10_000)]
+    republish_window_ms: u64,
+    /// Where /healthz, /readyz and /status are served.
+    #[arg(long, env = "STATUS_ADDR")]
+    status_addr: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Audit { database_url, json } => audit(&database_url, json),
+        Command::Status {
+            database_url,
+            peers,
+        } => status(&database_url, &peers),
+        Command::CreateTopics {
+            brokers,
+            requests_topic,
+            outcomes_topic,
+        } => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(admin::create_topics(
+                &brokers,
+                &[requests_topic, outcomes_topic],
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    if args.batch_size_max == 0 || args.renew_ms * 2 > args.lease_ms {
+        eprintln!("error: BATCH_SIZE_MAX must be >= 1 and RENEW_MS at most half of LEASE_MS");
+        return ExitCode::from(2);
+    }
+    let node_id = args.node_id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let config = Config {
+        database_url: args.database_url,
+        brokers: args.brokers,
+        requests_topic: args.requests_topic,
+        outcomes_topic: args.outcomes_topic,
+        node_id: node_id.clone(),
+        batch_size_max: args.batch_size_max,
+        linger: Duration::from_millis(args.linger_ms),
+        lease: Duration::from_millis(args.lease_ms),
+        renew_every: Duration::from_millis(args.renew_ms),
+        standby_poll: Duration::from_millis(args.standby_poll_ms),
+        republish_window: Duration::from_millis(args.republish_window_ms),
+        status_addr: args.status_addr,
+    };
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let sequencer = match Sequencer::new(config.clone(), shutdown.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot start: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    sequencer.runtime().spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested: finishing the current batch");
+        shutdown.store(true, Ordering::Relaxed);
+    });
+    if let Some(addr) = config.status_addr {
+        let status = sequencer.status.clone();
+        sequencer.runtime().spawn(async move {
+            if let Err(e) = sequencer::status::serve(addr, node_id, status).await {
+                tracing::error!("status endpoint on {addr} failed: {e:#}");
+            }
+        });
+    }
+    match sequencer.run() {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let deposed = e
+                .downcast_ref::<Stop>()
+                .is_some_and(|s| matches!(s, Stop::Deposed(_)));
+            tracing::error!("stopped writing: {e:#}");
+            ExitCode::from(if deposed { 3 } else { 1 })
+        }
+    }
+}
+
+fn audit(database_url: &str, json: bool) -> ExitCode {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let report = rt.block_on(async {
+        let pool = persistence::connect(database_url, 1).await?;
+        anyhow::Ok(persistence::audit::run(&pool).await?)
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("audit could not run: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    } else {
+        println!(
+            "audited {} skus, {} reservations, {} batches, committed offset {}",
+            report.skus, report.reservations, report.batches, report.committed_offset
+        );
+        for v in &report.violations {
+            println!("VIOLATION {v}");
+        }
+        println!(
+            "{}",
+            if report.is_clean() {
+                "audit: clean"
+            } else {
+                "audit: FAILED"
+            }
+        );
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn status(database_url: &str, peers: &[String]) -> ExitCode {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let state = rt.block_on(async {
+        let pool = persistence::connect(database_url, 1).await?;
+        anyhow::Ok(persistence::lease::read_state(&pool).await?)
+    });
+    let mut healthy = true;
+    match state {
+        Ok(s) => println!(
+            "postgres: epoch {} leader {} lease {} committed offset {} batch {}",
+            s.epoch,
+            s.leader.as_deref().unwrap_or("-"),
+            if s.lease_remaining_ms >= 0 {
+                format!("valid for {} ms", s.lease_remaining_ms)
+            } else {
+                "lapsed".to_owned()
+            },
+            s.next_offset,
+            s.batch_seq
+        ),
+        Err(e) => {
+            healthy = false;
+            println!("postgres: unreachable ({e:#})");
+        }
+    }
+    for peer in peers {
+        let url = format!("{}/status", peer.trim_end_matches('/'));
+        match admin::http_get(&url).and_then(|b| Ok(serde_json::from_str::<serde_json::Value>(&b)?)) {
+            Ok(doc) => println!(
+                "{peer}: {} role {} epoch {} committed {} lag {} last batch {} ms ago ({} commands, commit {} us)",
+                doc["node_id"].as_str().unwrap_or("?"),
+                doc["role"].as_str().unwrap_or("?"),
+                doc["epoch"],
+                doc["committed_offset"],
+                doc["lag"],
+                doc["last_batch_age_ms"],
+                doc["last_batch_size"],
+                doc["last_commit_us"],
+            ),
+            Err(e) => {
+                healthy = false;
+                println!("{peer}: unreachable ({e:#})");
+            }
+        }
+    }
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,691 @@
+//! The sequencer process: follow while another leads, lead when the lease is ours.
+//!
+//! Start-up, warm standby and takeover are one path. The process loads a snapshot from Postgres
+//! once, then *follows*: for each batch committed by the leader (its offsets and batch time are in
+//! the `batches` table) it reads the same requests from the log and replays them through the
+//! deterministic engine, checking that it produced byte-for-byte the outbox the leader stored.
+//! When the lease lapses it bumps the epoch, replays the few batches it has not seen yet,
+//! re-publishes recent outboxes and starts deciding: a takeover costs a catch-up, not a reload.
+//!
+//! Leading is a loop on one thread (the business-logic thread): cut a batch from the log, decide
+//! it, commit it in one fenced transaction, publish its outcomes. Nothing is published before the
+//! commit returns.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use crossbeam_channel::RecvTimeoutError;
+use persistence::batch::{commit_batch, CommitError};
+use persistence::snapshot::{self, BatchHeader};
+use persistence::{lease, BatchRecord, DecisionRow, TransitionRow};
+use rdkafka::consumer::BaseConsumer;
+use sqlx::PgPool;
+use tokio::runtime::Runtime;
+use wire::{Command, Request};
+
+use crate::engine::{BatchOutput, Engine, Snapshot};
+use crate::log::{self, LogEvent, LogReader};
+use crate::publish::{build_outbox, decode_outbox, Publisher};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub brokers: String,
+    pub requests_topic: String,
+    pub outcomes_topic: String,
+    pub node_id: String,
+    pub batch_size_max: usize,
+    pub linger: Duration,
+    pub lease: Duration,
+    pub renew_every: Duration,
+    pub standby_poll: Duration,
+    pub republish_window: Duration,
+    pub status_addr: Option<SocketAddr>,
+}
+
+/// Batches read from Postgres per follow step; bounds memory when a standby is far behind.
+const FOLLOW_BATCHES_MAX: i64 = 512;
+/// Most batches re-published by a new leader.
+const REPUBLISH_BATCHES_MAX: i64 = 2_000;
+/// Longest wait between retries of a failed commit.
+const COMMIT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Pause before retrying after Postgres or the broker could not be reached.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Longest idle wait: how late at most an expiry batch is cut when no traffic arrives.
+const IDLE_TICK: Duration = Duration::from_millis(50);
+
+pub const ROLE_STARTING: u8 = 0;
+pub const ROLE_STANDBY: u8 = 1;
+pub const ROLE_ACTIVE: u8 = 2;
+pub const ROLE_STOPPED: u8 = 3;
+
+/// What the status endpoint and the logs report; written by the runtime, read by anyone.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub role: AtomicU8,
+    pub epoch: AtomicU64,
+    pub committed_offset: AtomicI64,
+    pub applied_batch_seq: AtomicU64,
+    pub log_end: Arc<AtomicI64>,
+    pub last_batch_ms: AtomicI64,
+    pub batches_committed: AtomicU64,
+    pub decisions: AtomicU64,
+    pub commands: AtomicU64,
+    pub last_commit_us: AtomicU64,
+    pub last_batch_size: AtomicU64,
+}
+
+impl Status {
+    pub fn role_name(&self) -> &'static str {
+        match self.role.load(Ordering::Relaxed) {
+            ROLE_STANDBY => "standby",
+            ROLE_ACTIVE => "active",
+            ROLE_STOPPED => "stopped",
+            _ => "starting",
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// Why the process stopped leading.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    #[error("shut down on request")]
+    Shutdown,
+    #[error("deposed: {0}")]
+    Deposed(String),
+}
+
+pub struct Sequencer {
+    config: Config,
+    rt: Runtime,
+    pool: PgPool,
+    pub status: Arc<Status>,
+    shutdown: Arc<AtomicBool>,
+}
+
+/// A follower/leader's view of the log: the engine plus the reader positioned right after the
+/// last batch the engine has applied.
+struct Position {
+    engine: Engine,
+    next_offset: i64,
+    reader: LogReader,
+}
+
+impl Sequencer {
+    pub fn new(config: Config, shutdown: Arc<AtomicBool>) -> anyhow::Result<Sequencer> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let pool = rt.block_on(async {
+            let pool = persistence::connect(&config.database_url, 4).await?;
+            persistence::migrate(&pool).await?;
+            anyhow::Ok(pool)
+        })?;
+        Ok(Sequencer {
+            config,
+            rt,
+            pool,
+            status: Arc::new(Status::default()),
+            shutdown,
+        })
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs until shutdown (Ok) or until this process must stop (Err). Trouble reaching Postgres
+    /// or the broker is waited out with a retry; a log shorter than what Postgres has decided, a
+    /// fenced commit or a broken invariant is not.
+    pub fn run(&self) -> anyhow::Result<()> {
+        self.status.role.store(ROLE_STANDBY, Ordering::Relaxed);
+        let mut position: Option<Position> = None;
+        loop {
+            if self.shutdown.load(Ordering::Relaxed) {
+                self.status.role.store(ROLE_STOPPED, Ordering::Relaxed);
+                return Ok(());
+            }
+            let p = match position.as_mut() {
+                Some(p) => p,
+                None => match self.load_position() {
+                    Ok(p) => {
+                        tracing::info!(node = %self.config.node_id, batch_seq = p.engine.batch_seq(),
+                            next_offset = p.next_offset, "state loaded; following until the lease is free");
+                        position.insert(p)
+                    }
+                    Err(e) if e.downcast_ref::<log::LogGap>().is_some() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "cannot load state yet; retrying");
+                        std::thread::sleep(RETRY_PAUSE);
+                        continue;
+                    }
+                },
+            };
+            let acquired = self.rt.block_on(lease::try_acquire(
+                &self.pool,
+                &self.config.node_id,
+                self.config.lease,
+            ));
+            match acquired {
+                Ok(Some(state)) => {
+                    let result = self.lead(p, state.epoch, state.batch_seq);
+                    self.status.role.store(ROLE_STOPPED, Ordering::Relaxed);
+                    return match result {
+                        Ok(()) | Err(Stop::Shutdown) => Ok(()),
+                        Err(e) => Err(e.into()),
+                    };
+                }
+                Ok(None) => {
+                    if let Err(e) = self.follow(p, None) {
+                        // A replay that disagrees with the leader, or a gap: start over from a
+                        // fresh snapshot rather than lead from a doubtful state.
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "following failed; reloading state from Postgres"
+                        );
+                        position = None;
+                    }
+                    std::thread::sleep(self.config.standby_poll);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach Postgres for the lease; retrying");
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+            }
+        }
+    }
+
+    fn load_position(&self) -> anyhow::Result<Position> {
+        let loaded = self.rt.block_on(snapshot::load(&self.pool))?;
+        let snapshot = Snapshot {
+            batch_seq: loaded.state.batch_seq,
+            clock_ms: loaded.state.clock_ms,
+            skus: loaded.skus,
+            decisions: loaded.decisions,
+        };
+        let engine = Engine::restore(snapshot).context("the state in Postgres is inconsistent")?;
+        engine.check_invariants();
+        let next_offset = loaded.state.next_offset;
+        let consumer_config = log::consumer_config(&self.config.brokers, &self.config.node_id);
+        let probe: BaseConsumer = consumer_config.create()?;
+        let (low, high) =
+            log::watermarks(&probe, &self.config.requests_topic, Duration::from_secs(10))?;
+        log::check_log_covers(&self.config.requests_topic, low, high, next_offset)?;
+        self.status.log_end.store(high, Ordering::Relaxed);
+        self.publish_position(&engine, next_offset);
+        let reader = LogReader::start(
+            &consumer_config,
+            &self.config.requests_topic,
+            next_offset,
+            self.status.log_end.clone(),
+        )?;
+        Ok(Position {
+            engine,
+            next_offset,
+            reader,
+        })
+    }
+
+    fn publish_position(&self, engine: &Engine, next_offset: i64) {
+        self.status
+            .applied_batch_seq
+            .store(engine.batch_seq(), Ordering::Relaxed);
+        self.status
+            .committed_offset
+            .store(next_offset, Ordering::Relaxed);
+    }
+
+    /// Replays committed batches after the engine's last one; with `until`, keeps going until
+    /// that batch has been applied (takeover), otherwise applies what is there now.
+    fn follow(&self, position: &mut Position, until: Option<u64>) -> anyhow::Result<()> {
+        loop {
+            let headers = self.rt.block_on(snapshot::batches_after(
+                &self.pool,
+                position.engine.batch_seq(),
+                FOLLOW_BATCHES_MAX,
+            ))?;
+            if headers.is_empty() {
+                if let Some(target) = until {
+                    if position.engine.batch_seq() < target {
+                        bail!("batch {target} is committed but not readable");
+                    }
+                }
+                return Ok(());
+            }
+            for header in &headers {
+                self.replay(position, header)?;
+            }
+            if until.is_some_and(|t| position.engine.batch_seq() >= t) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn replay(&self, position: &mut Position, header: &BatchHeader) -> anyhow::Result<()> {
+        if header.batch_seq != position.engine.batch_seq() + 1
+            || header.first_offset != position.next_offset
+        {
+            bail!(
+                "batch {} covers offsets [{}, {}), but this replica is at batch {} offset {}",
+                header.batch_seq,
+                header.first_offset,
+                header.next_offset,
+                position.engine.batch_seq(),
+                position.next_offset
+            );
+        }
+        let (requests, _offsets) =
+            read_range(&position.reader, header.first_offset, header.next_offset)?;
+        let out = position.engine.apply_batch(header.decided_at_ms, &requests);
+        let outbox = wire::encode(&build_outbox(header.epoch, &out, &requests));
+        if outbox != header.outbox {
+            bail!(
+                "replaying batch {} did not reproduce the leader's outcomes: this replica diverged",
+                header.batch_seq
+            );
+        }
+        position.next_offset = header.next_offset;
+        self.publish_position(&position.engine, position.next_offset);
+        Ok(())
+    }
+
+    fn lead(
+        &self,
+        position: &mut Position,
+        epoch: u64,
+        committed_batch_seq: u64,
+    ) -> Result<(), Stop> {
+        let deposed = |e: anyhow::Error| Stop::Deposed(format!("{e:#}"));
+        self.status.epoch.store(epoch, Ordering::Relaxed);
+        tracing::info!(epoch, "lease taken; catching up before deciding");
+        let took_over_at = Instant::now();
+        if let Err(e) = self.follow(position, Some(committed_batch_seq)) {
+            tracing::warn!(error = %e, "catch-up by replay failed; reloading state from Postgres");
+            *position = self.load_position().map_err(deposed)?;
+        }
+        let publisher =
+            Publisher::new(&self.config.brokers, &self.config.outcomes_topic).map_err(deposed)?;
+        self.republish_recent(&publisher).map_err(deposed)?;
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let renewer = self.rt.spawn(renew_lease(
+            self.pool.clone(),
+            epoch,
+            self.config.lease,
+            self.config.renew_every,
+            lease_lost.clone(),
+        ));
+        self.status.role.store(ROLE_ACTIVE, Ordering::Relaxed);
+        tracing::info!(
+            epoch,
+            batch_seq = position.engine.batch_seq(),
+            next_offset = position.next_offset,
+            ready_ms = took_over_at.elapsed().as_millis() as u64,
+            "active: deciding"
+        );
+        let result = self.decide_loop(position, epoch, &publisher, &lease_lost);
+        renewer.abort();
+        publisher.flush(Duration::from_secs(5));
+        if matches!(result, Err(Stop::Shutdown)) {
+            // Graceful handover: the current batch is committed and published; give the lease up
+            // so a standby takes over at its next poll instead of waiting for expiry.
+            match self.rt.block_on(lease::release(&self.pool, epoch)) {
+                Ok(true) => tracing::info!(epoch, "lease released for handover"),
+                Ok(false) => tracing::warn!(epoch, "lease was already lost at shutdown"),
+                Err(e) => tracing::warn!(error = %e, "could not release the lease; it will lapse"),
+            }
+        }
+        result
+    }
+
+    fn republish_recent(&self, publisher: &Publisher) -> anyhow::Result<()> {
+        let window_ms = self.config.republish_window.as_millis() as i64;
+        let recent = self.rt.block_on(snapshot::recent_batches(
+            &self.pool,
+            window_ms,
+            REPUBLISH_BATCHES_MAX,
+        ))?;
+        for header in &recent {
+            publisher.publish(&decode_outbox(&header.outbox)?);
+        }
+        if !recent.is_empty() {
+            tracing::info!(batches = recent.len(), "re-published recent outcomes");
+        }
+        Ok(())
+    }
+
+    fn decide_loop(
+        &self,
+        position: &mut Position,
+        epoch: u64,
+        publisher: &Publisher,
+        lease_lost: &AtomicBool,
+    ) -> Result<(), Stop> {
+        let mut conn = self
+            .rt
+            .block_on(self.pool.acquire())
+            .map_err(|e| Stop::Deposed(format!("no database connection: {e}")))?;
+        let mut messages: Vec<(i64, Vec<u8>)> = Vec::with_capacity(self.config.batch_size_max);
+        loop {
+            if lease_lost.load(Ordering::Relaxed) {
+                return Err(Stop::Deposed(format!(
+                    "lease of epoch {epoch} lost to another sequencer"
+                )));
+            }
+            if self.shutdown.load(Ordering::Relaxed) {
+                return Err(Stop::Shutdown);
+            }
+            messages.clear();
+            let wait = match position.engine.next_expiry_ms() {
+                Some(at) => Duration::from_millis(
+                    (at - now_ms()).clamp(0, IDLE_TICK.as_millis() as i64) as u64,
+                ),
+                None => IDLE_TICK,
+            };
+            match position.reader.events.recv_timeout(wait) {
+                Ok(event) => {
+                    take(event, &mut messages)?;
+                    self.fill_batch(position, &mut messages)?;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let due = position
+                        .engine
+                        .next_expiry_ms()
+                        .is_some_and(|at| at <= now_ms());
+                    if !due {
+                        continue;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Stop::Deposed("the log reader stopped".into()));
+                }
+            }
+            self.decide_and_commit(position, epoch, &messages, publisher, &mut conn)?;
+        }
+    }
+
+    /// Takes whatever is already waiting, up to the batch limit, then waits at most `linger`.
+    fn fill_batch(
+        &self,
+        position: &Position,
+        messages: &mut Vec<(i64, Vec<u8>)>,
+    ) -> Result<(), Stop> {
+        let deadline = Instant::now() + self.config.linger;
+        while messages.len() < self.config.batch_size_max {
+            match position.reader.events.try_recv() {
+                Ok(event) => take(event, messages)?,
+                Err(_) => match position.reader.events.recv_deadline(deadline) {
+                    Ok(event) => take(event, messages)?,
+                    Err(_) => break,
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn decide_and_commit(
+        &self,
+        position: &mut Position,
+        epoch: u64,
+        messages: &[(i64, Vec<u8>)],
+        publisher: &Publisher,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+    ) -> Result<(), Stop> {
+        let first_offset = position.next_offset;
+        let (requests, offsets) = decode_messages(messages, first_offset);
+        let next_offset = messages
+            .last()
+            .map_or(first_offset, |(o, _)| (o + 1).max(first_offset));
+        // Only reached with messages or a due expiry; every applied batch must commit, since
+        // the engine's batch_seq has moved and the fence expects the next one.
+        let out = position.engine.apply_batch(now_ms(), &requests);
+        let outbox = build_outbox(epoch, &out, &requests);
+        let record = batch_record(
+            epoch,
+            first_offset,
+            next_offset,
+            &out,
+            &requests,
+            &offsets,
+            wire::encode(&outbox),
+        );
+        let started = Instant::now();
+        self.commit_with_retry(conn, &record)?;
+        let commit_us = started.elapsed().as_micros() as u64;
+        publisher.publish(&outbox);
+        position.next_offset = next_offset;
+        let s = &self.status;
+        self.publish_position(&position.engine, next_offset);
+        s.last_batch_ms.store(out.batch_time_ms, Ordering::Relaxed);
+        s.batches_committed.fetch_add(1, Ordering::Relaxed);
+        s.decisions
+            .fetch_add(out.decisions.len() as u64, Ordering::Relaxed);
+        s.commands
+            .fetch_add(requests.len() as u64, Ordering::Relaxed);
+        s.last_commit_us.store(commit_us, Ordering::Relaxed);
+        s.last_batch_size
+            .store(requests.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            epoch,
+            batch_seq = out.batch_seq,
+            first_offset,
+            next_offset,
+            commands = requests.len(),
+            commit_us,
+            "batch committed"
+        );
+        Ok(())
+    }
+
+    /// Commits, retrying with backoff while Postgres is unreachable. A failure during COMMIT
+    /// leaves the outcome unknown, so before each retry the fence row is read back: if it already
+    /// shows this batch, the commit did happen.
+    fn commit_with_retry(
+        &self,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        record: &BatchRecord<'_>,
+    ) -> Result<(), Stop> {
+        let mut backoff = Duration::from_millis(25);
+        loop {
+            let error = match self.rt.block_on(commit_batch(conn, record)) {
+                Ok(()) => return Ok(()),
+                Err(CommitError::Fenced(f)) => return Err(Stop::Deposed(f.to_string())),
+                Err(CommitError::Inconsistent { batch_seq, what }) => {
+                    return Err(Stop::Deposed(format!("batch {batch_seq} refused: {what}")))
+                }
+                Err(CommitError::Database(e)) if is_integrity_violation(&e) => {
+                    // A CHECK or UNIQUE failed: the engine and the database disagree about an
+                    // invariant. Never retry that; stop and let an operator audit.
+                    return Err(Stop::Deposed(format!(
+                        "batch {} violates a database constraint: {e}",
+                        record.batch_seq
+                    )));
+                }
+                Err(CommitError::Database(e)) => e,
+            };
+            tracing::warn!(error = %error, batch_seq = record.batch_seq, ?backoff, "commit failed; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(COMMIT_BACKOFF_MAX);
+            if self.shutdown.load(Ordering::Relaxed) && backoff >= COMMIT_BACKOFF_MAX {
+                return Err(Stop::Deposed(
+                    "shut down while the database was unreachable".into(),
+                ));
+            }
+            let Ok(fresh) = self.rt.block_on(self.pool.acquire()) else {
+                continue;
+            };
+            *conn = fresh;
+            let Ok(state) = self.rt.block_on(lease::read_state(&mut **conn)) else {
+                continue;
+            };
+            if state.epoch != record.epoch {
+                return Err(Stop::Deposed(format!(
+                    "epoch {} superseded by {} while retrying",
+                    record.epoch, state.epoch
+                )));
+            }
+            if state.batch_seq == record.batch_seq && state.next_offset == record.next_offset {
+                tracing::info!(
+                    batch_seq = record.batch_seq,
+                    "the failed commit had in fact committed"
+                );
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn is_integrity_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("23"))
+}
+
+fn take(event: LogEvent, messages: &mut Vec<(i64, Vec<u8>)>) -> Result<(), Stop> {
+    match event {
+        LogEvent::Message { offset, payload } => {
+            messages.push((offset, payload));
+            Ok(())
+        }
+        LogEvent::Fatal(why) => Err(Stop::Deposed(why)),
+    }
+}
+
+/// Decodes the messages at or after `first_offset`. A message that does not decode is logged and
+/// skipped (it still counts as consumed): one bad producer must not stop the sale.
+fn decode_messages(messages: &[(i64, Vec<u8>)], first_offset: i64) -> (Vec<Request>, Vec<i64>) {
+    let mut requests = Vec::with_capacity(messages.len());
+    let mut offsets = Vec::with_capacity(messages.len());
+    for (offset, payload) in messages {
+        if *offset < first_offset {
+            continue;
+        }
+        match wire::decode::<Request>(payload) {
+            Ok(r) => {
+                requests.push(r);
+                offsets.push(*offset);
+            }
+            Err(e) => tracing::error!(offset, error = %e, "undecodable request skipped"),
+        }
+    }
+    (requests, offsets)
+}
+
+/// Reads exactly the messages of `[first, next)` from the reader (a standby's replay).
+fn read_range(
+    reader: &LogReader,
+    first: i64,
+    next: i64,
+) -> anyhow::Result<(Vec<Request>, Vec<i64>)> {
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = first - 1;
+    while last + 1 < next {
+        match reader.events.recv_deadline(deadline) {
+            Ok(LogEvent::Message { offset, payload }) => {
+                if offset >= next {
+                    bail!("log offset {offset} arrived before the end {next} of the batch being replayed");
+                }
+                last = offset;
+                messages.push((offset, payload));
+            }
+            Ok(LogEvent::Fatal(why)) => return Err(anyhow!(why)),
+            Err(_) => bail!("timed out reading offsets [{first}, {next}) from the log"),
+        }
+    }
+    Ok(decode_messages(&messages, first))
+}
+
+fn batch_record<'a>(
+    epoch: u64,
+    first_offset: i64,
+    next_offset: i64,
+    out: &BatchOutput,
+    requests: &'a [Request],
+    offsets: &[i64],
+    outbox: Vec<u8>,
+) -> BatchRecord<'a> {
+    let decisions = out
+        .decisions
+        .iter()
+        .map(|d| {
+            let i = d.command_index as usize;
+            let Command::Reserve {
+                sku,
+                user_id,
+                quantity,
+                idempotency_key,
+            } = &requests[i].command
+            else {
+                unreachable!("decisions come from reserve commands only")
+            };
+            DecisionRow {
+                reservation_id: d.request_id,
+                user_id,
+                idempotency_key,
+                sku,
+                quantity: *quantity,
+                result: d.result,
+                request_offset: offsets[i],
+            }
+        })
+        .collect();
+    let transitions = out
+        .transitions
+        .iter()
+        .map(|t| TransitionRow {
+            reservation_id: t.reservation_id,
+            status: t.status,
+            at_ms: t.at_ms,
+        })
+        .collect();
+    BatchRecord {
+        epoch,
+        batch_seq: out.batch_seq,
+        first_offset,
+        next_offset,
+        batch_time_ms: out.batch_time_ms,
+        decisions,
+        transitions,
+        skus: out.skus.clone(),
+        outbox,
+    }
+}
+
+/// Renews the lease every `every`; flags `lost` the moment the database says the epoch is gone.
+async fn renew_lease(
+    pool: PgPool,
+    epoch: u64,
+    lease_len: Duration,
+    every: Duration,
+    lost: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match lease::renew(&pool, epoch, lease_len).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(epoch, "lease lost: another sequencer holds a newer epoch");
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, epoch, "lease renewal failed; will retry"),
+        }
+    }
+}

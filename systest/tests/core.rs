@@ -1,0 +1,696 @@
+//! The working core, end to end: HTTP -> requests topic -> sequencer -> one Postgres transaction
+//! per batch -> outcomes topic -> HTTP. Every test runs the real binaries against the real
+//! Postgres and the real broker.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use systest::{Options, Stack};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Sends every `(user, key, quantity)` at `concurrency` requests in flight; returns the answers.
+async fn send_all(
+    stack: &Arc<Stack>,
+    sku: &str,
+    requests: Vec<(String, String, i64)>,
+    concurrency: usize,
+) -> Vec<(String, String, u16, Value)> {
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    for (user, key, quantity) in requests {
+        let (stack, gate, sku) = (stack.clone(), gate.clone(), sku.to_owned());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("semaphore open");
+            let (status, body) = stack
+                .reserve(&sku, &user, quantity, &key)
+                .await
+                .expect("HTTP round trip");
+            (user, key, status, body)
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        answers.push(r.expect("task"));
+    }
+    answers
+}
+
+fn assert_audit_clean(stack: &Stack) -> Value {
+    let report = stack.audit().expect("audit runs");
+    assert_eq!(
+        report["violations"],
+        json!([]),
+        "audit found violations: {report}"
+    );
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
+    let stack = Arc::new(
+        Stack::start("concurrency", Options::default())
+            .await
+            .unwrap(),
+    );
+    stack.put_sku("hot", 1_000, 2, 300.0).await.unwrap();
+    let requests = (0..20_000)
+        .map(|i| (format!("user-{}", i % 5_000), format!("key-{i}"), 1))
+        .collect();
+    let answers = send_all(&stack, "hot", requests, 256).await;
+
+    let mut by_code: HashMap<String, usize> = HashMap::new();
+    let mut held_ids = Vec::new();
+    for (_, _, status, body) in &answers {
+        match status {
+            201 => {
+                assert_eq!(body["status"], "held");
+                held_ids.push(body["reservation_id"].as_str().unwrap().to_owned());
+            }
+            409 => {
+                *by_code
+                    .entry(body["error"].as_str().unwrap().to_owned())
+                    .or_default() += 1
+            }
+            other => panic!("unexpected answer {other}: {body}"),
+        }
+    }
+    assert_eq!(
+        held_ids.len(),
+        1_000,
+        "exactly the stock is held; refusals: {by_code:?}"
+    );
+    let refused: usize = by_code.values().sum();
+    assert_eq!(refused, 19_000);
+    assert!(
+        by_code
+            .keys()
+            .all(|c| c == "sold_out" || c == "limit_exceeded"),
+        "{by_code:?}"
+    );
+
+    let row = stack.sku_row("hot").await.unwrap();
+    assert_eq!((row["held"], row["available"], row["sold"]), (1_000, 0, 0));
+    let held_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'held'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(held_rows, 1_000, "Postgres agrees with the engine");
+    let rejected_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'rejected'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rejected_rows, 19_000,
+        "every refusal is a recorded decision"
+    );
+    let granted_ids: Vec<String> =
+        sqlx::query_scalar("SELECT reservation_id::text FROM reservations WHERE status = 'held'")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    held_ids.sort();
+    let mut granted_ids = granted_ids;
+    granted_ids.sort();
+    assert_eq!(
+        held_ids, granted_ids,
+        "the ids clients heard are the rows in Postgres"
+    );
+    let over_limit: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT user_id FROM reservations WHERE status = 'held'
+                               GROUP BY user_id HAVING sum(quantity) > 2) x",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(over_limit, 0, "no buyer holds more than the per-user limit");
+    assert_audit_clean(&stack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_request_sent_three_times_reserves_once_and_answers_identically() {
+    let stack = Arc::new(
+        Stack::start("idempotency", Options::default())
+            .await
+            .unwrap(),
+    );
+    stack.put_sku("idem", 10, 5, 300.0).await.unwrap();
+    let concurrent = send_all(
+        &stack,
+        "idem",
+        vec![("alice".into(), "once".into(), 2); 3],
+        3,
+    )
+    .await;
+    let sequential = stack.reserve("idem", "alice", 2, "once").await.unwrap();
+    let bodies: Vec<&Value> = concurrent
+        .iter()
+        .map(|a| &a.3)
+        .chain([&sequential.1])
+        .collect();
+    for (_, _, status, _) in &concurrent {
+        assert_eq!(*status, 201);
+    }
+    assert_eq!(sequential.0, 201);
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "identical answers: {bodies:?}"
+    );
+
+    // The header form of the key is the same key.
+    let via_header = stack
+        .http
+        .post(format!("{}/v1/reservations", stack.base))
+        .header("Idempotency-Key", "once")
+        .json(&json!({"sku": "idem", "user_id": "alice", "quantity": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(via_header.status().as_u16(), 201);
+    assert_eq!(&via_header.json::<Value>().await.unwrap(), bodies[0]);
+
+    // Same key, different request: refused, and nothing more is reserved.
+    let reused = stack.reserve("idem", "alice", 3, "once").await.unwrap();
+    assert_eq!(reused, (422, json!({"error": "idempotency_key_reused"})));
+    // Another user's identical key is another request.
+    assert_eq!(
+        stack.reserve("idem", "bob", 2, "once").await.unwrap().0,
+        201
+    );
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE user_id = 'alice'")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "one decision row for alice's key");
+    let row = stack.sku_row("idem").await.unwrap();
+    assert_eq!((row["held"], row["available"]), (4, 6));
+    assert_audit_clean(&stack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_confirm_cancel_and_expire_move_stock_as_specified() {
+    let stack = Stack::start("lifecycle", Options::default()).await.unwrap();
+    stack.put_sku("life", 3, 3, 300.0).await.unwrap();
+
+    let (s, r1) = stack.reserve("life", "ann", 1, "a1").await.unwrap();
+    assert_eq!(s, 201);
+    let id1 = r1["reservation_id"].as_str().unwrap().to_owned();
+    let (s, c) = stack
+        .post(&format!("/v1/reservations/{id1}/confirm"))
+        .await
+        .unwrap();
+    assert_eq!((s, c["status"].as_str()), (200, Some("confirmed")));
+    let row = stack.sku_row("life").await.unwrap();
+    assert_eq!((row["available"], row["held"], row["sold"]), (2, 0, 1));
+    assert_eq!(
+        stack
+            .post(&format!("/v1/reservations/{id1}/confirm"))
+            .await
+            .unwrap()
+            .0,
+        200,
+        "confirm is idempotent"
+    );
+    assert_eq!(
+        stack
+            .post(&format!("/v1/reservations/{id1}/cancel"))
+            .await
+            .unwrap(),
+        (409, json!({"error": "reservation_confirmed"}))
+    );
+
+    let (_, r2) = stack.reserve("life", "ann", 1, "a2").await.unwrap();
+    let id2 = r2["reservation_id"].as_str().unwrap().to_owned();
+    assert_eq!(stack.sku_row("life").await.unwrap()["held"], 1);
+    let (s, c) = stack
+        .post(&format!("/v1/reservations/{id2}/cancel"))
+        .await
+        .unwrap();
+    assert_eq!((s, c["status"].as_str()), (200, Some("cancelled")));
+    let row = stack.sku_row("life").await.unwrap();
+    assert_eq!(
+        (row["available"], row["held"], row["sold"]),
+        (2, 0, 1),
+        "cancel returns the units"
+    );
+    assert_eq!(
+        stack
+            .post(&format!("/v1/reservations/{id2}/confirm"))
+            .await
+            .unwrap(),
+        (409, json!({"error": "reservation_cancelled"}))
+    );
+    let (s, g) = stack.get(&format!("/v1/reservations/{id2}")).await.unwrap();
+    assert_eq!((s, g["status"].as_str()), (200, Some("cancelled")));
+
+    // Expiry: one unit, a one-second hold; the sequencer releases it without any traffic.
+    stack.put_sku("short", 1, 1, 1.0).await.unwrap();
+    let (s, first) = stack.reserve("short", "first", 1, "f").await.unwrap();
+    assert_eq!(s, 201);
+    let first_id = first["reservation_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        stack.reserve("short", "second", 1, "s1").await.unwrap(),
+        (409, json!({"error": "sold_out"}))
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, g) = stack
+            .get(&format!("/v1/reservations/{first_id}"))
+            .await
+            .unwrap();
+        if g["status"] == "expired" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "hold never expired: {g}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = stack.sku_row("short").await.unwrap();
+    assert_eq!(
+        (row["available"], row["held"]),
+        (1, 0),
+        "the expired hold's unit is back"
+    );
+    assert_eq!(
+        stack.reserve("short", "second", 1, "s2").await.unwrap().0,
+        201,
+        "a later buyer gets it"
+    );
+    assert_eq!(
+        stack
+            .post(&format!("/v1/reservations/{first_id}/confirm"))
+            .await
+            .unwrap(),
+        (409, json!({"error": "reservation_expired"}))
+    );
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM reservation_events ORDER BY at")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        events,
+        ["confirmed", "cancelled", "expired"],
+        "every move out of held is in the history"
+    );
+
+    let unknown = "0190f2a4-0000-7000-8000-000000000000";
+    assert_eq!(
+        stack
+            .get(&format!("/v1/reservations/{unknown}"))
+            .await
+            .unwrap()
+            .0,
+        404
+    );
+    assert_eq!(
+        stack
+            .post(&format!("/v1/reservations/{unknown}/confirm"))
+            .await
+            .unwrap(),
+        (404, json!({"error": "unknown_reservation"}))
+    );
+    let (s, sku) = stack.get("/v1/skus/short").await.unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(
+        (
+            sku["total"].as_i64(),
+            sku["held"].as_i64(),
+            sku["status"].as_str()
+        ),
+        (Some(1), Some(1), Some("sold_out"))
+    );
+    assert_audit_clean(&stack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sequencer_killed_mid_load_loses_nothing_and_decides_nothing_twice() {
+    let options = Options {
+        outcome_timeout_ms: 3_000,
+        ..Options::default()
+    };
+    let mut stack = Stack::start("crash", options).await.unwrap();
+    stack.put_sku("crashy", 2_000, 1, 300.0).await.unwrap();
+
+    // Load in the background; kill the sequencer with SIGKILL while it flows; restart it.
+    let http = stack.http.clone();
+    let base = stack.base.clone();
+    let load = tokio::spawn(async move {
+        let gate = Arc::new(Semaphore::new(64));
+        let mut tasks = JoinSet::new();
+        for i in 0..3_000 {
+            let (http, base, gate) = (http.clone(), base.clone(), gate.clone());
+            tasks.spawn(async move {
+                let _p = gate.acquire_owned().await.unwrap();
+                let (user, key) = (format!("buyer-{i}"), format!("attempt-{i}"));
+                let r = http.post(format!("{base}/v1/reservations"))
+                    .json(&json!({"sku": "crashy", "user_id": user, "quantity": 1, "idempotency_key": key}))
+                    .send().await.unwrap();
+                let status = r.status().as_u16();
+                (user, key, status, r.json::<Value>().await.unwrap_or(Value::Null))
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(a) = tasks.join_next().await {
+            answers.push(a.unwrap());
+        }
+        answers
+    });
+    // Let some batches commit, then kill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let decided: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+        if decided >= 400 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "load never got going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stack.signal_sequencer(0, "KILL").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.spawn_sequencer(0).unwrap();
+    stack
+        .wait_for_active(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let answers = load.await.unwrap();
+
+    let mut timed_out = Vec::new();
+    let mut definitive = 0;
+    for (user, key, status, body) in &answers {
+        match status {
+            201 | 409 => {
+                definitive += 1;
+                let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                    "SELECT reservation_id::text, status, reject_reason FROM reservations WHERE user_id = $1 AND idempotency_key = $2")
+                    .bind(user).bind(key).fetch_all(&stack.pool).await.unwrap();
+                assert_eq!(
+                    rows.len(),
+                    1,
+                    "a definitive answer is recorded exactly once: {user}/{key} {body}"
+                );
+                if *status == 201 {
+                    assert_eq!(rows[0].0, body["reservation_id"].as_str().unwrap());
+                    assert_eq!(rows[0].1, "held");
+                } else {
+                    assert_eq!(rows[0].2.as_deref(), body["error"].as_str());
+                }
+            }
+            504 => {
+                assert_eq!(body["error"], "outcome_unknown");
+                timed_out.push((user.clone(), key.clone()));
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(definitive > 0);
+    // A timed-out request retried with the same key gets its original outcome (or, if it was
+    // never decided, is decided now), and never a second reservation.
+    for (user, key) in &timed_out {
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT reservation_id::text FROM reservations WHERE user_id = $1 AND idempotency_key = $2 AND status = 'held'")
+            .bind(user).bind(key).fetch_optional(&stack.pool).await.unwrap();
+        let (status, body) = stack.reserve("crashy", user, 1, key).await.unwrap();
+        assert!(
+            status == 201 || status == 409,
+            "retry of {user}/{key} answered {status}: {body}"
+        );
+        if let Some(id) = before {
+            assert_eq!(status, 201);
+            assert_eq!(
+                body["reservation_id"].as_str(),
+                Some(id.as_str()),
+                "the retry returns the original reservation"
+            );
+        }
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows, 3_000,
+        "every request decided exactly once after retries"
+    );
+    let row = stack.sku_row("crashy").await.unwrap();
+    let held: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(quantity), 0)::int8 FROM reservations WHERE status = 'held'",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(row["held"], held, "counters equal the decision rows");
+    assert_eq!(
+        row["held"], 2_000,
+        "3000 distinct buyers for 2000 units: all units held"
+    );
+    eprintln!(
+        "crash test: {definitive} definitive answers, {} timed out and retried",
+        timed_out.len()
+    );
+    assert_audit_clean(&stack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
+    let stack = Stack::start("badinput", Options::default()).await.unwrap();
+    stack.put_sku("good", 5, 2, 300.0).await.unwrap();
+    let url = |p: &str| format!("{}{p}", stack.base);
+    let post_raw = |body: &'static str, ct: &'static str| {
+        stack
+            .http
+            .post(url("/v1/reservations"))
+            .header("content-type", ct)
+            .body(body)
+    };
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            post_raw("{\"sku\": ", "application/json"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "not an object",
+            post_raw("[1,2]", "application/json"),
+            422,
+            "invalid_request",
+        ),
+        (
+            "missing quantity",
+            post_raw(r#"{"sku":"good","user_id":"u"}"#, "application/json"),
+            422,
+            "invalid_request",
+        ),
+        (
+            "quantity zero",
+            post_raw(
+                r#"{"sku":"good","user_id":"u","quantity":0}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "quantity negative",
+            post_raw(
+                r#"{"sku":"good","user_id":"u","quantity":-3}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "quantity huge",
+            post_raw(
+                r#"{"sku":"good","user_id":"u","quantity":99999999999999999999999}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "quantity fractional",
+            post_raw(
+                r#"{"sku":"good","user_id":"u","quantity":1.5}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "quantity as string",
+            post_raw(
+                r#"{"sku":"good","user_id":"u","quantity":"1"}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "empty sku",
+            post_raw(
+                r#"{"sku":"","user_id":"u","quantity":1}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "sku with a slash",
+            post_raw(
+                r#"{"sku":"a/b","user_id":"u","quantity":1}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "control char in user",
+            post_raw(
+                r#"{"sku":"good","user_id":"u\u0000","quantity":1}"#,
+                "application/json",
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            "text/plain body",
+            post_raw(r#"{"sku":"good","user_id":"u","quantity":1}"#, "text/plain"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "unknown sku",
+            post_raw(
+                r#"{"sku":"nope","user_id":"u","quantity":1}"#,
+                "application/json",
+            ),
+            404,
+            "unknown_sku",
+        ),
+        (
+            "quantity above the per-user limit",
+            post_raw(
+                r#"{"sku":"good","user_id":"u","quantity":3}"#,
+                "application/json",
+            ),
+            409,
+            "limit_exceeded",
+        ),
+        (
+            "admin without token",
+            stack
+                .http
+                .put(url("/v1/admin/skus/good"))
+                .json(&json!({"total_stock": 1, "per_user_limit": 1, "hold_ttl_seconds": 1})),
+            401,
+            "unauthorized",
+        ),
+        (
+            "admin with wrong token",
+            stack
+                .http
+                .put(url("/v1/admin/skus/good"))
+                .bearer_auth("systest-admin-token-0123456788")
+                .json(&json!({"total_stock": 1, "per_user_limit": 1, "hold_ttl_seconds": 1})),
+            401,
+            "unauthorized",
+        ),
+        (
+            "admin negative stock",
+            stack
+                .http
+                .put(url("/v1/admin/skus/good"))
+                .bearer_auth(systest::ADMIN_TOKEN)
+                .json(&json!({"total_stock": -1, "per_user_limit": 1, "hold_ttl_seconds": 1})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "admin restock without token",
+            stack
+                .http
+                .post(url("/v1/admin/skus/good/restock"))
+                .json(&json!({"quantity": 5})),
+            401,
+            "unauthorized",
+        ),
+        (
+            "freeze without token",
+            stack.http.post(url("/v1/admin/freeze")),
+            401,
+            "unauthorized",
+        ),
+        (
+            "reservation id not a uuid",
+            stack.http.get(url("/v1/reservations/12345")),
+            404,
+            "unknown_reservation",
+        ),
+        (
+            "unknown route",
+            stack.http.get(url("/v2/whatever")),
+            404,
+            "not_found",
+        ),
+        (
+            "wrong method",
+            stack.http.delete(url("/v1/reservations")),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (what, request, status, code) in cases {
+        let r = request.send().await.unwrap();
+        let got = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(code)),
+            "{what}: {body}"
+        );
+    }
+    let oversized = format!(
+        r#"{{"sku":"good","user_id":"{}","quantity":1}}"#,
+        "x".repeat(10_000)
+    );
+    let r = stack
+        .http
+        .post(url("/v1/reservations"))
+        .header("content-type", "application/json")
+        .body(oversized)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "payload_too_large"
+    );
+
+    // Only the limit_exceeded refusal is a decision about stock; nothing else was written.
+    let rows: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, reject_reason FROM reservations")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![("rejected".to_owned(), Some("limit_exceeded".to_owned()))]
+    );
+    let row = stack.sku_row("good").await.unwrap();
+    assert_eq!(
+        (row["total"], row["available"], row["held"]),
+        (5, 5, 0),
+        "the sku is untouched"
+    );
+    assert_audit_clean(&stack);
+}
