@@ -345,6 +345,11 @@ impl Engine {
             };
         }
         let decision = self.grant_or_refuse(request_id, sku_name, user, quantity);
+        if let Err(reason @ (Reject::UnknownSku | Reject::InvalidCommand)) = decision {
+            // Answers about the input, not decisions about stock: nothing is recorded and the
+            // key stays free, so a corrected retry (or one after the SKU exists) is decided anew.
+            return Outcome::Rejected(reason);
+        }
         let result = decision.map(|_| self.reservations[&request_id].expires_at_ms);
         self.users[user as usize].keys.insert(
             key.into(),

@@ -1165,6 +1165,12 @@ fn only_touched_skus_are_reported() {
     let out = sale.batch(T0, reqs);
     assert!(out.skus.is_empty(), "{:?}", out.skus);
 
+    // Pause and resume report their sku.
+    let r = sale.reqs.pause("c");
+    let out = sale.batch(T0, vec![r]);
+    assert_eq!(names(&out), ["c"]);
+    assert!(out.skus[0].paused);
+
     // Several changes are reported once each, in creation order, with their final state.
     let reqs = vec![
         sale.reqs.reserve("b", "bob", 1, "k1"),
@@ -1252,10 +1258,20 @@ fn small_snapshot() -> Snapshot {
 
 #[test]
 fn restore_rebuilds_keys_holdings_and_expiries() {
-    let mut engine = Engine::restore(small_snapshot()).expect("valid snapshot");
+    let mut snapshot = small_snapshot();
+    let lamp = SkuView {
+        sku: "lamp".into(),
+        paused: true,
+        ..tv_view(10, 0, 0)
+    };
+    snapshot.skus.push(lamp.clone());
+    let mut engine = Engine::restore(snapshot).expect("valid snapshot");
     engine.check_invariants();
     assert_eq!((engine.batch_seq(), engine.clock_ms()), (7, T0 + 100));
-    assert_eq!(engine.skus().collect::<Vec<_>>(), vec![tv_view(6, 3, 1)]);
+    assert_eq!(
+        engine.skus().collect::<Vec<_>>(),
+        vec![tv_view(6, 3, 1), lamp]
+    );
     assert_eq!(
         engine.reservation(3).unwrap().status,
         ReservationStatus::Cancelled
@@ -1263,12 +1279,13 @@ fn restore_rebuilds_keys_holdings_and_expiries() {
     assert_eq!(engine.next_expiry_ms(), Some(T0 + 1_000));
     let mut reqs = Reqs { next_id: 100 };
     let batch = vec![
-        reqs.reserve("tv", "ann", 3, "k1"), // replay of 1
-        reqs.reserve("tv", "cat", 9, "k1"), // replay of 4
-        reqs.reserve("tv", "bob", 2, "k2"), // replay of 3 (cancelled since)
-        reqs.reserve("tv", "bob", 3, "k2"), // key reused
-        reqs.reserve("tv", "ann", 3, "k2"), // 3 held + 3 > 5
-        reqs.reserve("tv", "bob", 4, "k3"), // 1 sold + 4 <= 5 (the cancelled 2 do not count)
+        reqs.reserve("tv", "ann", 3, "k1"),   // replay of 1
+        reqs.reserve("tv", "cat", 9, "k1"),   // replay of 4
+        reqs.reserve("tv", "bob", 2, "k2"),   // replay of 3 (cancelled since)
+        reqs.reserve("tv", "bob", 3, "k2"),   // key reused
+        reqs.reserve("tv", "ann", 3, "k2"),   // 3 held + 3 > 5
+        reqs.reserve("tv", "bob", 4, "k3"),   // 1 sold + 4 <= 5 (the cancelled 2 do not count)
+        reqs.reserve("lamp", "bob", 1, "k4"), // still paused
     ];
     let out = engine.apply_batch(T0 + 200, &batch);
     engine.check_invariants();
@@ -1291,6 +1308,7 @@ fn restore_rebuilds_keys_holdings_and_expiries() {
                 reservation_id: batch[5].request_id,
                 expires_at_ms: T0 + 1_200
             },
+            rejected(Reject::SalePaused),
         ]
     );
     let out = engine.apply_batch(T0 + 1_000, &[]);
@@ -1811,9 +1829,9 @@ fn snapshot_of(engine: &Engine, history: &[(Vec<Request>, BatchOutput)]) -> Snap
     }
 }
 
-fn proptest_config() -> ProptestConfig {
+fn proptest_config(cases: u32) -> ProptestConfig {
     ProptestConfig {
-        cases: 256,
+        cases,
         // Failures are reported with the shrunk case; no regression files in the source tree.
         failure_persistence: None,
         ..ProptestConfig::default()
@@ -1821,7 +1839,7 @@ fn proptest_config() -> ProptestConfig {
 }
 
 proptest! {
-    #![proptest_config(proptest_config())]
+    #![proptest_config(proptest_config(1024))]
 
     #[test]
     fn engine_agrees_with_model_after_every_batch(ops in ops(200)) {
@@ -1839,6 +1857,11 @@ proptest! {
             assert_same_state(&mut engine, &model, &ids);
         }
     }
+
+}
+
+proptest! {
+    #![proptest_config(proptest_config(256))]
 
     #[test]
     fn same_stream_gives_same_outputs(ops in ops(200)) {
