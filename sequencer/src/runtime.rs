@@ -375,6 +375,9 @@ impl Sequencer {
         publisher: &Publisher,
         lease_lost: &AtomicBool,
     ) -> Result<(), Stop> {
+        // The pooled connection returns itself to the pool on drop through a Tokio task; this
+        // thread is not a runtime worker, so it enters the runtime's context for the loop.
+        let _context = self.rt.enter();
         let mut conn = self
             .rt
             .block_on(self.pool.acquire())

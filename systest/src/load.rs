@@ -1,0 +1,249 @@
+//! A bounded background load of reservation requests, and the check that every answer it got is
+//! what Postgres recorded: the "nothing lost, nothing decided twice" verdict after a fault.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::Stack;
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub user: String,
+    pub key: String,
+    pub status: u16,
+    pub body: Value,
+}
+
+/// A closed-loop load: `concurrency` requests in flight, each buyer distinct, at most `count`
+/// requests and at most `duration_max` long. Stops early when `stop` is set.
+pub struct Load {
+    pub stop: Arc<AtomicBool>,
+    pub answered: Arc<AtomicU64>,
+    handle: tokio::task::JoinHandle<Vec<Answer>>,
+}
+
+impl Load {
+    pub fn start(
+        stack: &Stack,
+        sku: &str,
+        prefix: &str,
+        count: usize,
+        concurrency: usize,
+        duration_max: Duration,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let (http, base, sku, prefix) = (
+            stack.http.clone(),
+            stack.base.clone(),
+            sku.to_owned(),
+            prefix.to_owned(),
+        );
+        let (stop2, answered2) = (stop.clone(), answered.clone());
+        let handle = tokio::spawn(async move {
+            let gate = Arc::new(Semaphore::new(concurrency));
+            let deadline = Instant::now() + duration_max;
+            let mut tasks = JoinSet::new();
+            for i in 0..count {
+                let permit = gate.clone().acquire_owned().await.expect("semaphore open");
+                if stop2.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let (http, base, sku, answered) =
+                    (http.clone(), base.clone(), sku.clone(), answered2.clone());
+                let (user, key) = (format!("{prefix}-buyer-{i}"), format!("{prefix}-try-{i}"));
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let r = http
+                        .post(format!("{base}/v1/reservations"))
+                        .json(&json!({"sku": sku, "user_id": user, "quantity": 1, "idempotency_key": key}))
+                        .send()
+                        .await;
+                    let (status, body) = match r {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+                        }
+                        Err(e) => (0, Value::String(e.to_string())),
+                    };
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    Answer { user, key, status, body }
+                });
+            }
+            let mut answers = Vec::new();
+            while let Some(a) = tasks.join_next().await {
+                answers.push(a.expect("load task"));
+            }
+            answers
+        });
+        Load {
+            stop,
+            answered,
+            handle,
+        }
+    }
+
+    pub async fn finish(self) -> Vec<Answer> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.expect("load task")
+    }
+
+    pub async fn wait(self) -> Vec<Answer> {
+        self.handle.await.expect("load task")
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Verdict {
+    pub held: usize,
+    pub refused: usize,
+    pub timed_out: usize,
+    pub errors_5xx: usize,
+    pub retried_ok: usize,
+}
+
+/// Checks every answer against Postgres: a 201 or 409 is recorded exactly once with the same
+/// outcome; a 504 retried with the same key gets a definitive answer, and the original
+/// reservation if there was one. Then the audit must be clean.
+pub async fn verify(stack: &Stack, sku: &str, answers: &[Answer]) -> anyhow::Result<Verdict> {
+    let mut v = Verdict::default();
+    let mut unknown = Vec::new();
+    for a in answers {
+        match a.status {
+            201 | 409 => {
+                let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                    "SELECT reservation_id::text, status, reject_reason FROM reservations
+                      WHERE user_id = $1 AND idempotency_key = $2",
+                )
+                .bind(&a.user)
+                .bind(&a.key)
+                .fetch_all(&stack.pool)
+                .await?;
+                ensure!(
+                    rows.len() == 1,
+                    "{}/{} answered {} {} but has {} rows",
+                    a.user,
+                    a.key,
+                    a.status,
+                    a.body,
+                    rows.len()
+                );
+                if a.status == 201 {
+                    v.held += 1;
+                    ensure!(
+                        Some(rows[0].0.as_str()) == a.body["reservation_id"].as_str(),
+                        "reservation id differs for {}",
+                        a.user
+                    );
+                } else {
+                    v.refused += 1;
+                    ensure!(
+                        rows[0].2.as_deref() == a.body["error"].as_str(),
+                        "refusal differs for {}",
+                        a.user
+                    );
+                }
+            }
+            504 => {
+                v.timed_out += 1;
+                ensure!(
+                    a.body["error"] == "outcome_unknown",
+                    "504 without outcome_unknown: {}",
+                    a.body
+                );
+                unknown.push(a);
+            }
+            s if s >= 500 || s == 0 => {
+                v.errors_5xx += 1;
+                unknown.push(a);
+            }
+            other => bail!("unexpected answer {other}: {}", a.body),
+        }
+    }
+    for a in unknown {
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT reservation_id::text FROM reservations WHERE user_id = $1 AND idempotency_key = $2 AND status <> 'rejected'",
+        )
+        .bind(&a.user)
+        .bind(&a.key)
+        .fetch_optional(&stack.pool)
+        .await?;
+        let (status, body) = retry_until_definitive(stack, sku, &a.user, &a.key).await?;
+        if let Some(id) = before {
+            ensure!(
+                status == 201 && body["reservation_id"].as_str() == Some(id.as_str()),
+                "retry of {}/{} did not return its original reservation {id}: {status} {body}",
+                a.user,
+                a.key
+            );
+        }
+        v.retried_ok += 1;
+    }
+    let report = stack.audit()?;
+    ensure!(
+        report["violations"] == json!([]),
+        "audit found violations: {report}"
+    );
+    Ok(v)
+}
+
+async fn retry_until_definitive(
+    stack: &Stack,
+    sku: &str,
+    user: &str,
+    key: &str,
+) -> anyhow::Result<(u16, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = stack.reserve(sku, user, 1, key).await?;
+        if status == 201 || status == 409 {
+            return Ok((status, body));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "retry of {user}/{key} still {status} after 30 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Milliseconds from `fault_at_ms` (Unix ms) to the first batch committed under an epoch newer
+/// than `old_epoch`, waiting up to `within`.
+pub async fn takeover_gap_ms(
+    stack: &Stack,
+    old_epoch: i64,
+    fault_at_ms: i64,
+    within: Duration,
+) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + within;
+    loop {
+        let first: Option<f64> = sqlx::query_scalar(
+            "SELECT (EXTRACT(EPOCH FROM decided_at) * 1000)::float8 FROM batches
+              WHERE epoch > $1 ORDER BY batch_seq LIMIT 1",
+        )
+        .bind(old_epoch)
+        .fetch_optional(&stack.pool)
+        .await?;
+        if let Some(at) = first {
+            return Ok(at as i64 - fault_at_ms);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no batch under a new epoch within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}

@@ -1,0 +1,188 @@
+//! Two sequencer processes, one writer: takeover after SIGKILL, fencing of a paused leader that
+//! wakes up, and graceful handover on SIGTERM, all under load, against the real Postgres and the
+//! real broker. Takeover gaps are printed (measured), never asserted.
+
+use std::time::Duration;
+
+use systest::load::{now_ms, takeover_gap_ms, verify, Load};
+use systest::{Options, Stack};
+
+fn two_sequencers() -> Options {
+    Options {
+        sequencers: 2,
+        outcome_timeout_ms: 4_000,
+        ..Options::default()
+    }
+}
+
+async fn epoch(stack: &Stack) -> i64 {
+    sqlx::query_scalar("SELECT epoch FROM sequencer_state")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_decided(stack: &Stack, at_least: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+        if n >= at_least {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {n} decisions after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_the_active_lets_the_standby_decide_with_nothing_lost() {
+    let mut stack = Stack::start("failover_kill", two_sequencers())
+        .await
+        .unwrap();
+    stack.put_sku("hot", 2_500, 1, 300.0).await.unwrap();
+    let active = stack
+        .wait_for_active(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let old_epoch = epoch(&stack).await;
+    let load = Load::start(&stack, "hot", "k", 4_000, 64, Duration::from_secs(60));
+    wait_decided(&stack, 500).await;
+
+    let killed_at = now_ms();
+    stack.signal_sequencer(active, "KILL").unwrap();
+    let gap = takeover_gap_ms(&stack, old_epoch, killed_at, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let standby = stack
+        .wait_for_active(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_ne!(standby, active, "the other process took over");
+    assert!(epoch(&stack).await > old_epoch, "takeover bumped the epoch");
+    let answers = load.wait().await;
+    let verdict = verify(&stack, "hot", &answers).await.unwrap();
+    println!("takeover gap after SIGKILL: {gap} ms; {verdict:?}");
+    assert_eq!(
+        verdict.errors_5xx, 0,
+        "no 5xx other than 504 outcome_unknown"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows as usize,
+        answers.len(),
+        "every request decided exactly once (after retries)"
+    );
+    let row = stack.sku_row("hot").await.unwrap();
+    assert_eq!(
+        row["held"], 2_500,
+        "4000 distinct buyers for 2500 units: all held, none oversold"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_that_wakes_after_takeover_is_fenced_and_commits_nothing() {
+    let mut stack = Stack::start("failover_stop", two_sequencers())
+        .await
+        .unwrap();
+    stack.put_sku("hot", 100_000, 1, 300.0).await.unwrap();
+    let active = stack
+        .wait_for_active(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let old_epoch = epoch(&stack).await;
+    let load = Load::start(&stack, "hot", "s", 3_000, 32, Duration::from_secs(60));
+    wait_decided(&stack, 300).await;
+
+    stack.signal_sequencer(active, "STOP").unwrap();
+    let stopped_at = now_ms();
+    let gap = takeover_gap_ms(&stack, old_epoch, stopped_at, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let new_epoch = epoch(&stack).await;
+    assert!(new_epoch > old_epoch);
+    let last_old: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(batch_seq), 0) FROM batches WHERE epoch = $1")
+            .bind(old_epoch)
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+
+    // Wake the old leader while the new one is deciding: its next commit or renewal must fail
+    // its fence, and it must stop (exit code 3) without writing anything.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.signal_sequencer(active, "CONT").unwrap();
+    let code = stack
+        .wait_sequencer_exit(active, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(
+        code,
+        Some(3),
+        "the deposed leader stops writing and says so"
+    );
+    let answers = load.wait().await;
+
+    let late_old: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batches WHERE epoch = $1 AND batch_seq > $2")
+            .bind(old_epoch)
+            .bind(last_old)
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        late_old, 0,
+        "nothing committed under the old epoch after the takeover"
+    );
+    let interleaved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM batches b WHERE epoch < (SELECT max(epoch) FROM batches b2 WHERE b2.batch_seq < b.batch_seq)")
+        .fetch_one(&stack.pool).await.unwrap();
+    assert_eq!(
+        interleaved, 0,
+        "epochs never go backwards along the batch sequence"
+    );
+    let verdict = verify(&stack, "hot", &answers).await.unwrap();
+    println!("takeover gap after SIGSTOP: {gap} ms; {verdict:?}");
+    assert_eq!(verdict.errors_5xx, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_hands_over_to_the_standby_without_a_single_error() {
+    let mut stack = Stack::start("failover_term", two_sequencers())
+        .await
+        .unwrap();
+    stack.put_sku("hot", 100_000, 1, 300.0).await.unwrap();
+    let active = stack
+        .wait_for_active(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let old_epoch = epoch(&stack).await;
+    let load = Load::start(&stack, "hot", "t", 3_000, 32, Duration::from_secs(60));
+    wait_decided(&stack, 300).await;
+
+    let term_at = now_ms();
+    stack.signal_sequencer(active, "TERM").unwrap();
+    let code = stack
+        .wait_sequencer_exit(active, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(code, Some(0), "graceful exit");
+    let gap = takeover_gap_ms(&stack, old_epoch, term_at, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let answers = load.wait().await;
+    let verdict = verify(&stack, "hot", &answers).await.unwrap();
+    println!("handover gap after SIGTERM: {gap} ms; {verdict:?}");
+    assert_eq!(
+        (verdict.timed_out, verdict.errors_5xx),
+        (0, 0),
+        "planned handover answers every request"
+    );
+    assert_eq!(verdict.held, answers.len(), "every buyer got a unit");
+}
