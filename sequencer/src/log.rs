@@ -68,25 +68,56 @@ pub fn watermarks(
 #[error("{0}")]
 pub struct LogGap(pub String);
 
-/// Refuses to start when the log does not contain the next offset to decide: the topic was
+/// Refuses to start when the log does not hold every offset Postgres has decided: the topic was
 /// recreated, truncated or expired. Skipping or re-deciding silently would break exactly-once.
-pub fn check_log_covers(topic: &str, low: i64, high: i64, next_offset: i64) -> Result<(), LogGap> {
-    if high < next_offset {
-        return Err(LogGap(format!(
-            "topic {topic:?} ends at offset {high}, but Postgres has already decided every offset \
-             below {next_offset}. The log was recreated or truncated (a broker with memory storage \
-             loses its topics when restarted). Refusing to skip or re-decide anything. To start a \
-             new sale log, reset the database as well (scripts/down --wipe); to resume, restore \
-             the topic's data."
-        )));
-    }
+///
+/// The proof is reading the last decided message itself (offset `next_offset - 1`), not the
+/// broker's reported high watermark, which some brokers report per record batch rather than per
+/// record. Broker trouble (nothing answers) is an ordinary error the caller retries; only a log
+/// that answers "no such offset" is a [`LogGap`].
+pub fn check_log_covers(
+    config: &ClientConfig,
+    topic: &str,
+    next_offset: i64,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = config.create().context("creating the log check consumer")?;
+    let (low, high) = watermarks(&consumer, topic, Duration::from_secs(10))?;
     if low > next_offset {
         return Err(LogGap(format!(
             "topic {topic:?} starts at offset {low}, but offsets from {next_offset} were never \
              decided: retention deleted requests before they were sequenced. Refusing to skip them."
-        )));
+        ))
+        .into());
     }
-    Ok(())
+    if next_offset == 0 {
+        return Ok(());
+    }
+    let last_decided = next_offset - 1;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Offset(last_decided))?;
+    consumer.assign(&assignment)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(POLL_TIMEOUT) {
+            Some(Ok(m)) if m.offset() >= last_decided => return Ok(()),
+            Some(Ok(_)) | None => continue,
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
+                return Err(LogGap(format!(
+                    "topic {topic:?} has no offset {last_decided} (it ends near {high}), but \
+                     Postgres has already decided every offset below {next_offset}. The log was \
+                     recreated or truncated (a broker with memory storage loses its topics when \
+                     restarted). Refusing to skip or re-decide anything. To start a new sale log, \
+                     reset the database as well (scripts/down --wipe); to resume, restore the \
+                     topic's data."
+                ))
+                .into())
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "log check: consumer error"),
+        }
+    }
+    anyhow::bail!(
+        "could not read offset {last_decided} of {topic:?} within 10 s (broker unreachable?)"
+    )
 }
 
 pub struct LogReader {

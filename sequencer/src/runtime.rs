@@ -21,7 +21,6 @@ use crossbeam_channel::RecvTimeoutError;
 use persistence::batch::{commit_batch, CommitError};
 use persistence::snapshot::{self, BatchHeader};
 use persistence::{lease, BatchRecord, DecisionRow, TransitionRow};
-use rdkafka::consumer::BaseConsumer;
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
 use wire::{Command, Request};
@@ -222,11 +221,7 @@ impl Sequencer {
         engine.check_invariants();
         let next_offset = loaded.state.next_offset;
         let consumer_config = log::consumer_config(&self.config.brokers, &self.config.node_id);
-        let probe: BaseConsumer = consumer_config.create()?;
-        let (low, high) =
-            log::watermarks(&probe, &self.config.requests_topic, Duration::from_secs(10))?;
-        log::check_log_covers(&self.config.requests_topic, low, high, next_offset)?;
-        self.status.log_end.store(high, Ordering::Relaxed);
+        log::check_log_covers(&consumer_config, &self.config.requests_topic, next_offset)?;
         self.publish_position(&engine, next_offset);
         let reader = LogReader::start(
             &consumer_config,

@@ -249,6 +249,24 @@ impl Stack {
         }
     }
 
+    /// Waits until sequencer `i` reports `role` (active, standby) on its status endpoint.
+    pub async fn wait_role(&self, i: usize, role: &str, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self
+                .sequencer_status(i)
+                .await
+                .is_some_and(|doc| doc["role"] == role)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("sequencer {i} did not report role {role} within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {

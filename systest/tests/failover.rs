@@ -65,6 +65,12 @@ async fn sigkill_of_the_active_lets_the_standby_decide_with_nothing_lost() {
         .unwrap();
     assert_ne!(standby, active, "the other process took over");
     assert!(epoch(&stack).await > old_epoch, "takeover bumped the epoch");
+    // The killed process, restarted (as the supervisor in scripts/up does), rejoins as standby.
+    stack.spawn_sequencer(active).unwrap();
+    stack
+        .wait_role(active, "standby", Duration::from_secs(30))
+        .await
+        .unwrap();
     let answers = load.wait().await;
     let verdict = verify(&stack, "hot", &answers).await.unwrap();
     println!("takeover gap after SIGKILL: {gap} ms; {verdict:?}");
