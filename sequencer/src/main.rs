@@ -173,6 +173,13 @@ fn run(args: RunArgs) -> ExitCode {
         tracing::info!("shutdown requested: finishing the current batch");
         shutdown.store(true, Ordering::Relaxed);
     });
+    sequencer
+        .runtime()
+        .spawn(sequencer::status::log_periodically(
+            node_id.clone(),
+            sequencer.status.clone(),
+            Duration::from_secs(10),
+        ));
     if let Some(addr) = config.status_addr {
         let status = sequencer.status.clone();
         sequencer.runtime().spawn(async move {

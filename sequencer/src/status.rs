@@ -86,3 +86,23 @@ async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, &'static str) {
         _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
     }
 }
+
+/// Every `every`, one log line with the same figures as `/status`, so the logs alone tell an
+/// operator who was active, at which epoch, how far behind, and when the last batch committed.
+pub async fn log_periodically(node_id: String, status: Arc<Status>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let d = doc(&node_id, &status);
+        tracing::info!(
+            role = d.role,
+            epoch = d.epoch,
+            committed_offset = d.committed_offset,
+            lag = d.lag,
+            batch_seq = d.batch_seq,
+            last_batch_age_ms = d.last_batch_age_ms,
+            batches_committed = d.batches_committed,
+            "status"
+        );
+    }
+}

@@ -14,7 +14,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 pub use wire::StoredDecision;
 use wire::{
     Command, Outcome, Reject, Request, RequestId, ReservationStatus, ReservationView, SkuConfig,
@@ -154,6 +154,8 @@ pub struct Snapshot {
 pub enum RestoreError {
     #[error("decision {request_id:032x} names sku {sku:?}, which is not in the snapshot")]
     UnknownSku { request_id: RequestId, sku: String },
+    #[error("request id {request_id:032x} has two decision rows in the snapshot")]
+    DuplicateRequestId { request_id: RequestId },
     #[error("idempotency key ({user_id:?}, {key:?}) appears twice in the snapshot")]
     DuplicateKey { user_id: String, key: String },
     #[error("sku {sku}: counters say held {held_counter}/sold {sold_counter} but the reservations add up to held {held_rows}/sold {sold_rows}")]
@@ -175,6 +177,10 @@ pub struct Engine {
     users: Vec<User>,
     user_index: FxHashMap<String, UserIdx>,
     reservations: FxHashMap<RequestId, Reservation>,
+    /// Request ids of recorded refusals. With `reservations`, every id that has a decision row:
+    /// a foreign producer reusing one must be refused, not allowed to write a second row with the
+    /// same primary key (which would fail the commit on every replay and stall the sale).
+    refused_ids: FxHashSet<RequestId>,
     /// Holds ordered by expiry; entries whose reservation left `held` are skipped when popped.
     expiries: BinaryHeap<Reverse<(i64, RequestId)>>,
     /// Time of the last batch: batch time never goes backwards, even if the wall clock does.
@@ -350,6 +356,9 @@ impl Engine {
             // key stays free, so a corrected retry (or one after the SKU exists) is decided anew.
             return Outcome::Rejected(reason);
         }
+        if decision.is_err() {
+            self.refused_ids.insert(request_id);
+        }
         let result = decision.map(|_| self.reservations[&request_id].expires_at_ms);
         self.users[user as usize].keys.insert(
             key.into(),
@@ -384,7 +393,7 @@ impl Engine {
         let now = self.clock_ms;
         let &sku_idx = self.sku_index.get(sku_name).ok_or(Reject::UnknownSku)?;
         let sku = &self.skus[sku_idx as usize];
-        if quantity == 0 || quantity > QUANTITY_MAX || self.reservations.contains_key(&request_id) {
+        if quantity == 0 || quantity > QUANTITY_MAX || self.has_decision(request_id) {
             return Err(Reject::InvalidCommand);
         }
         if sku.paused {
@@ -407,7 +416,7 @@ impl Engine {
         if sku.available < u64::from(quantity) {
             return Err(Reject::SoldOut);
         }
-        let expires_at_ms = now + sku.config.hold_ttl_ms as i64;
+        let expires_at_ms = now.saturating_add(sku.config.hold_ttl_ms as i64);
         let sku = &mut self.skus[sku_idx as usize];
         sku.available -= u64::from(quantity);
         sku.held += u64::from(quantity);
@@ -566,6 +575,10 @@ impl Engine {
         Outcome::Sku(sku.view())
     }
 
+    fn has_decision(&self, request_id: RequestId) -> bool {
+        self.reservations.contains_key(&request_id) || self.refused_ids.contains(&request_id)
+    }
+
     fn user_idx(&mut self, name: &str) -> UserIdx {
         if let Some(&i) = self.user_index.get(name) {
             return i;
@@ -623,6 +636,11 @@ impl Engine {
         let mut rows_held = vec![0u64; engine.skus.len()];
         let mut rows_sold = vec![0u64; engine.skus.len()];
         for d in snapshot.decisions {
+            if engine.has_decision(d.request_id) {
+                return Err(RestoreError::DuplicateRequestId {
+                    request_id: d.request_id,
+                });
+            }
             let user = engine.user_idx(&d.user_id);
             let decision = match d.status {
                 Ok(status) => {
@@ -663,7 +681,10 @@ impl Engine {
                     );
                     Ok(d.request_id)
                 }
-                Err(reason) => Err(reason),
+                Err(reason) => {
+                    engine.refused_ids.insert(d.request_id);
+                    Err(reason)
+                }
             };
             let record = IdempotencyRecord {
                 sku: d.sku.into(),

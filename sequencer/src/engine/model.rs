@@ -53,6 +53,8 @@ pub struct Model {
     /// Every granted reservation, whatever its status now.
     reservations: Vec<ModelReservation>,
     keys: Vec<KeyRecord>,
+    /// Request id of every decision row written so far (grants and recorded refusals).
+    decision_rows: Vec<RequestId>,
     /// Names of the SKUs the current batch changed (reset at the start of every batch).
     touched: Vec<String>,
 }
@@ -190,6 +192,11 @@ impl Model {
         }
 
         let decision = self.new_reservation(request_id, sku, user, quantity);
+        if let Err(reason @ (Reject::UnknownSku | Reject::InvalidCommand)) = decision {
+            // An answer about the input, not a decision about stock: nothing is recorded, no
+            // row is written, and the key stays free for a corrected retry.
+            return Outcome::Rejected(reason);
+        }
         self.keys.push(KeyRecord {
             user: user.to_owned(),
             key: key.to_owned(),
@@ -204,6 +211,7 @@ impl Model {
                 .expires_at_ms),
             Err(reason) => Err(reason),
         };
+        self.decision_rows.push(request_id);
         out.decisions.push(Decision {
             command_index: index,
             request_id,
@@ -229,8 +237,8 @@ impl Model {
         let Some(sku) = self.sku_row(sku_name) else {
             return Err(Reject::UnknownSku);
         };
-        // "Duplicate request id" means: the id already names a granted reservation.
-        let id_taken = self.reservations.iter().any(|r| r.id == request_id);
+        // "Duplicate request id" means: the id already names a decision row, granted or not.
+        let id_taken = self.decision_rows.contains(&request_id);
         if quantity == 0 || quantity > QUANTITY_MAX || id_taken {
             return Err(Reject::InvalidCommand);
         }
