@@ -180,10 +180,21 @@ fn run(args: RunArgs) -> ExitCode {
             sequencer.status.clone(),
             Duration::from_secs(10),
         ));
+    let metrics = match sequencer::status::install_metrics() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("cannot install the metrics recorder: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    sequencer.runtime().spawn(sequencer::status::watch_oversell(
+        sequencer.pool().clone(),
+        Duration::from_secs(5),
+    ));
     if let Some(addr) = config.status_addr {
         let status = sequencer.status.clone();
         sequencer.runtime().spawn(async move {
-            if let Err(e) = sequencer::status::serve(addr, node_id, status).await {
+            if let Err(e) = sequencer::status::serve(addr, node_id, status, metrics).await {
                 tracing::error!("status endpoint on {addr} failed: {e:#}");
             }
         });

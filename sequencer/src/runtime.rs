@@ -296,6 +296,7 @@ impl Sequencer {
         }
         position.next_offset = header.next_offset;
         self.publish_position(&position.engine, position.next_offset);
+        metrics::counter!("sequencer_replayed_batches_total").increment(1);
         Ok(())
     }
 
@@ -477,6 +478,7 @@ impl Sequencer {
         s.last_commit_us.store(commit_us, Ordering::Relaxed);
         s.last_batch_size
             .store(requests.len() as u64, Ordering::Relaxed);
+        crate::status::record_batch(&out, requests.len(), started.elapsed());
         tracing::debug!(
             epoch,
             batch_seq = out.batch_seq,
@@ -516,6 +518,7 @@ impl Sequencer {
                 Err(CommitError::Database(e)) => e,
             };
             tracing::warn!(error = %error, batch_seq = record.batch_seq, ?backoff, "commit failed; retrying");
+            metrics::counter!("sequencer_commit_retries_total").increment(1);
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(COMMIT_BACKOFF_MAX);
             if self.shutdown.load(Ordering::Relaxed) && backoff >= COMMIT_BACKOFF_MAX {

@@ -9,7 +9,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
+use wire::{Outcome, Reject};
 
 use crate::runtime::{now_ms, Status, ROLE_ACTIVE, ROLE_STANDBY};
 
@@ -35,6 +37,82 @@ pub struct StatusDoc {
 struct Ctx {
     node_id: Arc<str>,
     status: Arc<Status>,
+    metrics: PrometheusHandle,
+}
+
+/// Batch sizes and commit latencies are histograms with buckets fitted to the targets: batches of
+/// about 250, commits of about 10 ms.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("sequencer_batch_commit_seconds".into()),
+            &[
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("sequencer_batch_size".into()),
+            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0],
+        )?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Per committed batch: a handful of series updates, nothing per request.
+pub fn record_batch(
+    out: &crate::engine::BatchOutput,
+    commands: usize,
+    commit: std::time::Duration,
+) {
+    metrics::histogram!("sequencer_batch_commit_seconds").record(commit.as_secs_f64());
+    metrics::histogram!("sequencer_batch_size").record(commands as f64);
+    metrics::counter!("sequencer_batches_total").increment(1);
+    metrics::counter!("sequencer_commands_total").increment(commands as u64);
+    let mut by_outcome = [0u64; Reject::ALL.len() + 1];
+    for o in &out.outcomes {
+        match o {
+            Outcome::Held { .. } => by_outcome[0] += 1,
+            Outcome::Rejected(r) => by_outcome[1 + *r as usize] += 1,
+            _ => {}
+        }
+    }
+    for (i, &n) in by_outcome.iter().enumerate().filter(|(_, &n)| n > 0) {
+        let outcome = if i == 0 {
+            "held"
+        } else {
+            Reject::ALL[i - 1].code()
+        };
+        metrics::counter!("sequencer_decisions_total", "outcome" => outcome).increment(n);
+    }
+    for sku in &out.skus {
+        for (state, units) in [
+            ("available", sku.available),
+            ("held", sku.held),
+            ("sold", sku.sold),
+        ] {
+            metrics::gauge!("sequencer_sku_units", "sku" => sku.sku.clone(), "state" => state)
+                .set(units as f64);
+        }
+    }
+}
+
+/// Every `every`, counts the SKUs whose stored counters break the invariant (the CHECK
+/// constraints make this impossible; the gauge is the alarm that would prove otherwise).
+pub async fn watch_oversell(pool: sqlx::PgPool, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let broken: Result<i64, _> = sqlx::query_scalar(
+            "SELECT count(*) FROM skus
+              WHERE available + held + sold <> total OR available < 0 OR held < 0 OR sold < 0",
+        )
+        .fetch_one(&pool)
+        .await;
+        match broken {
+            Ok(n) => metrics::gauge!("sequencer_oversell_skus").set(n as f64),
+            Err(e) => tracing::warn!(error = %e, "oversell check could not run"),
+        }
+    }
 }
 
 pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
@@ -59,19 +137,42 @@ pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
     }
 }
 
-pub async fn serve(addr: SocketAddr, node_id: String, status: Arc<Status>) -> anyhow::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    node_id: String,
+    status: Arc<Status>,
+    metrics: PrometheusHandle,
+) -> anyhow::Result<()> {
     let ctx = Ctx {
         node_id: node_id.into(),
         status,
+        metrics,
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status_doc))
+        .route("/metrics", get(metrics_text))
         .with_state(ctx);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// Figures that live in the runtime's atomics are copied into gauges at scrape time: free per batch.
+async fn metrics_text(State(ctx): State<Ctx>) -> String {
+    let d = doc(&ctx.node_id, &ctx.status);
+    let role = ctx.status.role.load(std::sync::atomic::Ordering::Relaxed);
+    metrics::gauge!("sequencer_role").set(f64::from(role));
+    metrics::gauge!("sequencer_is_active").set(if role == ROLE_ACTIVE { 1.0 } else { 0.0 });
+    metrics::gauge!("sequencer_epoch").set(d.epoch as f64);
+    metrics::gauge!("sequencer_committed_offset").set(d.committed_offset as f64);
+    metrics::gauge!("sequencer_log_end_offset").set(d.log_end_offset as f64);
+    metrics::gauge!("sequencer_lag").set(d.lag as f64);
+    metrics::gauge!("sequencer_batch_seq").set(d.batch_seq as f64);
+    metrics::gauge!("sequencer_last_batch_age_seconds")
+        .set(d.last_batch_age_ms.map_or(-1.0, |ms| ms as f64 / 1000.0));
+    ctx.metrics.render()
 }
 
 async fn status_doc(State(ctx): State<Ctx>) -> Json<StatusDoc> {
