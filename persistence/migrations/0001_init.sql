@@ -43,7 +43,8 @@ CREATE TABLE reservations (
     CONSTRAINT refusal_has_reason CHECK ((status = 'rejected') = (reject_reason IS NOT NULL)),
     CONSTRAINT grant_has_expiry CHECK ((status = 'rejected') OR (expires_at IS NOT NULL AND quantity >= 1))
 );
-CREATE INDEX reservations_sku_status ON reservations (sku, status);
+-- Deliberately no index on (sku, status): every insert and status move would pay for it and no
+-- query on the hot path needs it (the audit scans the table once).
 
 -- Status history: every move out of `held` (confirmed, cancelled, expired). The initial `held`
 -- (or refusal) is the reservations row itself, so the hot path writes one row per request.
