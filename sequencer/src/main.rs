@@ -69,6 +69,10 @@ struct RunArgs {
     /// Most requests decided and committed together.
     #[arg(long, env = "BATCH_SIZE_MAX", default_value_t = 250)]
     batch_size_max: usize,
+    /// Most requests per batch while a backlog waits (more than BATCH_SIZE_MAX already read):
+    /// bigger transactions when falling behind, normal ones otherwise.
+    #[arg(long, env = "BATCH_SIZE_BACKLOG_MAX", default_value_t = 2_000)]
+    batch_size_backlog_max: usize,
     /// Longest wait for more requests once a batch has one and fewer than the maximum.
     #[arg(long, env = "LINGER_MS", default_value_t = 1)]
     linger_ms: u64,
@@ -133,8 +137,14 @@ fn init_tracing(json: bool) {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    if args.batch_size_max == 0 || args.renew_ms * 2 > args.lease_ms {
-        eprintln!("error: BATCH_SIZE_MAX must be >= 1 and RENEW_MS at most half of LEASE_MS");
+    if args.batch_size_max == 0
+        || args.batch_size_backlog_max < args.batch_size_max
+        || args.renew_ms * 2 > args.lease_ms
+    {
+        eprintln!(
+            "error: BATCH_SIZE_MAX must be >= 1, BATCH_SIZE_BACKLOG_MAX >= BATCH_SIZE_MAX, \
+             and RENEW_MS at most half of LEASE_MS"
+        );
         return ExitCode::from(2);
     }
     let node_id = args.node_id.unwrap_or_else(|| {
@@ -148,6 +158,7 @@ fn run(args: RunArgs) -> ExitCode {
         outcomes_topic: args.outcomes_topic,
         node_id: node_id.clone(),
         batch_size_max: args.batch_size_max,
+        batch_size_backlog_max: args.batch_size_backlog_max,
         linger: Duration::from_millis(args.linger_ms),
         lease: Duration::from_millis(args.lease_ms),
         renew_every: Duration::from_millis(args.renew_ms),

@@ -37,6 +37,7 @@ pub struct Config {
     pub outcomes_topic: String,
     pub node_id: String,
     pub batch_size_max: usize,
+    pub batch_size_backlog_max: usize,
     pub linger: Duration,
     pub lease: Duration,
     pub renew_every: Duration,
@@ -378,7 +379,7 @@ impl Sequencer {
             .rt
             .block_on(self.pool.acquire())
             .map_err(|e| Stop::Deposed(format!("no database connection: {e}")))?;
-        let mut messages: Vec<(i64, Vec<u8>)> = Vec::with_capacity(self.config.batch_size_max);
+        let mut messages: Vec<(i64, Vec<u8>)> = Vec::with_capacity(self.config.batch_size_backlog_max);
         loop {
             if lease_lost.load(Ordering::Relaxed) {
                 return Err(Stop::Deposed(format!(
@@ -418,13 +419,20 @@ impl Sequencer {
     }
 
     /// Takes whatever is already waiting, up to the batch limit, then waits at most `linger`.
+    /// Under a backlog (more than a normal batch already waiting) the limit grows to
+    /// `batch_size_backlog_max`: one transaction then carries more, exactly when it matters.
     fn fill_batch(
         &self,
         position: &Position,
         messages: &mut Vec<(i64, Vec<u8>)>,
     ) -> Result<(), Stop> {
         let deadline = Instant::now() + self.config.linger;
-        while messages.len() < self.config.batch_size_max {
+        let limit = if position.reader.events.len() >= self.config.batch_size_max {
+            self.config.batch_size_backlog_max
+        } else {
+            self.config.batch_size_max
+        };
+        while messages.len() < limit {
             match position.reader.events.try_recv() {
                 Ok(event) => take(event, messages)?,
                 Err(_) => match position.reader.events.recv_deadline(deadline) {
