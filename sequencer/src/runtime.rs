@@ -76,6 +76,10 @@ pub struct Status {
     pub commands: AtomicU64,
     pub last_commit_us: AtomicU64,
     pub last_batch_size: AtomicU64,
+    /// The active is retrying a failed commit (Postgres unreachable): not ready.
+    pub commit_failing: AtomicBool,
+    /// When a standby last followed the leader's batches successfully (Unix ms).
+    pub last_follow_ms: AtomicI64,
 }
 
 impl Status {
@@ -191,7 +195,13 @@ impl Sequencer {
                     };
                 }
                 Ok(None) => {
-                    if let Err(e) = self.follow(p, None) {
+                    let followed = self.follow(p, None);
+                    if followed.is_ok() {
+                        self.status
+                            .last_follow_ms
+                            .store(now_ms(), Ordering::Relaxed);
+                    }
+                    if let Err(e) = followed {
                         // A replay that disagrees with the leader, or a gap: start over from a
                         // fresh snapshot rather than lead from a doubtful state.
                         tracing::error!(
@@ -379,7 +389,8 @@ impl Sequencer {
             .rt
             .block_on(self.pool.acquire())
             .map_err(|e| Stop::Deposed(format!("no database connection: {e}")))?;
-        let mut messages: Vec<(i64, Vec<u8>)> = Vec::with_capacity(self.config.batch_size_backlog_max);
+        let mut messages: Vec<(i64, Vec<u8>)> =
+            Vec::with_capacity(self.config.batch_size_backlog_max);
         loop {
             if lease_lost.load(Ordering::Relaxed) {
                 return Err(Stop::Deposed(format!(
@@ -470,9 +481,21 @@ impl Sequencer {
             &offsets,
             wire::encode(&outbox),
         );
+        let span = tracing::debug_span!(
+            "batch",
+            epoch,
+            batch_seq = out.batch_seq,
+            first_offset,
+            next_offset,
+            commands = requests.len(),
+            commit_us = tracing::field::Empty
+        );
+        let _in_batch = span.enter();
         let started = Instant::now();
         self.commit_with_retry(conn, &record)?;
+        self.status.commit_failing.store(false, Ordering::Relaxed);
         let commit_us = started.elapsed().as_micros() as u64;
+        span.record("commit_us", commit_us);
         publisher.publish(&outbox);
         position.next_offset = next_offset;
         let s = &self.status;
@@ -527,6 +550,7 @@ impl Sequencer {
             };
             tracing::warn!(error = %error, batch_seq = record.batch_seq, ?backoff, "commit failed; retrying");
             metrics::counter!("sequencer_commit_retries_total").increment(1);
+            self.status.commit_failing.store(true, Ordering::Relaxed);
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(COMMIT_BACKOFF_MAX);
             if self.shutdown.load(Ordering::Relaxed) && backoff >= COMMIT_BACKOFF_MAX {

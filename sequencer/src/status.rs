@@ -179,11 +179,23 @@ async fn status_doc(State(ctx): State<Ctx>) -> Json<StatusDoc> {
     Json(doc(&ctx.node_id, &ctx.status))
 }
 
-/// Ready when deciding (active) or following (standby): either way the process is doing its job.
+/// Ready when deciding and committing (active), or following the leader's batches (standby):
+/// an active stuck retrying a commit, or a standby that has not followed for 5 s, is not.
 async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, &'static str) {
-    match ctx.status.role.load(Ordering::Relaxed) {
-        ROLE_ACTIVE => (StatusCode::OK, "active\n"),
-        ROLE_STANDBY => (StatusCode::OK, "standby\n"),
+    let s = &ctx.status;
+    match s.role.load(Ordering::Relaxed) {
+        ROLE_ACTIVE if !s.commit_failing.load(Ordering::Relaxed) => (StatusCode::OK, "active\n"),
+        ROLE_ACTIVE => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "active, but commits are failing\n",
+        ),
+        ROLE_STANDBY if now_ms() - s.last_follow_ms.load(Ordering::Relaxed) < 5_000 => {
+            (StatusCode::OK, "standby\n")
+        }
+        ROLE_STANDBY => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby, but not following\n",
+        ),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
     }
 }
