@@ -30,6 +30,30 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
     Ok(pool)
 }
 
+/// Opens the pool a sequencer writes through. Two session settings bound how long a writer that
+/// stops mid-transaction (SIGSTOP, a VM pause) can hold the fence row's lock:
+/// `idle_in_transaction_session_timeout` makes Postgres abort a transaction whose client has been
+/// silent for `lock_hold_max`, and `lock_timeout` makes a lease attempt that waits that long fail
+/// and retry instead of queueing behind a paused writer forever. Without them a leader paused
+/// between its fence update and COMMIT would block every takeover for as long as it stays paused.
+pub async fn connect_writer(
+    url: &str,
+    max_connections: u32,
+    lock_hold_max: Duration,
+) -> anyhow::Result<PgPool> {
+    let ms = lock_hold_max.as_millis().max(1).to_string();
+    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.options([
+        ("idle_in_transaction_session_timeout", ms.as_str()),
+        ("lock_timeout", ms.as_str()),
+    ]);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.application_name("flash-sequencer"))
+        .await?;
+    Ok(pool)
+}
+
 /// Applies the embedded migrations (idempotent; takes an advisory lock so that two processes
 /// starting at once do not race).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {

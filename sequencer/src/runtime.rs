@@ -132,7 +132,7 @@ impl Sequencer {
             .enable_all()
             .build()?;
         let pool = rt.block_on(async {
-            let pool = persistence::connect(&config.database_url, 4).await?;
+            let pool = persistence::connect_writer(&config.database_url, 4, config.lease).await?;
             persistence::migrate(&pool).await?;
             anyhow::Ok(pool)
         })?;
@@ -213,7 +213,7 @@ impl Sequencer {
                     std::thread::sleep(self.config.standby_poll);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot reach Postgres for the lease; retrying");
+                    tracing::warn!(error = %e, "lease attempt failed (Postgres unreachable or the fence row locked); retrying");
                     std::thread::sleep(RETRY_PAUSE);
                 }
             }
