@@ -13,7 +13,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
@@ -65,6 +65,10 @@ impl Pending {
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Why a request got no decided outcome.
@@ -95,6 +99,10 @@ pub struct BusHealth {
     pub replies_delivered: AtomicU64,
     pub replies_unclaimed: AtomicU64,
     pub last_poll_ms: AtomicI64,
+    /// One past the highest offset the broker acknowledged for our appends: a lower bound of
+    /// the requests log's end that is exact per record (some brokers, tansu among them, report
+    /// the high watermark per record batch, which undercounts a batched log).
+    pub log_end_seen: AtomicI64,
 }
 
 impl Bus {
@@ -164,6 +172,19 @@ impl Bus {
         self.pending.len()
     }
 
+    /// Messages handed to librdkafka and not yet acknowledged (or failed) by the broker.
+    pub fn producer_queue_depth(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// A handle for probing the broker through the producer's own client.
+    pub fn broker_probe(&self) -> BrokerProbe {
+        BrokerProbe {
+            producer: self.producer.clone(),
+            requests_topic: self.requests_topic.clone(),
+        }
+    }
+
     /// Appends `request` to the log and waits for its outcome.
     pub async fn call(&self, request: &Request) -> Result<Outcome, SendError> {
         let id = request.request_id;
@@ -183,7 +204,12 @@ impl Bus {
             FutureRecord::to(&self.requests_topic).payload(&payload[..]);
         let deadline = tokio::time::Instant::now() + self.outcome_timeout;
         match self.producer.send(record, Duration::ZERO).await {
-            Ok(_) => {}
+            Ok(delivery) => {
+                // The exact end of the log as of this append (see `BusHealth::log_end_seen`).
+                self.health
+                    .log_end_seen
+                    .fetch_max(delivery.offset + 1, Ordering::Relaxed);
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(SendError::Overloaded)
             }
@@ -196,6 +222,26 @@ impl Bus {
                 "the sequencer did not answer in time".into(),
             )),
         }
+    }
+}
+
+/// Round trips to the broker through the producer's client (so a success proves that the
+/// producer itself reaches the partition's leader). Blocking: call from a blocking thread.
+#[derive(Clone)]
+pub struct BrokerProbe {
+    producer: FutureProducer,
+    requests_topic: String,
+}
+
+impl BrokerProbe {
+    /// The end offset of the requests topic's partition 0.
+    pub fn requests_high_watermark(&self) -> Result<i64, KafkaError> {
+        let (_, high) = self.producer.client().fetch_watermarks(
+            &self.requests_topic,
+            0,
+            Duration::from_millis(1_000),
+        )?;
+        Ok(high)
     }
 }
 

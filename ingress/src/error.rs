@@ -4,7 +4,9 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use std::borrow::Cow;
+use utoipa::ToSchema;
 use wire::Reject;
 
 #[derive(Debug)]
@@ -19,7 +21,8 @@ pub enum ApiError {
     },
     /// 415.
     UnsupportedMediaType,
-    /// 401: admin route without the right bearer token.
+    /// 401: admin route without the right bearer token, or (JWT mode) a buyer route without a
+    /// valid token.
     Unauthorized,
     /// 403: the token's subject is not the body's user (JWT mode).
     Forbidden(String),
@@ -64,49 +67,78 @@ pub fn reject_status(r: Reject) -> StatusCode {
     }
 }
 
+/// The body of every error answer. `error` is the stable code; `detail` is for humans.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody<'a> {
+    /// Stable code, e.g. sold_out, invalid_request, overloaded, rate_limited, unauthorized.
+    #[schema(example = "sold_out")]
+    pub error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Cow<'a, str>>,
+    /// Only with 504 `outcome_unknown`: the key to retry with (null when none was sent, which
+    /// cannot happen for reservations: the ingress generates one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub idempotency_key: Option<Option<String>>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let body = |error: &'static str, detail: Option<Cow<'static, str>>| ErrorBody {
+            error,
+            detail,
+            idempotency_key: None,
+        };
         let (status, body, retry_after) = match self {
             ApiError::MalformedBody(detail) => (
                 StatusCode::BAD_REQUEST,
-                json!({"error": "invalid_request", "detail": detail}),
+                body("invalid_request", Some(detail.into())),
                 None,
             ),
             ApiError::Invalid(detail) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"error": "invalid_request", "detail": detail}),
+                body("invalid_request", Some(detail.into())),
                 None,
             ),
             ApiError::PayloadTooLarge { limit } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"error": "payload_too_large", "detail": format!("bodies are limited to {limit} bytes")}),
+                body(
+                    "payload_too_large",
+                    Some(format!("bodies are limited to {limit} bytes").into()),
+                ),
                 None,
             ),
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": "unsupported_media_type", "detail": "send Content-Type: application/json"}),
+                body(
+                    "unsupported_media_type",
+                    Some("send Content-Type: application/json".into()),
+                ),
                 None,
             ),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
-                json!({"error": "unauthorized", "detail": "missing or wrong bearer token"}),
+                body("unauthorized", Some("missing or wrong bearer token".into())),
                 None,
             ),
             ApiError::Forbidden(detail) => (
                 StatusCode::FORBIDDEN,
-                json!({"error": "forbidden", "detail": detail}),
+                body("forbidden", Some(detail.into())),
                 None,
             ),
-            ApiError::NotFound(code) => (StatusCode::NOT_FOUND, json!({"error": code}), None),
+            ApiError::NotFound(code) => (StatusCode::NOT_FOUND, body(code, None), None),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": "method_not_allowed"}),
+                body("method_not_allowed", None),
                 None,
             ),
-            ApiError::Rejected(r) => (reject_status(r), json!({"error": r.code()}), None),
+            ApiError::Rejected(r) => (reject_status(r), body(r.code(), None), None),
             ApiError::RateLimited { retry_after_s } => (
                 StatusCode::TOO_MANY_REQUESTS,
-                json!({"error": "rate_limited", "detail": "too many requests for this user; slow down"}),
+                body(
+                    "rate_limited",
+                    Some("too many requests for this user; slow down".into()),
+                ),
                 Some(retry_after_s),
             ),
             ApiError::Overloaded {
@@ -114,7 +146,7 @@ impl IntoResponse for ApiError {
                 detail,
             } => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": "overloaded", "detail": detail}),
+                body("overloaded", Some(detail.into())),
                 Some(retry_after_s),
             ),
             ApiError::OutcomeUnknown {
@@ -122,16 +154,16 @@ impl IntoResponse for ApiError {
                 detail,
             } => (
                 StatusCode::GATEWAY_TIMEOUT,
-                json!({
-                    "error": "outcome_unknown",
-                    "detail": format!("{detail}; the outcome is unknown: retrying with the same idempotency key is safe and returns the original outcome"),
-                    "idempotency_key": idempotency_key,
-                }),
+                ErrorBody {
+                    error: "outcome_unknown",
+                    detail: Some(format!("{detail}; the outcome is unknown: retrying with the same idempotency key is safe and returns the original outcome").into()),
+                    idempotency_key: Some(idempotency_key),
+                },
                 None,
             ),
             ApiError::Unavailable(detail) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": "unavailable", "detail": detail}),
+                body("unavailable", Some(detail.into())),
                 Some(1),
             ),
         };

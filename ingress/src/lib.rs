@@ -1,8 +1,15 @@
 //! The ingress: stateless HTTP nodes in front of the sequencer.
 //!
 //! [`http`] validates and routes; [`bus`] appends commands to the requests topic and awaits their
-//! outcomes; [`error`] is every answer that is not a success, with its stable code.
+//! outcomes; [`error`] is every answer that is not a success, with its stable code;
+//! [`admission`] refuses what cannot be finished (in-flight and lag bounds, per-user rate limit);
+//! [`auth`] is the admin token and the optional buyer JWT; [`metrics`] is `/metrics`;
+//! [`openapi`] is `/openapi.json`.
 
+pub mod admission;
+pub mod auth;
 pub mod bus;
 pub mod error;
 pub mod http;
+pub mod metrics;
+pub mod openapi;

@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use ingress::admission::{LagMonitor, UserLimiter};
+use ingress::auth::{JwtConfig, JwtVerifier};
 use ingress::bus::Bus;
-use ingress::http::{router, App, AppConfig};
+use ingress::http::{route_table, router, App, AppConfig};
+use ingress::metrics::Metrics;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +47,38 @@ struct Args {
     /// Postgres connections for the read routes.
     #[arg(long, env = "DB_POOL_MAX", default_value_t = 8)]
     db_pool_max: u32,
+    /// Most requests the sequencer may be behind the requests log (log end minus the offset
+    /// committed in Postgres) before buyers' writes get 503; 0 turns the bound off.
+    #[arg(long, env = "LAG_MAX", default_value_t = 50_000)]
+    lag_max: u64,
+    /// How often the lag (and the broker's reachability) is measured, in the background.
+    #[arg(long, env = "LAG_POLL_MS", default_value_t = 150)]
+    lag_poll_ms: u64,
+    /// `/readyz` fails when the producer has not reached the broker for this long.
+    #[arg(long, env = "READY_BROKER_MAX_AGE_MS", default_value_t = 3_000)]
+    ready_broker_max_age_ms: i64,
+    /// Sustained reservation requests per second per user (token refill rate); 0 turns the
+    /// per-user rate limit off.
+    #[arg(long, env = "RATE_LIMIT_PER_USER_PER_S", default_value_t = 10.0)]
+    rate_limit_per_user_per_s: f64,
+    /// Requests a user may send at once before the refill rate applies (bucket size).
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
+    rate_limit_burst: u32,
+    /// Turns JWT verification on with an HS256 shared secret (at least 32 bytes).
+    #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
+    jwt_hs256_secret: Option<String>,
+    /// Turns JWT verification on with an RS256 public key (PEM).
+    #[arg(long, env = "JWT_RS256_PUBLIC_KEY_PEM")]
+    jwt_rs256_public_key_pem: Option<String>,
+    /// When set, tokens must carry this `iss`.
+    #[arg(long, env = "JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[arg(long, env = "JWT_LEEWAY_S", default_value_t = 30)]
+    jwt_leeway_s: u64,
     #[arg(long, env = "LOG_JSON")]
     log_json: bool,
 }
@@ -78,13 +113,41 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    let jwt = JwtVerifier::from_config(&JwtConfig {
+        hs256_secret: args.jwt_hs256_secret.clone(),
+        rs256_public_key_pem: args.jwt_rs256_public_key_pem.clone(),
+        issuer: args.jwt_issuer.clone(),
+        audience: args.jwt_audience.clone(),
+        leeway_s: args.jwt_leeway_s,
+    })?;
+    let limiter =
+        UserLimiter::new(args.rate_limit_per_user_per_s, args.rate_limit_burst)?.map(Arc::new);
+    tracing::info!(
+        jwt = jwt.is_some(),
+        rate_limit_per_user_per_s = args.rate_limit_per_user_per_s,
+        rate_limit_burst = args.rate_limit_burst,
+        lag_max = args.lag_max,
+        in_flight_max = args.in_flight_max,
+        "ingress configuration"
+    );
     let pool = persistence::connect(&args.database_url, args.db_pool_max).await?;
+    // Its own connection, so that a burst of reads never delays the lag signal.
+    let monitor_pool = persistence::connect(&args.database_url, 1).await?;
     let bus = Bus::start(
         &args.brokers,
         &args.requests_topic,
         &args.outcomes_topic,
         Duration::from_millis(args.outcome_timeout_ms),
     )?;
+    let lag = Arc::new(LagMonitor::default());
+    tokio::spawn(lag.clone().run(
+        bus.broker_probe(),
+        bus.health.clone(),
+        monitor_pool,
+        Duration::from_millis(args.lag_poll_ms.max(10)),
+    ));
+    let metrics = Arc::new(Metrics::new(&route_table()));
+    tokio::spawn(housekeeping(metrics.clone(), limiter.clone()));
     let app = Arc::new(App {
         bus,
         pool,
@@ -92,7 +155,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             admin_token: args.admin_token,
             body_bytes_max: args.body_bytes_max,
             in_flight_max: args.in_flight_max,
+            lag_max: args.lag_max,
+            ready_broker_max_age_ms: args.ready_broker_max_age_ms,
         },
+        metrics,
+        lag,
+        limiter,
+        jwt,
     });
     let listener = tokio::net::TcpListener::bind(args.listen_addr).await?;
     tracing::info!(addr = %args.listen_addr, "ingress listening");
@@ -109,4 +178,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// Once a second: fold histogram samples into buckets and drop idle rate-limit buckets, so that
+/// memory stays bounded however long between scrapes and however many users come and go.
+async fn housekeeping(metrics: Arc<Metrics>, limiter: Option<Arc<UserLimiter>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        metrics.upkeep();
+        if let Some(l) = &limiter {
+            l.sweep(n.is_multiple_of(30));
+            metrics.rate_limiter_keys.set(l.len() as f64);
+        }
+    }
 }

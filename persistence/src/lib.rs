@@ -21,13 +21,7 @@ pub use batch::{BatchRecord, DecisionRow, Fenced, TransitionRow};
 /// Opens a pool. `max_connections` is small on purpose: the sequencer writes through one
 /// connection at a time, and the ingress only reads single rows.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = url.parse()?;
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.application_name("flash-sequencer"))
-        .await?;
-    Ok(pool)
+    pool(url.parse()?, max_connections).await
 }
 
 /// Opens the pool a sequencer writes through. Two session settings bound how long a writer that
@@ -42,16 +36,19 @@ pub async fn connect_writer(
     lock_hold_max: Duration,
 ) -> anyhow::Result<PgPool> {
     let ms = lock_hold_max.as_millis().max(1).to_string();
-    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.options([
+    let options = url.parse::<PgConnectOptions>()?.options([
         ("idle_in_transaction_session_timeout", ms.as_str()),
         ("lock_timeout", ms.as_str()),
     ]);
-    let pool = PgPoolOptions::new()
+    pool(options, max_connections).await
+}
+
+async fn pool(options: PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
+    Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options.application_name("flash-sequencer"))
-        .await?;
-    Ok(pool)
+        .await?)
 }
 
 /// Applies the embedded migrations (idempotent; takes an advisory lock so that two processes

@@ -247,3 +247,30 @@ pub fn now_ms() -> i64 {
         .expect("clock after 1970")
         .as_millis() as i64
 }
+
+/// Waits until at least `at_least` decisions on `sku` are committed: the moment to inject a
+/// fault mid-load.
+pub async fn wait_decided(stack: &Stack, sku: &str, at_least: i64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE sku = $1")
+            .bind(sku)
+            .fetch_one(&stack.pool)
+            .await?;
+        if n >= at_least {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {n} decisions on {sku} after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The writer epoch in the fence row.
+pub async fn epoch(stack: &Stack) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT epoch FROM sequencer_state")
+        .fetch_one(&stack.pool)
+        .await?)
+}

@@ -660,7 +660,7 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     }
     let oversized = format!(
         r#"{{"sku":"good","user_id":"{}","quantity":1}}"#,
-        "x".repeat(10_000)
+        "x".repeat(6_000)
     );
     let r = stack
         .http

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use systest::load::{now_ms, takeover_gap_ms, verify, Load};
+use systest::load::{epoch, now_ms, takeover_gap_ms, verify, wait_decided, Load};
 use systest::{Options, Stack};
 
 fn two_sequencers() -> Options {
@@ -12,31 +12,6 @@ fn two_sequencers() -> Options {
         sequencers: 2,
         outcome_timeout_ms: 4_000,
         ..Options::default()
-    }
-}
-
-async fn epoch(stack: &Stack) -> i64 {
-    sqlx::query_scalar("SELECT epoch FROM sequencer_state")
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap()
-}
-
-async fn wait_decided(stack: &Stack, at_least: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap();
-        if n >= at_least {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {n} decisions after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -50,9 +25,9 @@ async fn sigkill_of_the_active_lets_the_standby_decide_with_nothing_lost() {
         .wait_for_active(Duration::from_secs(10))
         .await
         .unwrap();
-    let old_epoch = epoch(&stack).await;
+    let old_epoch = epoch(&stack).await.unwrap();
     let load = Load::start(&stack, "hot", "k", 4_000, 64, Duration::from_secs(60));
-    wait_decided(&stack, 500).await;
+    wait_decided(&stack, "hot", 500).await.unwrap();
 
     let killed_at = now_ms();
     stack.signal_sequencer(active, "KILL").unwrap();
@@ -64,7 +39,10 @@ async fn sigkill_of_the_active_lets_the_standby_decide_with_nothing_lost() {
         .await
         .unwrap();
     assert_ne!(standby, active, "the other process took over");
-    assert!(epoch(&stack).await > old_epoch, "takeover bumped the epoch");
+    assert!(
+        epoch(&stack).await.unwrap() > old_epoch,
+        "takeover bumped the epoch"
+    );
     // The killed process, restarted (as the supervisor in scripts/up does), rejoins as standby.
     stack.spawn_sequencer(active).unwrap();
     stack
@@ -104,16 +82,16 @@ async fn a_paused_leader_that_wakes_after_takeover_is_fenced_and_commits_nothing
         .wait_for_active(Duration::from_secs(10))
         .await
         .unwrap();
-    let old_epoch = epoch(&stack).await;
+    let old_epoch = epoch(&stack).await.unwrap();
     let load = Load::start(&stack, "hot", "s", 3_000, 32, Duration::from_secs(60));
-    wait_decided(&stack, 300).await;
+    wait_decided(&stack, "hot", 300).await.unwrap();
 
     stack.signal_sequencer(active, "STOP").unwrap();
     let stopped_at = now_ms();
     let gap = takeover_gap_ms(&stack, old_epoch, stopped_at, Duration::from_secs(20))
         .await
         .unwrap();
-    let new_epoch = epoch(&stack).await;
+    let new_epoch = epoch(&stack).await.unwrap();
     assert!(new_epoch > old_epoch);
     let last_old: i64 =
         sqlx::query_scalar("SELECT coalesce(max(batch_seq), 0) FROM batches WHERE epoch = $1")
@@ -169,9 +147,9 @@ async fn sigterm_hands_over_to_the_standby_without_a_single_error() {
         .wait_for_active(Duration::from_secs(10))
         .await
         .unwrap();
-    let old_epoch = epoch(&stack).await;
+    let old_epoch = epoch(&stack).await.unwrap();
     let load = Load::start(&stack, "hot", "t", 3_000, 32, Duration::from_secs(60));
-    wait_decided(&stack, 300).await;
+    wait_decided(&stack, "hot", 300).await.unwrap();
 
     let term_at = now_ms();
     stack.signal_sequencer(active, "TERM").unwrap();

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use systest::load::{verify, Load};
+use systest::load::{verify, wait_decided, Load};
 use systest::{Options, Stack};
 
 /// Restarts the local Debian cluster (the one scripts/lib.sh starts or finds).
@@ -45,16 +45,7 @@ async fn restarting_postgres_under_load_pauses_writers_and_loses_nothing() {
     .unwrap();
     stack.put_sku("hot", 2_000, 1, 300.0).await.unwrap();
     let load = Load::start(&stack, "hot", "p", 3_000, 32, Duration::from_secs(90));
-    loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap();
-        if n >= 300 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_decided(&stack, "hot", 300).await.unwrap();
     restart_postgres();
     let answers = load.wait().await;
 

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use systest::load::{now_ms, takeover_gap_ms, verify, Load};
+use systest::load::{epoch, now_ms, takeover_gap_ms, verify, wait_decided, Load};
 use systest::{Options, Stack};
 
 const FAULTS: [&str; 3] = ["KILL", "STOP", "TERM"];
@@ -51,9 +51,7 @@ async fn main() -> anyhow::Result<()> {
             .put_sku(&sku, (per_round * 3 / 4) as u64, 1, 300.0)
             .await?;
         let active = stack.wait_for_active(Duration::from_secs(30)).await?;
-        let old_epoch: i64 = sqlx::query_scalar("SELECT epoch FROM sequencer_state")
-            .fetch_one(&stack.pool)
-            .await?;
+        let old_epoch = epoch(&stack).await?;
         let load = Load::start(
             &stack,
             &sku,
@@ -121,22 +119,4 @@ async fn main() -> anyhow::Result<()> {
     println!("takeover gap ms: min {} median {} max {}; all rounds: audit clean, no oversell, every definitive answer recorded once, every 504 retried to its original outcome; {:.0} s",
              sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1], started.elapsed().as_secs_f64());
     Ok(())
-}
-
-async fn wait_decided(stack: &Stack, sku: &str, at_least: i64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE sku = $1")
-            .bind(sku)
-            .fetch_one(&stack.pool)
-            .await?;
-        if n >= at_least {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {n} decisions on {sku} after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

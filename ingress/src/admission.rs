@@ -1,0 +1,234 @@
+//! Admission control: refuse at once the work this ingress could not finish in time.
+//!
+//! Three bounds, each checked with a few atomic loads before anything is appended:
+//! - writes waiting for an outcome on this ingress (IN_FLIGHT_MAX, in [`crate::http`]);
+//! - sequencer lag, `end of the requests log - offset committed in Postgres`, measured by a
+//!   background task every LAG_POLL_MS and never on the request path ([`LagMonitor`]);
+//! - a per-user token bucket ([`UserLimiter`], governor's keyed limiter).
+
+use std::hash::BuildHasher;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sqlx::PgPool;
+
+use crate::bus::{now_ms, BrokerProbe, BusHealth};
+
+/// A lag measurement older than this is not trusted for admission (the in-flight bound still
+/// holds); readiness reports the broker separately.
+pub const LAG_SIGNAL_STALE_MS: i64 = 5_000;
+
+/// The latest cheap signals about the log and the broker, written by [`LagMonitor::run`].
+#[derive(Default)]
+pub struct LagMonitor {
+    /// Messages appended to the requests topic and not yet committed by the sequencer.
+    pub lag: AtomicI64,
+    /// The requests log's end as last measured.
+    pub high_watermark: AtomicI64,
+    pub committed_offset: AtomicI64,
+    /// When `lag` was last measured (both reads succeeded), unix ms; 0 = never.
+    pub measured_ms: AtomicI64,
+    /// When the producer's client last completed a round trip to the broker, unix ms; 0 = never.
+    pub broker_ok_ms: AtomicI64,
+}
+
+impl LagMonitor {
+    /// The lag to act on, or `None` when the signal is stale.
+    pub fn current_lag(&self, now_ms: i64) -> Option<i64> {
+        let measured = self.measured_ms.load(Ordering::Relaxed);
+        (measured > 0 && now_ms - measured <= LAG_SIGNAL_STALE_MS)
+            .then(|| self.lag.load(Ordering::Relaxed))
+    }
+
+    /// Polls the requests topic's end (through the producer's own client, so a success also
+    /// proves the producer reaches the broker) and `sequencer_state.next_offset`, forever.
+    ///
+    /// The log's end is the larger of the watermark and the end seen in this ingress's own
+    /// delivery reports ([`BusHealth::log_end_seen`]), which stays exact on brokers that report
+    /// the watermark per record batch.
+    pub async fn run(
+        self: Arc<Self>,
+        probe: BrokerProbe,
+        bus_health: Arc<BusHealth>,
+        pool: PgPool,
+        every: Duration,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned_db = false;
+        let mut warned_broker = false;
+        loop {
+            tick.tick().await;
+            let probe = probe.clone();
+            let high = tokio::task::spawn_blocking(move || probe.requests_high_watermark());
+            let committed = sqlx::query_scalar::<_, i64>(
+                "SELECT next_offset FROM sequencer_state WHERE id = 1",
+            )
+            .fetch_one(&pool);
+            let (high, committed) = tokio::join!(high, committed);
+            let high = match high {
+                Ok(Ok(h)) => {
+                    self.broker_ok_ms.store(now_ms(), Ordering::Relaxed);
+                    warned_broker = false;
+                    Some(h)
+                }
+                Ok(Err(e)) => {
+                    if !warned_broker {
+                        tracing::warn!(error = %e, "cannot read the requests topic's end from the broker");
+                        warned_broker = true;
+                    }
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "watermark probe panicked");
+                    None
+                }
+            };
+            let committed = match committed {
+                Ok(c) => {
+                    self.committed_offset.store(c, Ordering::Relaxed);
+                    warned_db = false;
+                    Some(c)
+                }
+                Err(e) => {
+                    if !warned_db {
+                        tracing::warn!(error = %e, "cannot read the committed offset from Postgres");
+                        warned_db = true;
+                    }
+                    None
+                }
+            };
+            if let (Some(h), Some(c)) = (high, committed) {
+                let h = h.max(bus_health.log_end_seen.load(Ordering::Relaxed));
+                self.high_watermark.store(h, Ordering::Relaxed);
+                // Below zero only when the log is shorter than what was decided (a broker with
+                // memory storage restarted); the sequencer refuses to run then, and says why.
+                self.lag.store((h - c).max(0), Ordering::Relaxed);
+                self.measured_ms.store(now_ms(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Per-user token buckets. Users are keyed by a keyed hash of their id (no allocation per
+/// request, and no one can aim collisions without the process's random hash key); idle buckets
+/// are dropped by [`UserLimiter::sweep`], so memory follows the users active in the last
+/// `burst / rate` seconds, not every user ever seen.
+pub struct UserLimiter {
+    limiter: DefaultKeyedRateLimiter<u64>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl UserLimiter {
+    /// `None` when `per_second` is 0 (rate limiting off).
+    pub fn new(per_second: f64, burst: u32) -> anyhow::Result<Option<UserLimiter>> {
+        if per_second == 0.0 {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            per_second.is_finite() && per_second > 0.0 && per_second <= 1e6,
+            "RATE_LIMIT_PER_USER_PER_S must be from 0 (off) to 1000000"
+        );
+        let burst = NonZeroU32::new(burst)
+            .ok_or_else(|| anyhow::anyhow!("RATE_LIMIT_BURST must be at least 1"))?;
+        let period = Duration::from_secs_f64(1.0 / per_second);
+        let quota = Quota::with_period(period)
+            .ok_or_else(|| anyhow::anyhow!("RATE_LIMIT_PER_USER_PER_S is too large"))?
+            .allow_burst(burst);
+        Ok(Some(UserLimiter {
+            limiter: RateLimiter::keyed(quota),
+            hasher: Default::default(),
+        }))
+    }
+
+    /// Takes one token from `user`'s bucket, or says how long until one is available.
+    pub fn check(&self, user: &str) -> Result<(), Duration> {
+        let key = self.hasher.hash_one(user);
+        self.limiter
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
+    }
+
+    /// Drops the buckets that are full again (indistinguishable from a new user's).
+    pub fn sweep(&self, shrink: bool) {
+        self.limiter.retain_recent();
+        if shrink {
+            self.limiter.shrink_to_fit();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limiter.is_empty()
+    }
+}
+
+/// Seconds for a `Retry-After` header: the wait rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    s.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_gets_the_burst_then_is_refused_with_a_wait_and_others_are_unaffected() {
+        let l = UserLimiter::new(1.0, 3).unwrap().unwrap();
+        for _ in 0..3 {
+            assert!(l.check("alice").is_ok());
+        }
+        let wait = l.check("alice").unwrap_err();
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        assert_eq!(retry_after_secs(wait), 1);
+        assert!(l.check("bob").is_ok());
+        assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn idle_users_are_evicted() {
+        let l = UserLimiter::new(1000.0, 2).unwrap().unwrap();
+        for i in 0..1000 {
+            l.check(&format!("user-{i}")).unwrap();
+        }
+        assert_eq!(l.len(), 1000);
+        // Buckets refill in 2 ms at 1000/s.
+        std::thread::sleep(Duration::from_millis(20));
+        l.sweep(true);
+        assert!(l.is_empty(), "{} keys left", l.len());
+    }
+
+    #[test]
+    fn zero_disables_and_bad_values_are_refused() {
+        assert!(UserLimiter::new(0.0, 10).unwrap().is_none());
+        assert!(UserLimiter::new(-1.0, 10).is_err());
+        assert!(UserLimiter::new(f64::NAN, 10).is_err());
+        assert!(UserLimiter::new(10.0, 0).is_err());
+        assert!(UserLimiter::new(0.5, 1).unwrap().is_some());
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn stale_lag_is_not_acted_on() {
+        let m = LagMonitor::default();
+        assert_eq!(m.current_lag(now_ms()), None, "never measured");
+        m.lag.store(7, Ordering::Relaxed);
+        m.measured_ms.store(now_ms(), Ordering::Relaxed);
+        assert_eq!(m.current_lag(now_ms()), Some(7));
+        assert_eq!(m.current_lag(now_ms() + LAG_SIGNAL_STALE_MS + 1), None);
+    }
+}
