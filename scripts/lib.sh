@@ -20,7 +20,7 @@ log() { printf '\033[1m[%s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 # Debian packages the build needs (librdkafka is built from source by the rdkafka crate).
-BUILD_PACKAGES=(build-essential pkg-config cmake libcurl4-openssl-dev libssl-dev zlib1g-dev libzstd-dev curl ca-certificates python3)
+BUILD_PACKAGES=(build-essential pkg-config cmake libcurl4-openssl-dev libssl-dev zlib1g-dev libzstd-dev curl ca-certificates openssl)
 
 apt_ensure() {
   local missing=()
