@@ -12,7 +12,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::handler::Handler;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
@@ -140,14 +140,34 @@ struct Tracked {
     route: usize,
 }
 
-/// Counts, times and gauges every request of one route.
+tokio::task_local! {
+    /// The id of the HTTP request being handled (see [`track`]).
+    static REQUEST_ID: u128;
+}
+
+/// Counts, times and gauges every request of one route, and gives it an id (UUIDv7) returned in
+/// `X-Request-Id`. A write carries that same id as its command's `request_id` through the
+/// requests topic, the sequencer's batch and the outcomes topic; it is also the primary key of
+/// its decision row in Postgres (and the reservation id when granted), so any answer can be
+/// traced end to end.
 async fn track(State(t): State<Tracked>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let _in_flight = t.metrics.request_started();
-    let response = next.run(request).await;
+    let id = Uuid::now_v7();
+    let mut response = REQUEST_ID.scope(id.as_u128(), next.run(request)).await;
     t.metrics
         .request_done(t.route, response.status().as_u16(), start.elapsed());
+    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert("x-request-id", value);
+    }
     response
+}
+
+/// The current HTTP request's id; a fresh one outside a request (never the case for routes).
+fn current_request_id() -> u128 {
+    REQUEST_ID
+        .try_with(|id| *id)
+        .unwrap_or_else(|_| Uuid::now_v7().as_u128())
 }
 
 async fn not_found(State(app): State<Arc<App>>) -> ApiError {
@@ -355,7 +375,7 @@ pub(crate) async fn create_reservation(
             });
         }
     }
-    let request_id = Uuid::now_v7().as_u128();
+    let request_id = current_request_id();
     let sku = b.sku;
     let quantity = b.quantity as u32;
     let command = Command::Reserve {
@@ -512,7 +532,7 @@ fn check_owner(subject: Option<&str>, owner: &str) -> Result<(), ApiError> {
 
 async fn settle(app: &App, command: Command) -> Result<Response, ApiError> {
     admit(app, Class::Buyer)?;
-    match call(app, Uuid::now_v7().as_u128(), command, None).await? {
+    match call(app, current_request_id(), command, None).await? {
         Outcome::Reservation(view) => Ok(Json(reservation_out(view)).into_response()),
         other => Err(unexpected(other)),
     }
@@ -764,7 +784,7 @@ pub(crate) async fn freeze_all(
 
 async fn admin_call(app: &App, command: Command) -> Result<Response, ApiError> {
     admit(app, Class::Admin)?;
-    match call(app, Uuid::now_v7().as_u128(), command, None).await? {
+    match call(app, current_request_id(), command, None).await? {
         Outcome::Sku(view) => Ok(Json(sku_out(view)).into_response()),
         Outcome::Frozen { skus_paused } => Ok(Json(FreezeOut { skus_paused }).into_response()),
         other => Err(unexpected(other)),
@@ -978,10 +998,13 @@ async fn call(
                 detail: "the request queue is full".into(),
             })
         }
-        Err(SendError::Unknown(detail)) => Err(ApiError::OutcomeUnknown {
-            idempotency_key,
-            detail,
-        }),
+        Err(SendError::Unknown(detail)) => {
+            tracing::warn!(request_id = %Uuid::from_u128(request_id), %detail, "outcome unknown (504)");
+            Err(ApiError::OutcomeUnknown {
+                idempotency_key,
+                detail,
+            })
+        }
     }
 }
 

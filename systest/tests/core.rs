@@ -694,3 +694,55 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     );
     assert_audit_clean(&stack);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_a_request_id_that_names_its_decision_row() {
+    let stack = Stack::start("request_id", Options::default())
+        .await
+        .unwrap();
+    stack.put_sku("trace", 1, 1, 300.0).await.unwrap();
+    let reserve =
+        |user: &str, key: &str| {
+            stack.http.post(format!("{}/v1/reservations", stack.base))
+            .json(&json!({"sku": "trace", "user_id": user, "quantity": 1, "idempotency_key": key}))
+            .send()
+        };
+    let header = |r: &reqwest::Response| r.headers()["x-request-id"].to_str().unwrap().to_owned();
+
+    let granted = reserve("ann", "a").await.unwrap();
+    let granted_id = header(&granted);
+    let body: Value = granted.json().await.unwrap();
+    assert_eq!(
+        body["reservation_id"].as_str(),
+        Some(granted_id.as_str()),
+        "a grant's request id is its reservation id"
+    );
+
+    let refused = reserve("bob", "b").await.unwrap();
+    let refused_id = header(&refused);
+    assert_eq!(refused.status().as_u16(), 409);
+    let row: (String, Option<String>) = sqlx::query_as(
+        "SELECT user_id, reject_reason FROM reservations WHERE reservation_id = $1::uuid",
+    )
+    .bind(&refused_id)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        row,
+        ("bob".to_owned(), Some("sold_out".to_owned())),
+        "the refusal's row is keyed by the request id"
+    );
+
+    let read = stack
+        .http
+        .get(format!("{}/v1/skus/trace", stack.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        read.headers().contains_key("x-request-id"),
+        "reads carry one too"
+    );
+    assert_ne!(header(&read), refused_id);
+}
