@@ -88,6 +88,10 @@ struct RunArgs {
     /// A new leader re-publishes the outcomes of batches committed this long before the last.
     #[arg(long, env = "REPUBLISH_WINDOW_MS", default_value_t = 10_000)]
     republish_window_ms: u64,
+    /// Longest a replay (a standby following, or a new leader catching up) waits for one
+    /// batch's requests from the log before giving up and reloading state from Postgres.
+    #[arg(long, env = "TAKEOVER_TIMEOUT_MS", default_value_t = 10_000)]
+    takeover_timeout_ms: u64,
     /// Where /healthz, /readyz and /status are served.
     #[arg(long, env = "STATUS_ADDR")]
     status_addr: Option<SocketAddr>,
@@ -164,6 +168,7 @@ fn run(args: RunArgs) -> ExitCode {
         renew_every: Duration::from_millis(args.renew_ms),
         standby_poll: Duration::from_millis(args.standby_poll_ms),
         republish_window: Duration::from_millis(args.republish_window_ms),
+        takeover_timeout: Duration::from_millis(args.takeover_timeout_ms),
         status_addr: args.status_addr,
     };
     let shutdown = Arc::new(AtomicBool::new(false));

@@ -43,6 +43,7 @@ pub struct Config {
     pub renew_every: Duration,
     pub standby_poll: Duration,
     pub republish_window: Duration,
+    pub takeover_timeout: Duration,
     pub status_addr: Option<SocketAddr>,
 }
 
@@ -295,8 +296,12 @@ impl Sequencer {
                 position.next_offset
             );
         }
-        let (requests, _offsets) =
-            read_range(&position.reader, header.first_offset, header.next_offset)?;
+        let (requests, _offsets) = read_range(
+            &position.reader,
+            header.first_offset,
+            header.next_offset,
+            self.config.takeover_timeout,
+        )?;
         let out = position.engine.apply_batch(header.decided_at_ms, &requests);
         let outbox = wire::encode(&build_outbox(header.epoch, &out, &requests));
         if outbox != header.outbox {
@@ -623,9 +628,10 @@ fn read_range(
     reader: &LogReader,
     first: i64,
     next: i64,
+    timeout: Duration,
 ) -> anyhow::Result<(Vec<Request>, Vec<i64>)> {
     let mut messages = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + timeout;
     let mut last = first - 1;
     while last + 1 < next {
         match reader.events.recv_deadline(deadline) {
