@@ -124,6 +124,7 @@ pub struct LogReader {
     pub events: Receiver<LogEvent>,
     stop: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
+    watcher: Option<thread::JoinHandle<()>>,
 }
 
 impl LogReader {
@@ -142,14 +143,23 @@ impl LogReader {
         let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_MESSAGES_MAX);
         let stop = Arc::new(AtomicBool::new(false));
         let stop_reader = stop.clone();
-        let topic = topic.to_owned();
+        let reader_topic = topic.to_owned();
+        let reader_end = log_end.clone();
         let handle = thread::Builder::new()
             .name("log-reader".into())
-            .spawn(move || read_loop(consumer, &topic, tx, &stop_reader, &log_end))?;
+            .spawn(move || read_loop(consumer, &reader_topic, tx, &stop_reader, &reader_end))?;
+        // The log end is a synchronous broker round trip (about 10 ms on some brokers): asking it
+        // from the reader thread would stall reading, so a second consumer asks it on its own.
+        let watcher: BaseConsumer = config.create().context("creating the log-end consumer")?;
+        let (stop_watcher, watcher_topic) = (stop.clone(), topic.to_owned());
+        let watcher = thread::Builder::new()
+            .name("log-end".into())
+            .spawn(move || watch_log_end(watcher, &watcher_topic, &stop_watcher, &log_end))?;
         Ok(LogReader {
             events: rx,
             stop,
             handle: Some(handle),
+            watcher: Some(watcher),
         })
     }
 }
@@ -159,7 +169,10 @@ impl Drop for LogReader {
         self.stop.store(true, Ordering::Relaxed);
         // Unblock a reader stuck on a full channel.
         while self.events.try_recv().is_ok() {}
-        if let Some(h) = self.handle.take() {
+        for h in [self.handle.take(), self.watcher.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.join();
         }
     }
@@ -172,14 +185,7 @@ fn read_loop(
     stop: &AtomicBool,
     log_end: &AtomicI64,
 ) {
-    let mut polls: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
-        polls += 1;
-        if polls % 64 == 1 {
-            if let Ok((_, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_millis(500)) {
-                log_end.store(high, Ordering::Relaxed);
-            }
-        }
         let event = match consumer.poll(POLL_TIMEOUT) {
             None => continue,
             Some(Ok(m)) => {
@@ -206,6 +212,18 @@ fn read_loop(
         if !offer(&tx, event, stop) || fatal {
             return;
         }
+    }
+}
+
+/// How often the log end (for the lag figure) is asked of the broker.
+const LOG_END_POLL: Duration = Duration::from_millis(500);
+
+fn watch_log_end(consumer: BaseConsumer, topic: &str, stop: &AtomicBool, log_end: &AtomicI64) {
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_millis(500)) {
+            log_end.fetch_max(high, Ordering::Relaxed);
+        }
+        thread::sleep(LOG_END_POLL);
     }
 }
 
