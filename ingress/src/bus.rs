@@ -115,6 +115,9 @@ impl Bus {
         let ingress_id: IngressId = rand_u64();
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
+            // librdkafka leaves Nagle on by default: small requests then wait for delayed
+            // ACKs (tens of ms on loopback), and every request waits on this hop.
+            .set("socket.nagle.disable", "true")
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // Many concurrent requests share a produce request: ~2 ms buys large batches.
@@ -130,6 +133,7 @@ impl Bus {
         let health = Arc::new(BusHealth::default());
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
+            .set("socket.nagle.disable", "true")
             .set("group.id", format!("flash-ingress-{ingress_id:016x}"))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -23,6 +23,12 @@ use rdkafka::{Offset, TopicPartitionList};
 /// enough to keep batches full, small enough that a crash loses no more than re-reading it.
 pub const READ_AHEAD_MESSAGES_MAX: usize = 32_768;
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// How far before a target offset reading starts. Some brokers (tansu 0.6 with memory storage,
+/// seen here) return nothing for a fetch that starts inside a record batch, instead of the batch
+/// for the client to filter; starting earlier makes the batch that holds the target arrive. It
+/// must cover one producer batch (librdkafka's `batch.num.messages` is 10,000 by default). On a
+/// broker that behaves it only costs reading and discarding a few thousand small messages.
+const MID_BATCH_LOOKBACK: i64 = 16_384;
 
 pub enum LogEvent {
     Message {
@@ -37,6 +43,9 @@ pub fn consumer_config(brokers: &str, node_id: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
+        // librdkafka leaves Nagle on by default: small requests then wait for delayed ACKs
+        // (tens of ms on loopback). Every hop here is latency-critical.
+        .set("socket.nagle.disable", "true")
         // Required by librdkafka even though no group protocol is used (assign, never subscribe).
         .set("group.id", format!("flash-sequencer-{node_id}"))
         .set("enable.auto.commit", "false")
@@ -94,13 +103,16 @@ pub fn check_log_covers(
     }
     let last_decided = next_offset - 1;
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, 0, Offset::Offset(last_decided))?;
+    let start = (last_decided - MID_BATCH_LOOKBACK).max(low);
+    assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
     consumer.assign(&assignment)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last_seen: Option<i64> = None;
     while std::time::Instant::now() < deadline {
         match consumer.poll(POLL_TIMEOUT) {
             Some(Ok(m)) if m.offset() >= last_decided => return Ok(()),
-            Some(Ok(_)) | None => continue,
+            Some(Ok(m)) => last_seen = Some(m.offset()),
+            None => continue,
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
                 return Err(LogGap(format!(
                     "topic {topic:?} has no offset {last_decided} (it ends near {high}), but \
@@ -114,6 +126,15 @@ pub fn check_log_covers(
             }
             Some(Err(e)) => tracing::warn!(error = %e, "log check: consumer error"),
         }
+    }
+    if let Some(seen) = last_seen {
+        // The log answered, and it ends before what Postgres has decided.
+        return Err(LogGap(format!(
+            "topic {topic:?} ends at offset {seen}, but Postgres has already decided every offset \
+             below {next_offset}. The log was recreated or truncated. Refusing to skip or \
+             re-decide anything (scripts/down --wipe resets a test stack)."
+        ))
+        .into());
     }
     anyhow::bail!(
         "could not read offset {last_decided} of {topic:?} within 10 s (broker unreachable?)"
@@ -137,8 +158,10 @@ impl LogReader {
         log_end: Arc<AtomicI64>,
     ) -> anyhow::Result<LogReader> {
         let consumer: BaseConsumer = config.create().context("creating the requests consumer")?;
+        let (low, _) = watermarks(&consumer, topic, Duration::from_secs(10))?;
         let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(topic, 0, Offset::Offset(from_offset))?;
+        let start = (from_offset - MID_BATCH_LOOKBACK).max(low).min(from_offset);
+        assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
         consumer.assign(&assignment)?;
         let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_MESSAGES_MAX);
         let stop = Arc::new(AtomicBool::new(false));
@@ -147,7 +170,16 @@ impl LogReader {
         let reader_end = log_end.clone();
         let handle = thread::Builder::new()
             .name("log-reader".into())
-            .spawn(move || read_loop(consumer, &reader_topic, tx, &stop_reader, &reader_end))?;
+            .spawn(move || {
+                read_loop(
+                    consumer,
+                    &reader_topic,
+                    from_offset,
+                    tx,
+                    &stop_reader,
+                    &reader_end,
+                )
+            })?;
         // The log end is a synchronous broker round trip (about 10 ms on some brokers): asking it
         // from the reader thread would stall reading, so a second consumer asks it on its own.
         let watcher: BaseConsumer = config.create().context("creating the log-end consumer")?;
@@ -178,17 +210,30 @@ impl Drop for LogReader {
     }
 }
 
+/// Hands on every message from `from_offset` on, in order and without a hole: messages before
+/// it (the lookback) are dropped, and an offset that jumps ahead is a fatal gap, never a skip.
 fn read_loop(
     consumer: BaseConsumer,
     topic: &str,
+    from_offset: i64,
     tx: Sender<LogEvent>,
     stop: &AtomicBool,
     log_end: &AtomicI64,
 ) {
+    let mut expected = from_offset;
     while !stop.load(Ordering::Relaxed) {
         let event = match consumer.poll(POLL_TIMEOUT) {
             None => continue,
+            Some(Ok(m)) if m.offset() < expected => continue,
+            Some(Ok(m)) if m.offset() > expected => LogEvent::Fatal(format!(
+                "the broker delivered offset {} of {topic:?} where {expected} was expected: \
+                 offsets {expected}..{} are missing from what it served. Refusing to skip them \
+                 (the requests topic must be neither compacted nor written transactionally)",
+                m.offset(),
+                m.offset()
+            )),
             Some(Ok(m)) => {
+                expected += 1;
                 log_end.fetch_max(m.offset() + 1, Ordering::Relaxed);
                 LogEvent::Message {
                     offset: m.offset(),

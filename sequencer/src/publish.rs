@@ -87,6 +87,8 @@ impl Publisher {
     pub fn new(brokers: &str, topic: &str) -> anyhow::Result<Publisher> {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
+            // Nagle off: see log::consumer_config.
+            .set("socket.nagle.disable", "true")
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // Outcomes are latency-critical: a reply waits on this message.

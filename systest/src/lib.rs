@@ -54,6 +54,7 @@ fn log_dir() -> PathBuf {
 pub struct Options {
     pub sequencers: usize,
     pub batch_size_max: usize,
+    pub batch_size_backlog_max: usize,
     pub lease_ms: u64,
     pub renew_ms: u64,
     pub outcome_timeout_ms: u64,
@@ -65,6 +66,7 @@ impl Default for Options {
         Options {
             sequencers: 1,
             batch_size_max: 250,
+            batch_size_backlog_max: 2_000,
             lease_ms: 600,
             renew_ms: 150,
             outcome_timeout_ms: 5_000,
@@ -181,6 +183,10 @@ impl Stack {
             .env("NODE_ID", &s.node_id)
             .env("STATUS_ADDR", format!("127.0.0.1:{}", s.status_port))
             .env("BATCH_SIZE_MAX", self.options.batch_size_max.to_string())
+            .env(
+                "BATCH_SIZE_BACKLOG_MAX",
+                self.options.batch_size_backlog_max.to_string(),
+            )
             .env("LEASE_MS", self.options.lease_ms.to_string())
             .env("RENEW_MS", self.options.renew_ms.to_string())
             .env("RUST_LOG", "info")

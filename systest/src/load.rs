@@ -18,6 +18,8 @@ pub struct Answer {
     pub key: String,
     pub status: u16,
     pub body: Value,
+    /// `X-Request-Id`: the id the command carried through the log.
+    pub request_id: Option<String>,
 }
 
 /// A closed-loop load: `concurrency` requests in flight, each buyer distinct, at most `count`
@@ -65,15 +67,20 @@ impl Load {
                         .json(&json!({"sku": sku, "user_id": user, "quantity": 1, "idempotency_key": key}))
                         .send()
                         .await;
-                    let (status, body) = match r {
+                    let (status, body, request_id) = match r {
                         Ok(r) => {
                             let status = r.status().as_u16();
-                            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+                            let id = r
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
+                            (status, r.json::<Value>().await.unwrap_or(Value::Null), id)
                         }
-                        Err(e) => (0, Value::String(e.to_string())),
+                        Err(e) => (0, Value::String(e.to_string()), None),
                     };
                     answered.fetch_add(1, Ordering::Relaxed);
-                    Answer { user, key, status, body }
+                    Answer { user, key, status, body, request_id }
                 });
             }
             let mut answers = Vec::new();
@@ -183,6 +190,27 @@ pub async fn verify(stack: &Stack, sku: &str, answers: &[Answer]) -> anyhow::Res
                 a.key
             );
         }
+        // The original request was appended to the log, so it must be the one decided: a
+        // decision under the retry's id means the original message was skipped, never decided.
+        let appended = !a.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("append failed"));
+        if let (true, Some(original)) = (appended, &a.request_id) {
+            let decided: Option<String> = sqlx::query_scalar(
+                "SELECT reservation_id::text FROM reservations
+                  WHERE user_id = $1 AND idempotency_key = $2",
+            )
+            .bind(&a.user)
+            .bind(&a.key)
+            .fetch_optional(&stack.pool)
+            .await?;
+            ensure!(
+                decided.as_deref() == Some(original.as_str()),
+                "{}/{}: the original request {original} was never decided (decision: {decided:?}): a log message was skipped",
+                a.user,
+                a.key
+            );
+        }
         v.retried_ok += 1;
     }
     let report = stack.audit()?;
@@ -273,4 +301,41 @@ pub async fn epoch(stack: &Stack) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("SELECT epoch FROM sequencer_state")
         .fetch_one(&stack.pool)
         .await?)
+}
+
+/// Where a fault is injected: a running load on one SKU, with the active sequencer and the epoch
+/// it held when the load started.
+pub struct UnderLoad {
+    pub load: Load,
+    pub active: usize,
+    pub old_epoch: i64,
+}
+
+/// Creates `sku` with `stock` units (limit 1 per buyer), starts `count` distinct buyers at
+/// `concurrency`, and returns once `decided` of them are committed: the moment for a fault.
+pub async fn under_load(
+    stack: &Stack,
+    sku: &str,
+    stock: u64,
+    count: usize,
+    concurrency: usize,
+    decided: i64,
+) -> anyhow::Result<UnderLoad> {
+    stack.put_sku(sku, stock, 1, 300.0).await?;
+    let active = stack.wait_for_active(Duration::from_secs(30)).await?;
+    let old_epoch = epoch(stack).await?;
+    let load = Load::start(
+        stack,
+        sku,
+        sku,
+        count,
+        concurrency,
+        Duration::from_secs(120),
+    );
+    wait_decided(stack, sku, decided).await?;
+    Ok(UnderLoad {
+        load,
+        active,
+        old_epoch,
+    })
 }

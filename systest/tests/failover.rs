@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use systest::load::{epoch, now_ms, takeover_gap_ms, verify, wait_decided, Load};
+use systest::load::{epoch, now_ms, takeover_gap_ms, under_load, verify, UnderLoad};
 use systest::{Options, Stack};
 
 fn two_sequencers() -> Options {
@@ -20,14 +20,13 @@ async fn sigkill_of_the_active_lets_the_standby_decide_with_nothing_lost() {
     let mut stack = Stack::start("failover_kill", two_sequencers())
         .await
         .unwrap();
-    stack.put_sku("hot", 2_500, 1, 300.0).await.unwrap();
-    let active = stack
-        .wait_for_active(Duration::from_secs(10))
+    let UnderLoad {
+        load,
+        active,
+        old_epoch,
+    } = under_load(&stack, "hot", 2_500, 4_000, 64, 500)
         .await
         .unwrap();
-    let old_epoch = epoch(&stack).await.unwrap();
-    let load = Load::start(&stack, "hot", "k", 4_000, 64, Duration::from_secs(60));
-    wait_decided(&stack, "hot", 500).await.unwrap();
 
     let killed_at = now_ms();
     stack.signal_sequencer(active, "KILL").unwrap();
@@ -77,14 +76,13 @@ async fn a_paused_leader_that_wakes_after_takeover_is_fenced_and_commits_nothing
     let mut stack = Stack::start("failover_stop", two_sequencers())
         .await
         .unwrap();
-    stack.put_sku("hot", 100_000, 1, 300.0).await.unwrap();
-    let active = stack
-        .wait_for_active(Duration::from_secs(10))
+    let UnderLoad {
+        load,
+        active,
+        old_epoch,
+    } = under_load(&stack, "hot", 100_000, 3_000, 32, 300)
         .await
         .unwrap();
-    let old_epoch = epoch(&stack).await.unwrap();
-    let load = Load::start(&stack, "hot", "s", 3_000, 32, Duration::from_secs(60));
-    wait_decided(&stack, "hot", 300).await.unwrap();
 
     stack.signal_sequencer(active, "STOP").unwrap();
     let stopped_at = now_ms();
@@ -142,14 +140,13 @@ async fn sigterm_hands_over_to_the_standby_without_a_single_error() {
     let mut stack = Stack::start("failover_term", two_sequencers())
         .await
         .unwrap();
-    stack.put_sku("hot", 100_000, 1, 300.0).await.unwrap();
-    let active = stack
-        .wait_for_active(Duration::from_secs(10))
+    let UnderLoad {
+        load,
+        active,
+        old_epoch,
+    } = under_load(&stack, "hot", 100_000, 3_000, 32, 300)
         .await
         .unwrap();
-    let old_epoch = epoch(&stack).await.unwrap();
-    let load = Load::start(&stack, "hot", "t", 3_000, 32, Duration::from_secs(60));
-    wait_decided(&stack, "hot", 300).await.unwrap();
 
     let term_at = now_ms();
     stack.signal_sequencer(active, "TERM").unwrap();

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use systest::load::{verify, wait_decided, Load};
+use systest::load::{under_load, verify, UnderLoad};
 use systest::{Options, Stack};
 
 /// Restarts the local Debian cluster (the one scripts/lib.sh starts or finds).
@@ -43,9 +43,9 @@ async fn restarting_postgres_under_load_pauses_writers_and_loses_nothing() {
     )
     .await
     .unwrap();
-    stack.put_sku("hot", 2_000, 1, 300.0).await.unwrap();
-    let load = Load::start(&stack, "hot", "p", 3_000, 32, Duration::from_secs(90));
-    wait_decided(&stack, "hot", 300).await.unwrap();
+    let UnderLoad { load, .. } = under_load(&stack, "hot", 2_000, 3_000, 32, 300)
+        .await
+        .unwrap();
     restart_postgres();
     let answers = load.wait().await;
 

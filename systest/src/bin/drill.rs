@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use systest::load::{epoch, now_ms, takeover_gap_ms, verify, wait_decided, Load};
+use systest::load::{now_ms, takeover_gap_ms, under_load, verify, UnderLoad};
 use systest::{Options, Stack};
 
 const FAULTS: [&str; 3] = ["KILL", "STOP", "TERM"];
@@ -47,20 +47,19 @@ async fn main() -> anyhow::Result<()> {
         let fault = FAULTS[(round - 1) % FAULTS.len()];
         let sku = format!("drill-{round}");
         // Fewer units than buyers, so both grants and sold_out are exercised every round.
-        stack
-            .put_sku(&sku, (per_round * 3 / 4) as u64, 1, 300.0)
-            .await?;
-        let active = stack.wait_for_active(Duration::from_secs(30)).await?;
-        let old_epoch = epoch(&stack).await?;
-        let load = Load::start(
+        let UnderLoad {
+            load,
+            active,
+            old_epoch,
+        } = under_load(
             &stack,
             &sku,
-            &format!("r{round}"),
+            (per_round * 3 / 4) as u64,
             per_round,
             concurrency,
-            Duration::from_secs(120),
-        );
-        wait_decided(&stack, &sku, (per_round / 5) as i64).await?;
+            (per_round / 5) as i64,
+        )
+        .await?;
 
         let fault_at = now_ms();
         stack.signal_sequencer(active, fault)?;
