@@ -1,0 +1,278 @@
+//! The end-of-run oversell check: what the API says, what the client saw, what Postgres holds,
+//! and (for this system) `sequencer audit`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::http;
+
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct SkuCheck {
+    pub sku: String,
+    pub total: i64,
+    pub available: i64,
+    pub held: i64,
+    pub sold: i64,
+    /// Distinct reservation ids the client received a 201 for.
+    pub client_winners: u64,
+    /// From Postgres, when reachable: units of rows in `held` / `confirmed`, rows ever granted.
+    pub db_held_units: Option<i64>,
+    pub db_confirmed_units: Option<i64>,
+    pub db_granted_rows: Option<i64>,
+}
+
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct AuditResult {
+    pub exit_code: Option<i32>,
+    pub clean: bool,
+    pub violations: Vec<String>,
+    pub summary: String,
+}
+
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct CheckReport {
+    pub skus_checked: usize,
+    pub total_client_winners: u64,
+    pub violations: Vec<String>,
+    pub oversell: bool,
+    pub audit: Option<AuditResult>,
+    /// Per-SKU detail (only the first 20 SKUs are kept in the report).
+    pub skus: Vec<SkuCheck>,
+}
+
+pub async fn run(
+    addr: SocketAddr,
+    skus: &[String],
+    client_winners: &[u64],
+    database_url: Option<&str>,
+    audit_bin: Option<&Path>,
+) -> CheckReport {
+    let mut report = CheckReport {
+        skus_checked: skus.len(),
+        total_client_winners: client_winners.iter().sum(),
+        ..CheckReport::default()
+    };
+    let mut rows: Vec<SkuCheck> = Vec::with_capacity(skus.len());
+    // 1. The public contract: GET /v1/skus/{sku}.
+    for (i, sku) in skus.iter().enumerate() {
+        let mut c = SkuCheck {
+            sku: sku.clone(),
+            client_winners: client_winners.get(i).copied().unwrap_or(0),
+            ..SkuCheck::default()
+        };
+        match http::once(
+            addr,
+            "GET",
+            &format!("/v1/skus/{sku}"),
+            "",
+            b"",
+            Duration::from_secs(10),
+        )
+        .await
+        {
+            Ok(r) if r.status == 200 => {
+                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+                let f = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(-1);
+                c.total = f("total");
+                c.available = f("available");
+                c.held = f("held");
+                c.sold = f("sold");
+            }
+            Ok(r) => report
+                .violations
+                .push(format!("GET /v1/skus/{sku} answered {}", r.status)),
+            Err(e) => report
+                .violations
+                .push(format!("GET /v1/skus/{sku} failed: {e:#}")),
+        }
+        rows.push(c);
+    }
+    // 2. Postgres rows.
+    if let Some(url) = database_url {
+        if let Err(e) = db_rows(url, &mut rows).await {
+            report.violations.push(format!(
+                "could not read skus/reservations from Postgres: {e:#}"
+            ));
+        }
+    }
+    for c in &rows {
+        if c.total < 0 || c.available < 0 || c.held < 0 || c.sold < 0 {
+            report.oversell = true;
+            report.violations.push(format!(
+                "{}: negative counter (available {}, held {}, sold {})",
+                c.sku, c.available, c.held, c.sold
+            ));
+        }
+        if c.available + c.held + c.sold != c.total {
+            report.oversell = true;
+            report.violations.push(format!(
+                "{}: available {} + held {} + sold {} != total {}",
+                c.sku, c.available, c.held, c.sold, c.total
+            ));
+        }
+        if c.client_winners as i64 > c.total {
+            report.oversell = true;
+            report.violations.push(format!(
+                "{}: clients were granted {} reservations of {} units",
+                c.sku, c.client_winners, c.total
+            ));
+        }
+        if let (Some(h), Some(s)) = (c.db_held_units, c.db_confirmed_units) {
+            if h != c.held || s != c.sold {
+                report.violations.push(format!(
+                    "{}: counters held {}/sold {} but reservation rows add up to {h}/{s}",
+                    c.sku, c.held, c.sold
+                ));
+            }
+        }
+        if let Some(g) = c.db_granted_rows {
+            if (g as u64) < c.client_winners {
+                report.violations.push(format!(
+                    "{}: {} grants answered to clients but only {g} granted rows in Postgres",
+                    c.sku, c.client_winners
+                ));
+            }
+        }
+    }
+    // 3. The system's own audit.
+    if let (Some(bin), Some(url)) = (audit_bin, database_url) {
+        let audit = run_audit(bin, url);
+        if !audit.clean {
+            report
+                .violations
+                .push(format!("sequencer audit: {}", audit.summary));
+        }
+        report.audit = Some(audit);
+    }
+    rows.truncate(20);
+    report.skus = rows;
+    report
+}
+
+async fn db_rows(url: &str, rows: &mut [SkuCheck]) -> anyhow::Result<()> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await?;
+    let names: Vec<String> = rows.iter().map(|r| r.sku.clone()).collect();
+    let result = sqlx::query(
+        "SELECT s.sku, s.total, s.available, s.held, s.sold,
+                COALESCE((SELECT sum(quantity) FROM reservations r WHERE r.sku = s.sku AND r.status = 'held'), 0)::bigint,
+                COALESCE((SELECT sum(quantity) FROM reservations r WHERE r.sku = s.sku AND r.status = 'confirmed'), 0)::bigint,
+                (SELECT count(*) FROM reservations r WHERE r.sku = s.sku AND r.status <> 'rejected')::bigint
+           FROM skus s WHERE s.sku = ANY($1)",
+    )
+    .bind(&names)
+    .fetch_all(&pool)
+    .await?;
+    for row in result {
+        let sku: String = row.get(0);
+        if let Some(c) = rows.iter_mut().find(|c| c.sku == sku) {
+            // Postgres is the system of record: its counters are the ones checked.
+            c.total = row.get(1);
+            c.available = row.get(2);
+            c.held = row.get(3);
+            c.sold = row.get(4);
+            c.db_held_units = Some(row.get(5));
+            c.db_confirmed_units = Some(row.get(6));
+            c.db_granted_rows = Some(row.get(7));
+        }
+    }
+    pool.close().await;
+    Ok(())
+}
+
+pub fn run_audit(bin: &Path, database_url: &str) -> AuditResult {
+    let out = std::process::Command::new(bin)
+        .args(["audit", "--json", "--database-url", database_url])
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            return AuditResult {
+                exit_code: None,
+                clean: false,
+                violations: vec![],
+                summary: format!("could not run {}: {e}", bin.display()),
+            }
+        }
+    };
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let violations: Vec<String> = doc["violations"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .take(20)
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let clean = out.status.success() && violations.is_empty();
+    let summary = if doc.is_null() {
+        format!(
+            "audit printed no report: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    } else {
+        format!(
+            "{} ({} skus, {} reservations, {} batches, committed offset {})",
+            if clean { "clean" } else { "FAILED" },
+            doc["skus"],
+            doc["reservations"],
+            doc["batches"],
+            doc["committed_offset"]
+        )
+    };
+    AuditResult {
+        exit_code: out.status.code(),
+        clean,
+        violations,
+        summary,
+    }
+}
+
+pub fn print(c: &CheckReport) {
+    println!(
+        "── oversell check: {} ──",
+        if c.oversell {
+            "OVERSOLD"
+        } else if c.violations.is_empty() {
+            "clean"
+        } else {
+            "problems found"
+        }
+    );
+    for s in c.skus.iter().take(3) {
+        println!(
+            "  {}: total {} available {} held {} sold {}; client saw {} grants{}",
+            s.sku,
+            s.total,
+            s.available,
+            s.held,
+            s.sold,
+            s.client_winners,
+            match (s.db_held_units, s.db_confirmed_units, s.db_granted_rows) {
+                (Some(h), Some(c), Some(g)) =>
+                    format!("; rows: held {h} confirmed {c} granted {g}"),
+                _ => String::new(),
+            }
+        );
+    }
+    if c.skus_checked > 3 {
+        println!(
+            "  ... {} skus in all, {} grants seen by clients",
+            c.skus_checked, c.total_client_winners
+        );
+    }
+    if let Some(a) = &c.audit {
+        println!("  sequencer audit: {}", a.summary);
+    }
+    for v in &c.violations {
+        println!("  VIOLATION {v}");
+    }
+}

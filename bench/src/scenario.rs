@@ -1,0 +1,565 @@
+//! The named load presets (`flash`, `mixed`, `ramp`), their SKU setup, and the final checks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use crate::check::{self, CheckReport};
+use crate::http;
+use crate::load::{self, Kind, Phase, PhaseReport, Pool, Req, Workload};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// One hot SKU (10,000 units), ~200k users, 5% retries, then confirms/cancels from winners.
+    Flash,
+    /// Many SKUs with skewed popularity, 10% reads, 5% retries.
+    Mixed,
+    /// One hot SKU that never sells out; the rate rises until p99 passes the limit.
+    Ramp,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadArgs {
+    #[arg(long, value_enum, default_value = "flash")]
+    pub scenario: Scenario,
+    /// Offered requests/s (for ramp: the first step's rate).
+    #[arg(long, default_value_t = 25_000.0)]
+    pub rate: f64,
+    /// Seconds of load (for ramp: seconds per step).
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Keep-alive connections (each carries one request at a time).
+    #[arg(long, default_value_t = 2_000)]
+    pub connections: usize,
+    /// Base URL of the HTTP API; loopback only.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub target: String,
+    /// Hard cap on requests of the whole run, whatever rate and duration say.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub max_requests: u64,
+    /// Client-side timeout of one request.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// Bearer token of the admin routes (SKU setup); default: $ADMIN_TOKEN or .run/admin_token.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Postgres of the target, for the oversell check over `skus` and `reservations`.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Run `sequencer audit` with this binary against --database-url at the end.
+    #[arg(long)]
+    pub audit_bin: Option<PathBuf>,
+    /// Units of the hot SKU (flash, ramp) or of each SKU (mixed).
+    #[arg(long)]
+    pub stock: Option<u64>,
+    /// Distinct buyers.
+    #[arg(long, default_value_t = 200_000)]
+    pub users: u64,
+    /// SKUs of the mixed scenario.
+    #[arg(long, default_value_t = 500)]
+    pub skus: u32,
+    /// Percent of reservation requests that are client retries with the same idempotency key.
+    #[arg(long, default_value_t = 5)]
+    pub retry_pct: u64,
+    /// Ramp: each step's rate is the previous one times this factor.
+    #[arg(long, default_value_t = 1.5)]
+    pub ramp_factor: f64,
+    /// Ramp: stop rising at this rate (it also stops once decisions fall under 90% of it).
+    #[arg(long, default_value_t = 80_000.0)]
+    pub ramp_max: f64,
+    /// The p99 a rate must keep to count as sustainable (ramp), and the flash target.
+    #[arg(long, default_value_t = 120.0)]
+    pub p99_limit_ms: f64,
+    /// Skip the confirm/cancel phase of flash.
+    #[arg(long)]
+    pub no_follow_up: bool,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Name of this run in the report (default: the scenario).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct RampResult {
+    /// Highest offered rate that kept p99 under the limit with < 1% errors.
+    pub knee_rate: Option<f64>,
+    /// Lowest offered rate that did not.
+    pub first_failing_rate: Option<f64>,
+    pub failing_reason: Option<String>,
+    /// Decisions/s measured at the knee step.
+    pub knee_goodput: Option<f64>,
+    pub knee_p99_ms: Option<f64>,
+    /// Most decisions/s of any step, whatever its latency (the saturation throughput).
+    pub peak_goodput: Option<f64>,
+    pub peak_offered_rate: Option<f64>,
+    pub peak_p99_ms: Option<f64>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct LoadReport {
+    pub label: String,
+    pub scenario: Scenario,
+    pub target: String,
+    pub started_at: String,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub connections: usize,
+    pub skus: Vec<String>,
+    pub stock_per_sku: u64,
+    pub phases: Vec<PhaseReport>,
+    pub ramp: Option<RampResult>,
+    pub check: CheckReport,
+    pub report_path: Option<String>,
+}
+
+impl LoadReport {
+    /// The main phase (the reservations of flash/mixed, the knee step of ramp).
+    pub fn main_phase(&self) -> Option<&PhaseReport> {
+        self.phases.first()
+    }
+}
+
+pub fn admin_token(arg: &Option<String>) -> String {
+    if let Some(t) = arg {
+        return t.clone();
+    }
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../.run/admin_token");
+    std::fs::read_to_string(file)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// splitmix64: a fast, well-mixed deterministic hash of the request index.
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+const SEED_RETRY: u64 = 0x5EED_0001;
+const SEED_BACK: u64 = 0x5EED_0002;
+const SEED_USER: u64 = 0x5EED_0003;
+const SEED_SKU: u64 = 0x5EED_0004;
+const SEED_READ: u64 = 0x5EED_0005;
+
+/// The first attempt behind request `i`: a retry repeats an attempt sent shortly before it.
+fn first_attempt(mut i: u64, retry_pct: u64) -> u64 {
+    while i > 0 && mix(i ^ SEED_RETRY) % 100 < retry_pct {
+        i -= 1 + mix(i ^ SEED_BACK) % i.min(500);
+    }
+    i
+}
+
+fn reserve(run: &str, sku: &str, slot: u32, user: &str, orig: u64) -> Req {
+    Req {
+        method: "POST",
+        path: "/v1/reservations".into(),
+        body: format!(
+            r#"{{"sku":"{sku}","user_id":"{user}","quantity":1,"idempotency_key":"{run}-{orig}"}}"#
+        )
+        .into_bytes(),
+        kind: Kind::Reserve { orig, slot },
+    }
+}
+
+fn flash_workload(run: Arc<str>, sku: Arc<str>, users: u64, retry_pct: u64) -> Workload {
+    Arc::new(move |i| {
+        let orig = first_attempt(i, retry_pct);
+        let user = format!("u{}", mix(orig ^ SEED_USER) % users);
+        reserve(&run, &sku, 0, &user, orig)
+    })
+}
+
+fn mixed_workload(run: Arc<str>, skus: Arc<Vec<String>>, users: u64, retry_pct: u64) -> Workload {
+    Arc::new(move |i| {
+        let pick = |n: u64| {
+            // Skewed popularity: u^3 puts most traffic on the first few SKUs.
+            let u = (mix(n ^ SEED_SKU) % 1_000_000) as f64 / 1_000_000.0;
+            ((skus.len() as f64 * u * u * u) as usize).min(skus.len() - 1)
+        };
+        if mix(i ^ SEED_READ) % 100 < 10 {
+            return Req {
+                method: "GET",
+                path: format!("/v1/skus/{}", skus[pick(i)]),
+                body: Vec::new(),
+                kind: Kind::Read,
+            };
+        }
+        let orig = first_attempt(i, retry_pct);
+        let slot = pick(orig);
+        let user = format!("u{}", mix(orig ^ SEED_USER) % users);
+        reserve(&run, &skus[slot], slot as u32, &user, orig)
+    })
+}
+
+fn ramp_workload(run: Arc<str>, sku: Arc<str>) -> Workload {
+    // Every request a new buyer: every decision is a grant on the hot row, the costliest case.
+    Arc::new(move |i| reserve(&run, &sku, 0, &format!("r{i}"), i))
+}
+
+fn settle_workload(winners: Arc<Vec<u128>>) -> Workload {
+    // 70% confirmed, 20% cancelled, 10% left held.
+    Arc::new(move |i| {
+        let id = uuid::Uuid::from_u128(winners[i as usize]);
+        let (path, kind) = if i % 10 < 7 {
+            (format!("/v1/reservations/{id}/confirm"), Kind::Confirm)
+        } else {
+            (format!("/v1/reservations/{id}/cancel"), Kind::Cancel)
+        };
+        Req {
+            method: "POST",
+            path,
+            body: Vec::new(),
+            kind,
+        }
+    })
+}
+
+/// Creates (or resets) `skus` with `stock` units each through the admin API.
+pub async fn setup_skus(
+    addr: SocketAddr,
+    token: &str,
+    skus: &[String],
+    stock: u64,
+    per_user_limit: u32,
+) -> anyhow::Result<()> {
+    let auth: Arc<str> = format!("Authorization: Bearer {token}\r\n").into();
+    let body = format!(
+        r#"{{"total_stock":{stock},"per_user_limit":{per_user_limit},"hold_ttl_seconds":300}}"#
+    );
+    for chunk in skus.chunks(32) {
+        let mut set = tokio::task::JoinSet::new();
+        for sku in chunk {
+            let (auth, body, path) = (auth.clone(), body.clone(), format!("/v1/admin/skus/{sku}"));
+            set.spawn(async move {
+                let r = http::once(
+                    addr,
+                    "PUT",
+                    &path,
+                    &auth,
+                    body.as_bytes(),
+                    Duration::from_secs(30),
+                )
+                .await?;
+                if r.status != 200 {
+                    bail!(
+                        "PUT {path} answered {}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    );
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r??;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a whole scenario: setup, load phases, follow-up, checks. Writes nothing to disk.
+pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
+    let addr = http::parse_target(&args.target)?;
+    let token = admin_token(&args.admin_token);
+    let run_id: Arc<str> = format!("{:08x}", crate::rand32()).into();
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("{:?}", args.scenario).to_lowercase());
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let (skus, stock, limit): (Vec<String>, u64, u32) = match args.scenario {
+        Scenario::Flash => (
+            vec![format!("flash-{run_id}")],
+            args.stock.unwrap_or(10_000),
+            2,
+        ),
+        Scenario::Mixed => (
+            (0..args.skus.max(1))
+                .map(|i| format!("mix-{run_id}-{i}"))
+                .collect(),
+            args.stock.unwrap_or(200),
+            2,
+        ),
+        Scenario::Ramp => (
+            vec![format!("ramp-{run_id}")],
+            args.stock.unwrap_or(1_000_000_000),
+            1,
+        ),
+    };
+    eprintln!(
+        "bench: {label}: setting up {} sku(s) with {stock} units on {addr}",
+        skus.len()
+    );
+    setup_skus(addr, &token, &skus, stock, limit)
+        .await
+        .context("creating the scenario's SKUs (is the admin token right?)")?;
+    let mut pool = Pool::open(addr, args.connections).await?;
+    let mut phases = Vec::new();
+    let mut ramp = None;
+    let mut winners_by_slot: Vec<u64> = vec![0; skus.len()];
+    match args.scenario {
+        Scenario::Flash | Scenario::Mixed => {
+            let workload = if args.scenario == Scenario::Flash {
+                flash_workload(
+                    run_id.clone(),
+                    skus[0].clone().into(),
+                    args.users,
+                    args.retry_pct,
+                )
+            } else {
+                mixed_workload(
+                    run_id.clone(),
+                    Arc::new(skus.clone()),
+                    args.users,
+                    args.retry_pct,
+                )
+            };
+            let phase = Phase {
+                label: format!("{label}: reservations"),
+                rate: args.rate,
+                duration: Duration::from_secs_f64(args.duration),
+                max_requests: args.max_requests,
+                index_base: 0,
+            };
+            let (report, stats) =
+                load::run_phase(&mut pool, &phase, workload, timeout, args.quiet).await;
+            load::print_phase(&report);
+            let winners: Vec<(u128, u32)> = {
+                let w = stats.winners.lock().unwrap();
+                let mut v: Vec<(u128, u32)> = w.values().copied().collect();
+                v.sort_unstable();
+                v
+            };
+            for (_, slot) in &winners {
+                winners_by_slot[*slot as usize] += 1;
+            }
+            let sent = report.sent;
+            phases.push(report);
+            if args.scenario == Scenario::Flash && !args.no_follow_up && !winners.is_empty() {
+                let ids: Arc<Vec<u128>> = Arc::new(winners.iter().map(|w| w.0).collect());
+                let n = (ids.len() as u64).min(args.max_requests.saturating_sub(sent));
+                let rate = args.rate.min(5_000.0);
+                let phase = Phase {
+                    label: format!("{label}: confirm 70% / cancel 20% of winners"),
+                    rate,
+                    duration: Duration::from_secs_f64(n as f64 / rate),
+                    max_requests: n,
+                    index_base: 0,
+                };
+                let (report, _) =
+                    load::run_phase(&mut pool, &phase, settle_workload(ids), timeout, args.quiet)
+                        .await;
+                load::print_phase(&report);
+                phases.push(report);
+            }
+        }
+        Scenario::Ramp => {
+            let (steps, result) =
+                run_ramp(&mut pool, args, run_id.clone(), &skus[0], timeout).await;
+            // The knee step first, so `main_phase` is the sustainable one.
+            let mut steps = steps;
+            if let Some(k) = result.knee_rate {
+                if let Some(pos) = steps.iter().position(|s| s.offered_rate == k) {
+                    let knee = steps.remove(pos);
+                    steps.insert(0, knee);
+                }
+            }
+            phases = steps;
+            println!(
+                "ramp: peak {} decisions/s (offered {}, p99 {} ms)",
+                result
+                    .peak_goodput
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+                result
+                    .peak_offered_rate
+                    .map_or("-".into(), |v| format!("{v:.0}/s")),
+                result.peak_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            );
+            println!(
+                "ramp: knee {} (p99 {} ms, {} decisions/s); first failing rate {} ({})",
+                result
+                    .knee_rate
+                    .map_or("none".into(), |r| format!("{r:.0}/s")),
+                result.knee_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                result
+                    .knee_goodput
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+                result
+                    .first_failing_rate
+                    .map_or("none".into(), |r| format!("{r:.0}/s")),
+                result.failing_reason.as_deref().unwrap_or("-"),
+            );
+            ramp = Some(result);
+        }
+    }
+    drop(pool);
+    let check = check::run(
+        addr,
+        &skus,
+        &winners_by_slot,
+        args.database_url.as_deref(),
+        args.audit_bin.as_deref(),
+    )
+    .await;
+    check::print(&check);
+    Ok(LoadReport {
+        label,
+        scenario: args.scenario,
+        target: args.target.clone(),
+        started_at,
+        rate: args.rate,
+        duration_s: args.duration,
+        connections: args.connections,
+        skus: if skus.len() > 20 {
+            vec![format!(
+                "{} .. {} ({} skus)",
+                skus[0],
+                skus[skus.len() - 1],
+                skus.len()
+            )]
+        } else {
+            skus
+        },
+        stock_per_sku: stock,
+        phases,
+        ramp,
+        check,
+        report_path: None,
+    })
+}
+
+async fn run_ramp(
+    pool: &mut Pool,
+    args: &LoadArgs,
+    run_id: Arc<str>,
+    sku: &str,
+    timeout: Duration,
+) -> (Vec<PhaseReport>, RampResult) {
+    let workload = ramp_workload(run_id, sku.into());
+    let step = Duration::from_secs_f64(args.duration);
+    let mut base = 0u64;
+    let mut steps = Vec::new();
+    // (rate, decisions/s, p99) of the highest rate that kept the latency limit.
+    let mut ok: Option<(f64, f64, f64)> = None;
+    // Lowest rate that broke it, and why.
+    let mut bad: Option<(f64, String)> = None;
+    let mut rate = args.rate;
+    // Rise until the system saturates (decisions fall under 90% of the offered rate, or more
+    // than 1% errors): past the latency knee too, so the peak throughput is measured. Then two
+    // bisection probes between the last rate that kept the limit and the first that did not.
+    let mut rising = true;
+    let mut probes = 0;
+    loop {
+        let remaining = args.max_requests.saturating_sub(base);
+        if remaining == 0 {
+            break;
+        }
+        let phase = Phase {
+            label: format!("ramp {rate:.0}/s"),
+            rate,
+            duration: step,
+            max_requests: remaining,
+            index_base: base,
+        };
+        let (r, _) = load::run_phase(pool, &phase, workload.clone(), timeout, args.quiet).await;
+        base += r.planned_requests;
+        let saturated = if r.error_fraction() > 0.01 {
+            Some(format!("{:.1}% errors", r.error_fraction() * 100.0))
+        } else if r.goodput < 0.9 * rate {
+            Some(format!("only {:.0} decisions/s", r.goodput))
+        } else {
+            None
+        };
+        let verdict = if r.latency.p99_ms > args.p99_limit_ms {
+            Some(format!(
+                "p99 {:.1} ms > {} ms",
+                r.latency.p99_ms, args.p99_limit_ms
+            ))
+        } else {
+            saturated.clone()
+        };
+        eprintln!(
+            "ramp step {rate:.0}/s: p99 {:.1} ms, {:.0} decisions/s, errors {} -> {}",
+            r.latency.p99_ms,
+            r.goodput,
+            r.errors,
+            verdict.as_deref().unwrap_or("sustained")
+        );
+        match &verdict {
+            None => {
+                if ok.is_none_or(|(o, _, _)| rate > o) {
+                    ok = Some((rate, r.goodput, r.latency.p99_ms));
+                }
+            }
+            Some(why) => {
+                if bad.as_ref().is_none_or(|(b, _)| rate < *b) {
+                    bad = Some((rate, why.clone()));
+                }
+            }
+        }
+        steps.push(r);
+        // Let queues drain before the next step; after an overloaded step the system may still
+        // be working off a backlog (requests appended but answered 504), so wait longer.
+        let pause = if verdict.is_some() { 10 } else { 2 };
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+        if rising {
+            rate *= args.ramp_factor;
+            if saturated.is_none() && rate <= args.ramp_max {
+                continue;
+            }
+            rising = false;
+        }
+        match (&ok, &bad) {
+            (Some((o, _, _)), Some((b, _))) if probes < 2 && b / o > 1.15 => {
+                probes += 1;
+                rate = (o + b) / 2.0;
+            }
+            (None, Some((b, _))) if probes < 2 && *b > 100.0 => {
+                probes += 1;
+                rate = b / 3.0;
+            }
+            _ => break,
+        }
+    }
+    steps.sort_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate));
+    let peak = steps
+        .iter()
+        .max_by(|a, b| a.goodput.total_cmp(&b.goodput))
+        .map(|p| (p.offered_rate, p.goodput, p.latency.p99_ms));
+    let result = RampResult {
+        knee_rate: ok.map(|o| o.0),
+        first_failing_rate: bad.as_ref().map(|b| b.0),
+        failing_reason: bad.map(|b| b.1),
+        knee_goodput: ok.map(|o| o.1),
+        knee_p99_ms: ok.map(|o| o.2),
+        peak_goodput: peak.map(|p| p.1),
+        peak_offered_rate: peak.map(|p| p.0),
+        peak_p99_ms: peak.map(|p| p.2),
+    };
+    (steps, result)
+}
+
+/// Writes the JSON report under `dir` and returns its path.
+pub fn write_report(dir: &std::path::Path, report: &LoadReport) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let path = dir.join(format!(
+        "load-{}-{stamp}.json",
+        report.label.replace(['/', ' '], "_")
+    ));
+    std::fs::write(&path, serde_json::to_vec_pretty(report)?)?;
+    Ok(path)
+}
