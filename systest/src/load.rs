@@ -117,7 +117,8 @@ pub struct Verdict {
 
 /// Checks every answer against Postgres: a 201 or 409 is recorded exactly once with the same
 /// outcome; a 504 retried with the same key gets a definitive answer, and the original
-/// reservation if there was one. Then the audit must be clean.
+/// reservation if there was one; every request ends with exactly one decision row. Then the
+/// audit must be clean.
 pub async fn verify(stack: &Stack, sku: &str, answers: &[Answer]) -> anyhow::Result<Verdict> {
     let mut v = Verdict::default();
     let mut unknown = Vec::new();
@@ -213,6 +214,16 @@ pub async fn verify(stack: &Stack, sku: &str, answers: &[Answer]) -> anyhow::Res
         }
         v.retried_ok += 1;
     }
+    // After the retries every request sent has exactly one decision row on this SKU.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE sku = $1")
+        .bind(sku)
+        .fetch_one(&stack.pool)
+        .await?;
+    ensure!(
+        rows as usize == answers.len(),
+        "{rows} decision rows on {sku} for {} requests: not every request was decided exactly once",
+        answers.len()
+    );
     let report = stack.audit()?;
     ensure!(
         report["violations"] == json!([]),
