@@ -4,27 +4,9 @@
 use std::time::{Duration, Instant};
 
 use persistence::lease;
-use sqlx::PgPool;
+mod common;
 
-async fn fresh_database(name: &str) -> String {
-    let admin_url = std::env::var("FLASH_PG_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let db = format!(
-        "flash_p_{name}_{:08x}",
-        uuid::Uuid::new_v4().as_u128() as u32
-    );
-    let admin = PgPool::connect(&admin_url)
-        .await
-        .expect("Postgres reachable");
-    sqlx::query(&format!("CREATE DATABASE \"{db}\""))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = format!("{}/{db}", &admin_url[..admin_url.rfind('/').unwrap()]);
-    let pool = persistence::connect(&url, 2).await.unwrap();
-    persistence::migrate(&pool).await.unwrap();
-    url
-}
+use common::fresh_database;
 
 #[tokio::test]
 async fn a_writer_paused_inside_its_transaction_cannot_block_a_takeover() {

@@ -1,0 +1,138 @@
+//! What the schema itself enforces, through the real batch writer on the real Postgres.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fresh_database;
+use persistence::batch::{commit_batch, CommitError};
+use persistence::{audit, lease, BatchRecord, DecisionRow};
+use sqlx::PgPool;
+use wire::{Reject, SkuConfig, SkuView};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn decision(id: u128, key: &str, offset: i64, result: Result<i64, Reject>) -> DecisionRow<'_> {
+    DecisionRow {
+        reservation_id: id,
+        user_id: "buyer-1",
+        idempotency_key: key,
+        sku: "sku-1",
+        quantity: 1,
+        result,
+        request_offset: offset,
+    }
+}
+
+fn sku(held: u64) -> SkuView {
+    SkuView {
+        sku: "sku-1".into(),
+        total: 10,
+        available: 10 - held,
+        held,
+        sold: 0,
+        config: SkuConfig {
+            total_stock: 10,
+            per_user_limit: 5,
+            hold_ttl_ms: 60_000,
+            starts_at_ms: None,
+            ends_at_ms: None,
+        },
+        paused: false,
+    }
+}
+
+/// Batch `seq` deciding the single command at offset `seq - 1`.
+fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> BatchRecord<'a> {
+    BatchRecord {
+        epoch,
+        batch_seq: seq,
+        first_offset: seq as i64 - 1,
+        next_offset: seq as i64,
+        batch_time_ms: 1_700_000_000_000 + seq as i64,
+        decisions: vec![d],
+        transitions: vec![],
+        skus,
+        outbox: vec![],
+    }
+}
+
+async fn writer(name: &str) -> (PgPool, u64) {
+    let url = fresh_database(name).await;
+    let pool = persistence::connect_writer(&url, 2, LEASE).await.unwrap();
+    let epoch = lease::try_acquire(&pool, "test", LEASE)
+        .await
+        .unwrap()
+        .expect("free lease")
+        .epoch;
+    (pool, epoch)
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_second_reservation_under_one_idempotency_key() {
+    let (pool, epoch) = writer("twice_held").await;
+    let mut conn = pool.acquire().await.unwrap();
+    let first = batch(
+        epoch,
+        1,
+        decision(1, "k", 0, Ok(1_700_000_060_000)),
+        vec![sku(1)],
+    );
+    commit_batch(&mut conn, &first).await.unwrap();
+
+    // A buggy writer granting the same key again: the whole batch is refused.
+    let second = batch(
+        epoch,
+        2,
+        decision(2, "k", 1, Ok(1_700_000_060_001)),
+        vec![sku(2)],
+    );
+    match commit_batch(&mut conn, &second).await {
+        Err(CommitError::Database(sqlx::Error::Database(e))) => {
+            assert_eq!(e.code().as_deref(), Some("23505"), "{e}");
+            assert_eq!(e.constraint(), Some("one_reservation_per_idempotency_key"));
+        }
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+    let state = lease::read_state(&pool).await.unwrap();
+    assert_eq!(
+        (state.next_offset, state.batch_seq),
+        (1, 1),
+        "nothing of the refused batch was written"
+    );
+    let (rows, held): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM reservations), (SELECT held FROM skus)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((rows, held), (1, 1));
+}
+
+#[tokio::test]
+async fn a_refusal_decided_twice_is_reported_by_the_audit() {
+    // Refusals are outside the partial unique index (they hold no stock); a second decision of
+    // the same key is the engine's to prevent, and the audit's to find.
+    let (pool, epoch) = writer("twice_refused").await;
+    let mut conn = pool.acquire().await.unwrap();
+    let first = batch(
+        epoch,
+        1,
+        decision(1, "k", 0, Err(Reject::SoldOut)),
+        vec![sku(0)],
+    );
+    commit_batch(&mut conn, &first).await.unwrap();
+    let clean = audit::run(&pool).await.unwrap();
+    assert!(clean.is_clean(), "{:?}", clean.violations);
+
+    let second = batch(epoch, 2, decision(2, "k", 1, Err(Reject::SoldOut)), vec![]);
+    commit_batch(&mut conn, &second).await.unwrap();
+    let report = audit::run(&pool).await.unwrap();
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.contains("user buyer-1 key k decided 2 times")),
+        "{:?}",
+        report.violations
+    );
+}
