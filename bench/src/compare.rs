@@ -154,6 +154,7 @@ fn load_args(c: &CompareArgs, scenario: Scenario, target: String, label: &str) -
         no_follow_up: false,
         quiet: false,
         label: Some(label.to_owned()),
+        metrics: Vec::new(),
         out: c.out.clone(),
     }
 }
@@ -259,6 +260,7 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
             );
             args.database_url = Some(stack.database_url.clone());
             args.audit_bin = Some(infra.bin("sequencer"));
+            args.metrics = stack.metrics_urls.clone();
             let r = scenario::run(&args).await;
             stack.stop(&infra).await;
             r
@@ -448,6 +450,61 @@ fn verdict(ok: bool) -> &'static str {
         "met"
     } else {
         "**missed**"
+    }
+}
+
+/// This system's latency by hop, for the flash run and every ramp step (mean, and the bucket
+/// bound of the p99, from the system's own histograms: docs/OPERATIONS.md).
+fn hop_table(m: &mut String, r: &CompareReport) {
+    use std::fmt::Write;
+    let Some(sys) = r.designs.first() else {
+        return;
+    };
+    let mut phases: Vec<&crate::load::PhaseReport> = Vec::new();
+    phases.extend(sys.flash.iter().filter_map(|f| f.main_phase()));
+    if let Some(ramp) = &sys.ramp {
+        let mut steps: Vec<_> = ramp.phases.iter().collect();
+        steps.sort_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate));
+        phases.extend(steps);
+    }
+    phases.retain(|p| !p.hops.is_empty());
+    if phases.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        m,
+        "\n### Where this system's latency goes, hop by hop\n\nMean ms (p99 bucket bound ms) of each hop of a write, from the ingress's and the sequencer's own histograms over each phase. The wait hop runs from the ingress's produce call to the decide loop taking the request, so it includes the append. Decide and commit are per batch.\n"
+    );
+    let _ = write!(m, "| phase | decisions/s | client p99 ms |");
+    for (hop, _) in crate::hops::HOPS {
+        let _ = write!(m, " {hop} |");
+    }
+    let _ = writeln!(m);
+    let _ = writeln!(m, "|{}", " --- |".repeat(3 + crate::hops::HOPS.len()));
+    for p in phases {
+        let _ = write!(
+            m,
+            "| {} | {} | {:.1} |",
+            p.label,
+            f0(p.goodput),
+            p.latency.p99_ms
+        );
+        for (_, series) in crate::hops::HOPS {
+            let cell = p
+                .hops
+                .iter()
+                .find(|h| h.series == *series)
+                .map_or("-".to_owned(), |h| {
+                    format!(
+                        "{:.1} ({})",
+                        h.mean_ms,
+                        h.p99_le_ms
+                            .map_or("over the top bucket".into(), |v| format!("{v}"))
+                    )
+                });
+            let _ = write!(m, " {cell} |");
+        }
+        let _ = writeln!(m);
     }
 }
 
@@ -751,6 +808,7 @@ fn markdown(r: &CompareReport, dir: &Path) -> String {
     if !step_lines.is_empty() {
         let _ = writeln!(m, "\nSteps:\n\n{}", step_lines.join("\n"));
     }
+    hop_table(&mut m, r);
     if !r.errors.is_empty() {
         let _ = writeln!(m, "\n### Errors during the run\n");
         for e in &r.errors {

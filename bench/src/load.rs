@@ -238,6 +238,8 @@ pub struct PhaseReport {
     /// Requests without a decision: 429, 503, 504, other 5xx, client timeouts and errors, and
     /// requests never sent before the cut-off.
     pub errors: u64,
+    /// Where the latency went, from the system's own histograms (empty without --metrics).
+    pub hops: Vec<crate::hops::Hop>,
 }
 
 impl PhaseReport {
@@ -471,6 +473,7 @@ fn summarize(phase: &Phase, planned: u64, elapsed: f64, stats: &Stats) -> PhaseR
         other_detail: stats.detail.lock().unwrap().clone(),
         idempotency_mismatches: stats.idempotency_mismatches.load(Ordering::Relaxed),
         errors,
+        hops: Vec::new(),
     }
 }
 

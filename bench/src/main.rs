@@ -11,6 +11,7 @@
 mod baseline;
 mod check;
 mod compare;
+mod hops;
 mod http;
 mod load;
 mod pipeline;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::check::{self, CheckReport};
+use crate::hops;
 use crate::http;
 use crate::load::{self, Kind, Phase, PhaseReport, Pool, Req, Workload};
 
@@ -84,6 +85,10 @@ pub struct LoadArgs {
     /// Name of this run in the report (default: the scenario).
     #[arg(long)]
     pub label: Option<String>,
+    /// `/metrics` URLs of the target's ingress and active sequencer: each phase then reports
+    /// the latency of every hop of a write (bench/src/hops.rs).
+    #[arg(long, value_delimiter = ',')]
+    pub metrics: Vec<String>,
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -334,9 +339,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
                 max_requests: args.max_requests,
                 index_base: 0,
             };
-            let (report, stats) =
-                load::run_phase(&mut pool, &phase, workload, timeout, args.quiet).await;
-            load::print_phase(&report);
+            let (report, stats) = measured_phase(&mut pool, &phase, workload, timeout, args).await;
             let winners: Vec<(u128, u32)> = {
                 let w = stats.winners.lock().unwrap();
                 let mut v: Vec<(u128, u32)> = w.values().copied().collect();
@@ -441,6 +444,24 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     })
 }
 
+/// Runs and prints one phase; with `--metrics`, also the latency of each hop during it.
+async fn measured_phase(
+    pool: &mut Pool,
+    phase: &Phase,
+    workload: Workload,
+    timeout: Duration,
+    args: &LoadArgs,
+) -> (PhaseReport, Arc<load::Stats>) {
+    let before = hops::scrape(&args.metrics).await;
+    let (mut report, stats) = load::run_phase(pool, phase, workload, timeout, args.quiet).await;
+    if !args.metrics.is_empty() {
+        report.hops = hops::between(&before, &hops::scrape(&args.metrics).await);
+    }
+    load::print_phase(&report);
+    hops::print(&report.hops);
+    (report, stats)
+}
+
 async fn run_ramp(
     pool: &mut Pool,
     args: &LoadArgs,
@@ -474,7 +495,7 @@ async fn run_ramp(
             max_requests: remaining,
             index_base: base,
         };
-        let (r, _) = load::run_phase(pool, &phase, workload.clone(), timeout, args.quiet).await;
+        let (r, _) = measured_phase(pool, &phase, workload.clone(), timeout, args).await;
         base += r.planned_requests;
         let saturated = if r.error_fraction() > 0.01 {
             Some(format!("{:.1}% errors", r.error_fraction() * 100.0))

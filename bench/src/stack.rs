@@ -219,6 +219,8 @@ pub struct SystemStack {
     pub requests_topic: String,
     pub outcomes_topic: String,
     pub ingress_addr: SocketAddr,
+    /// `/metrics` of the ingress and of every sequencer (for the hop breakdown).
+    pub metrics_urls: Vec<String>,
     pub procs: Vec<Proc>,
 }
 
@@ -247,9 +249,16 @@ impl SystemStack {
             requests_topic,
             outcomes_topic,
             ingress_addr,
+            metrics_urls: vec![format!("http://{ingress_addr}/metrics")],
             procs: Vec::new(),
         };
         let nodes = if o.standby { 2 } else { 1 };
+        for n in 0..nodes {
+            stack.metrics_urls.push(format!(
+                "http://127.0.0.1:{}/metrics",
+                o.status_port + n as u16
+            ));
+        }
         for n in 0..nodes {
             let node = format!("bench-seq-{}", (b'a' + n as u8) as char);
             let mut cmd = Command::new(infra.bin("sequencer"));

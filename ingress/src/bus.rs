@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use metrics::Histogram;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -18,6 +19,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 use wire::{IngressId, Outcome, OutcomeBatch, Request, RequestId};
+
+use crate::metrics::HopTimers;
 
 const PENDING_SHARDS: usize = 64;
 
@@ -89,6 +92,7 @@ pub struct Bus {
     pending: Arc<Pending>,
     outcome_timeout: Duration,
     pub health: Arc<BusHealth>,
+    append_latency: Histogram,
 }
 
 #[derive(Default)]
@@ -111,6 +115,7 @@ impl Bus {
         requests_topic: &str,
         outcomes_topic: &str,
         outcome_timeout: Duration,
+        hops: HopTimers,
     ) -> anyhow::Result<Bus> {
         let ingress_id: IngressId = rand_u64();
         let producer: FutureProducer = ClientConfig::new()
@@ -153,10 +158,10 @@ impl Bus {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(outcomes_topic, 0, Offset::Offset(high))?;
         consumer.assign(&tpl)?;
-        let (p, h) = (pending.clone(), health.clone());
+        let (p, h, outcome_delay) = (pending.clone(), health.clone(), hops.outcome_delay.clone());
         std::thread::Builder::new()
             .name("outcomes-reader".into())
-            .spawn(move || listen(consumer, ingress_id, &p, &h))?;
+            .spawn(move || listen(consumer, ingress_id, &p, &h, &outcome_delay))?;
         tracing::info!(
             ingress_id = format!("{ingress_id:016x}"),
             start_offset = high,
@@ -169,6 +174,7 @@ impl Bus {
             pending,
             outcome_timeout,
             health,
+            append_latency: hops.append,
         })
     }
 
@@ -207,8 +213,11 @@ impl Bus {
         let record: FutureRecord<'_, (), [u8]> =
             FutureRecord::to(&self.requests_topic).payload(&payload[..]);
         let deadline = tokio::time::Instant::now() + self.outcome_timeout;
+        let appending = std::time::Instant::now();
         match self.producer.send(record, Duration::ZERO).await {
             Ok(delivery) => {
+                self.append_latency
+                    .record(appending.elapsed().as_secs_f64());
                 // The exact end of the log as of this append (see `BusHealth::log_end_seen`).
                 self.health
                     .log_end_seen
@@ -249,7 +258,13 @@ impl BrokerProbe {
     }
 }
 
-fn listen(consumer: BaseConsumer, ingress_id: IngressId, pending: &Pending, health: &BusHealth) {
+fn listen(
+    consumer: BaseConsumer,
+    ingress_id: IngressId,
+    pending: &Pending,
+    health: &BusHealth,
+    outcome_delay: &Histogram,
+) {
     let my_key = wire::ingress_key(ingress_id);
     health.listening.store(true, Ordering::Relaxed);
     loop {
@@ -266,6 +281,11 @@ fn listen(consumer: BaseConsumer, ingress_id: IngressId, pending: &Pending, heal
         health.outcome_messages.fetch_add(1, Ordering::Relaxed);
         if message.key() != Some(&my_key[..]) {
             continue;
+        }
+        // CreateTime is stamped by the sequencer's producer when it queues the message, right
+        // after COMMIT: same-host clocks here; across hosts this includes their clock offset.
+        if let Some(created) = message.timestamp().to_millis() {
+            outcome_delay.record((now_ms() - created).max(0) as f64 / 1000.0);
         }
         let batch: OutcomeBatch = match wire::decode(message.payload().unwrap_or_default()) {
             Ok(b) => b,

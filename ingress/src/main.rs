@@ -133,11 +133,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let pool = persistence::connect(&args.database_url, args.db_pool_max).await?;
     // Its own connection, so that a burst of reads never delays the lag signal.
     let monitor_pool = persistence::connect(&args.database_url, 1).await?;
+    let metrics = Arc::new(Metrics::new(&route_table()));
     let bus = Bus::start(
         &args.brokers,
         &args.requests_topic,
         &args.outcomes_topic,
         Duration::from_millis(args.outcome_timeout_ms),
+        metrics.hops.clone(),
     )?;
     let lag = Arc::new(LagMonitor::default());
     tokio::spawn(lag.clone().run(
@@ -146,7 +148,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         monitor_pool,
         Duration::from_millis(args.lag_poll_ms.max(10)),
     ));
-    let metrics = Arc::new(Metrics::new(&route_table()));
     tokio::spawn(housekeeping(metrics.clone(), limiter.clone()));
     let app = Arc::new(App {
         bus,

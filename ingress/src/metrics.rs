@@ -24,6 +24,8 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 const HTTP_REQUESTS: &str = "ingress_http_requests_total";
 const HTTP_DURATION: &str = "ingress_http_request_duration_seconds";
+const APPEND_DURATION: &str = "ingress_append_seconds";
+const OUTCOME_DELAY: &str = "ingress_outcome_delay_seconds";
 
 /// Statuses the API answers; each gets a lazily registered handle per route.
 const STATUSES: [u16; 16] = [
@@ -73,6 +75,15 @@ pub struct Metrics {
     pub lag_signal_age: Gauge,
     pub broker_ok_age: Gauge,
     pub rate_limiter_keys: Gauge,
+    /// The two Kafka hops a write's latency is made of, seen from the ingress (handed to the bus).
+    pub hops: HopTimers,
+}
+
+/// Histograms the bus records into, one sample per append and one per outcome message.
+#[derive(Clone)]
+pub struct HopTimers {
+    pub append: Histogram,
+    pub outcome_delay: Histogram,
 }
 
 /// Decrements the in-flight gauge when the request ends, also when its future is dropped.
@@ -90,6 +101,10 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), LATENCY_BUCKETS)
             .expect("latency buckets are not empty")
+            .set_buckets_for_metric(Matcher::Full(APPEND_DURATION.into()), LATENCY_BUCKETS)
+            .expect("latency buckets are not empty")
+            .set_buckets_for_metric(Matcher::Full(OUTCOME_DELAY.into()), LATENCY_BUCKETS)
+            .expect("latency buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
@@ -104,6 +119,16 @@ impl Metrics {
             HTTP_DURATION,
             Some(Unit::Seconds),
             "time from request to response per route (writes include waiting for the outcome)",
+        );
+        describe(
+            APPEND_DURATION,
+            Some(Unit::Seconds),
+            "hop 1 of a write: handing the request to the producer until the broker acknowledges it (linger.ms plus the broker's append)",
+        );
+        describe(
+            OUTCOME_DELAY,
+            Some(Unit::Seconds),
+            "last hop of a write: the sequencer publishing an outcome message (after COMMIT) until this ingress reads it; millisecond resolution, from the message's CreateTime",
         );
         describe(
             "ingress_http_requests_in_flight",
@@ -201,6 +226,11 @@ impl Metrics {
             lag_signal_age: gauge("ingress_lag_signal_age_seconds"),
             broker_ok_age: gauge("ingress_broker_last_ok_age_seconds"),
             rate_limiter_keys: gauge("ingress_rate_limiter_keys"),
+            hops: HopTimers {
+                append: recorder.register_histogram(&Key::from_static_name(APPEND_DURATION), &META),
+                outcome_delay: recorder
+                    .register_histogram(&Key::from_static_name(OUTCOME_DELAY), &META),
+            },
             recorder,
             handle,
         }

@@ -34,6 +34,8 @@ pub enum LogEvent {
     Message {
         offset: i64,
         payload: Vec<u8>,
+        /// The message's CreateTime (stamped by the ingress's producer), if the broker kept one.
+        created_ms: Option<i64>,
     },
     /// The reader cannot go on; the decide loop must stop with this explanation.
     Fatal(String),
@@ -238,6 +240,7 @@ fn read_loop(
                 LogEvent::Message {
                     offset: m.offset(),
                     payload: m.payload().unwrap_or_default().to_vec(),
+                    created_ms: m.timestamp().to_millis(),
                 }
             }
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {

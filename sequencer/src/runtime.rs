@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
@@ -468,6 +468,7 @@ impl Sequencer {
         publisher: &Publisher,
         conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
     ) -> Result<(), Stop> {
+        let deciding = Instant::now();
         let first_offset = position.next_offset;
         let (requests, offsets) = decode_messages(messages, first_offset);
         let next_offset = messages
@@ -497,6 +498,7 @@ impl Sequencer {
         );
         let _in_batch = span.enter();
         let started = Instant::now();
+        let decide = started - deciding;
         self.commit_with_retry(conn, &record)?;
         self.status.commit_failing.store(false, Ordering::Relaxed);
         let commit_us = started.elapsed().as_micros() as u64;
@@ -514,7 +516,7 @@ impl Sequencer {
         s.last_commit_us.store(commit_us, Ordering::Relaxed);
         s.last_batch_size
             .store(requests.len() as u64, Ordering::Relaxed);
-        crate::status::record_batch(&out, requests.len(), started.elapsed());
+        crate::status::record_batch(&out, requests.len(), decide, started.elapsed());
         tracing::debug!(
             epoch,
             batch_seq = out.batch_seq,
@@ -593,9 +595,21 @@ fn is_integrity_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|code| code.starts_with("23"))
 }
 
+/// Moves a message into the batch being filled, and records how long it took to get here: from
+/// the ingress handing it to its producer to the decide loop taking it (the append, the fetch,
+/// and the wait in the read-ahead queue behind the batch being committed).
 fn take(event: LogEvent, messages: &mut Vec<(i64, Vec<u8>)>) -> Result<(), Stop> {
     match event {
-        LogEvent::Message { offset, payload } => {
+        LogEvent::Message {
+            offset,
+            payload,
+            created_ms,
+        } => {
+            if let Some(created) = created_ms {
+                static WAIT: OnceLock<metrics::Histogram> = OnceLock::new();
+                WAIT.get_or_init(|| metrics::histogram!("sequencer_request_wait_seconds"))
+                    .record((now_ms() - created).max(0) as f64 / 1000.0);
+            }
             messages.push((offset, payload));
             Ok(())
         }
@@ -635,7 +649,9 @@ fn read_range(
     let mut last = first - 1;
     while last + 1 < next {
         match reader.events.recv_deadline(deadline) {
-            Ok(LogEvent::Message { offset, payload }) => {
+            Ok(LogEvent::Message {
+                offset, payload, ..
+            }) => {
                 if offset >= next {
                     bail!("log offset {offset} arrived before the end {next} of the batch being replayed");
                 }

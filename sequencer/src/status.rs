@@ -51,6 +51,16 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             ],
         )?
         .set_buckets_for_metric(
+            Matcher::Full("sequencer_batch_decide_seconds".into()),
+            &[0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("sequencer_request_wait_seconds".into()),
+            &[
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.12, 0.25, 0.5, 1.0, 2.5,
+            ],
+        )?
+        .set_buckets_for_metric(
             Matcher::Full("sequencer_batch_size".into()),
             &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0],
         )?
@@ -62,8 +72,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 pub fn record_batch(
     out: &crate::engine::BatchOutput,
     commands: usize,
+    decide: std::time::Duration,
     commit: std::time::Duration,
 ) {
+    metrics::histogram!("sequencer_batch_decide_seconds").record(decide.as_secs_f64());
     metrics::histogram!("sequencer_batch_commit_seconds").record(commit.as_secs_f64());
     metrics::histogram!("sequencer_batch_size").record(commands as f64);
     metrics::counter!("sequencer_batches_total").increment(1);
