@@ -115,6 +115,7 @@ impl Bus {
         requests_topic: &str,
         outcomes_topic: &str,
         outcome_timeout: Duration,
+        fetch_wait_max_ms: u64,
         hops: HopTimers,
     ) -> anyhow::Result<Bus> {
         let ingress_id: IngressId = rand_u64();
@@ -143,7 +144,7 @@ impl Bus {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "latest")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
             .set("fetch.min.bytes", "1")
             .set("enable.partition.eof", "false")
             .create()

@@ -38,6 +38,10 @@ struct Args {
     /// How long a write waits for its outcome before answering 504 (outcome unknown).
     #[arg(long, env = "OUTCOME_TIMEOUT_MS", default_value_t = 5_000)]
     outcome_timeout_ms: u64,
+    /// The outcomes consumer's `fetch.wait.max.ms` (see the sequencer's FETCH_WAIT_MAX_MS: on
+    /// tansu 0.6 every fetch is held this long, so the last hop of a write costs up to this).
+    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 1)]
+    fetch_wait_max_ms: u64,
     /// Largest request body accepted (413 above).
     #[arg(long, env = "BODY_BYTES_MAX", default_value_t = 4_096)]
     body_bytes_max: usize,
@@ -139,6 +143,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         &args.requests_topic,
         &args.outcomes_topic,
         Duration::from_millis(args.outcome_timeout_ms),
+        args.fetch_wait_max_ms,
         metrics.hops.clone(),
     )?;
     let lag = Arc::new(LagMonitor::default());

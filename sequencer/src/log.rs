@@ -41,7 +41,7 @@ pub enum LogEvent {
     Fatal(String),
 }
 
-pub fn consumer_config(brokers: &str, node_id: &str) -> ClientConfig {
+pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
@@ -54,7 +54,7 @@ pub fn consumer_config(brokers: &str, node_id: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         // Never jump silently to the start or end of the log.
         .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", "5")
+        .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
         .set("fetch.min.bytes", "1")
         .set("queued.max.messages.kbytes", "65536")
         .set("enable.partition.eof", "false");

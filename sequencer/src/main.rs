@@ -76,6 +76,12 @@ struct RunArgs {
     /// Longest wait for more requests once a batch has one and fewer than the maximum.
     #[arg(long, env = "LINGER_MS", default_value_t = 1)]
     linger_ms: u64,
+    /// The requests consumer's `fetch.wait.max.ms`: how long the broker may hold a fetch when
+    /// there is nothing new. A broker that returns as soon as data arrives (Apache Kafka) is
+    /// fine with more; tansu 0.6 holds every fetch for the whole wait, so each Kafka hop costs
+    /// up to this much latency (docs/BENCHMARKS.md).
+    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 1)]
+    fetch_wait_max_ms: u64,
     /// How long the lease lasts without renewal: the longest a dead leader blocks a takeover.
     #[arg(long, env = "LEASE_MS", default_value_t = 600)]
     lease_ms: u64,
@@ -164,6 +170,7 @@ fn run(args: RunArgs) -> ExitCode {
         batch_size_max: args.batch_size_max,
         batch_size_backlog_max: args.batch_size_backlog_max,
         linger: Duration::from_millis(args.linger_ms),
+        fetch_wait_max_ms: args.fetch_wait_max_ms,
         lease: Duration::from_millis(args.lease_ms),
         renew_every: Duration::from_millis(args.renew_ms),
         standby_poll: Duration::from_millis(args.standby_poll_ms),

@@ -39,6 +39,8 @@ pub struct Config {
     pub batch_size_max: usize,
     pub batch_size_backlog_max: usize,
     pub linger: Duration,
+    /// `fetch.wait.max.ms` of the requests consumers.
+    pub fetch_wait_max_ms: u64,
     pub lease: Duration,
     pub renew_every: Duration,
     pub standby_poll: Duration,
@@ -232,7 +234,11 @@ impl Sequencer {
         let engine = Engine::restore(snapshot).context("the state in Postgres is inconsistent")?;
         engine.check_invariants();
         let next_offset = loaded.state.next_offset;
-        let consumer_config = log::consumer_config(&self.config.brokers, &self.config.node_id);
+        let consumer_config = log::consumer_config(
+            &self.config.brokers,
+            &self.config.node_id,
+            self.config.fetch_wait_max_ms,
+        );
         log::check_log_covers(&consumer_config, &self.config.requests_topic, next_offset)?;
         self.publish_position(&engine, next_offset);
         let reader = LogReader::start(
