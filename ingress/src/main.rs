@@ -87,6 +87,12 @@ struct Args {
     log_json: bool,
 }
 
+/// glibc's malloc was ~15% of the ingress's CPU under load (perf, 25k requests/s): every request
+/// allocates its body, JSON, message, future and reply. mimalloc's thread-local free lists are
+/// cheaper for that pattern.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
