@@ -10,11 +10,41 @@
 //!
 //! Alongside the outcomes it returns what changed ([`BatchOutput`]) so the persistence layer can
 //! write the batch as one transaction without re-deriving anything.
+//!
+//! # Layout of the state
+//!
+//! A flash sale is millions of reserve commands against a handful of SKUs, most of them refused,
+//! and every decision is kept for good: its idempotency key and its request id must never be
+//! decided twice. So what a decision costs is what matters, and the state is laid out so that
+//! recording one is a few appends and a few hash probes, with no allocation of its own:
+//!
+//! - every decision, granted or refused, is one fixed-size row of `Engine::decisions` (a
+//!   [`Reservation`], 56 bytes), in decision order; a granted row is the reservation itself;
+//! - the strings kept (user ids, idempotency keys) are appended to two text arenas and referred
+//!   to by offset and length; a user is a 32-byte row holding its name's place and its holding;
+//! - three insert-only hash indexes ([`Index`]) hold row numbers only: users by id, decisions
+//!   by request id, and decisions by `(user, idempotency key)`. Each command's keys are hashed
+//!   once; the hashes serve the lookups and the inserts that follow them;
+//! - a user's units held or sold of their first SKU live in the user row, which the lookup of
+//!   the user has just read; further SKUs per user go to a small map.
+//!
+//! Only decisions about a known SKU are recorded (an unknown SKU is an answer about the input,
+//! not a decision), so a row names its SKU by index; a user is created by its first decision.
+//!
+//! # Memory latency
+//!
+//! With that, a new decision is bound by memory latency, not by instructions: the index slots,
+//! the user row and the user's name sit at hashed, effectively random places in tables far
+//! bigger than the caches, and each depends on the one before. [`Engine::apply_batch`] therefore
+//! runs the commands of a batch through a short software pipeline that prefetches what each
+//! command will read a few commands before deciding it. Prefetches are hints to the CPU: they
+//! change nothing but timing, so the outcomes stay exactly those of deciding one by one.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::hash::Hasher;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::{FxHashMap, FxHasher};
 pub use wire::StoredDecision;
 use wire::{
     Command, Outcome, Reject, Request, RequestId, ReservationStatus, ReservationView, SkuConfig,
@@ -30,6 +60,14 @@ pub use wire::limits::{HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
 
 pub type SkuIdx = u32;
 type UserIdx = u32;
+/// Position of a decision in `Engine::decisions`.
+type RowIdx = u32;
+
+/// Commands between two stages of the prefetch pipeline (see [`Engine::apply_batch`]).
+const STAGE: usize = 2;
+/// The pipeline keeps the hashes of the commands in flight by command index modulo this.
+const RING: usize = 8;
+const _: () = assert!(RING > 3 * STAGE && RING.is_power_of_two());
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Sku {
@@ -83,31 +121,218 @@ impl Sku {
     }
 }
 
-/// What a repeated `(user_id, idempotency_key)` gets back, and what it must match.
+/// A string kept in one of the engine's text arenas: its byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u64,
+    len: u32,
+}
+
+impl Span {
+    /// Appends `s` to the arena `text`.
+    fn push(text: &mut String, s: &str) -> Span {
+        let span = Span {
+            start: text.len() as u64,
+            len: u32::try_from(s.len()).expect("strings shorter than 4 GiB"),
+        };
+        text.push_str(s);
+        span
+    }
+
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.start as usize + self.len as usize
+    }
+}
+
+/// Aligned so that reading a user is one cache line, not two.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct IdempotencyRecord {
-    /// The SKU name the key was first used with (an unknown SKU has no index to point at).
-    sku: Box<str>,
-    quantity: u32,
-    /// The reservation it created, or why it was refused.
-    decision: Result<RequestId, Reject>,
-}
-
-#[derive(Debug, Default, Clone)]
+#[repr(align(32))]
 struct User {
-    name: String,
-    keys: FxHashMap<Box<str>, IdempotencyRecord>,
-    /// Units held or sold per SKU: what the per-user limit is checked against.
-    holdings: FxHashMap<SkuIdx, u64>,
+    /// The user id, in `Engine::names`.
+    name: Span,
+    /// The user's units held or sold of `sku`: what the per-user limit is checked against. A
+    /// buyer almost always buys one SKU, so the first is kept here; others are in
+    /// `Engine::more_holdings`. `NO_SKU` until the first grant.
+    sku: SkuIdx,
+    units: u64,
 }
 
+const NO_SKU: SkuIdx = SkuIdx::MAX;
+
+/// One recorded decision of a reserve command: the idempotency record of its key (what a repeat
+/// must match, and gets back) and, if granted, the reservation it created.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
-    sku: SkuIdx,
-    user: UserIdx,
-    quantity: u32,
-    status: ReservationStatus,
+    /// The request id (which is the reservation id), high half first: a `u128` field would align
+    /// the row to 16 bytes and make it 64 bytes long instead of 56.
+    request_id: [u64; 2],
+    /// For a grant; 0 for a refusal.
     expires_at_ms: i64,
+    /// The idempotency key, in `Engine::keys`.
+    key: Span,
+    user: UserIdx,
+    sku: SkuIdx,
+    quantity: u32,
+    /// Where the reservation stands now, or why the request was refused.
+    status: Result<ReservationStatus, Reject>,
+}
+
+const _: () = assert!(std::mem::size_of::<Reservation>() <= 56);
+
+impl Reservation {
+    fn request_id(&self) -> RequestId {
+        (u128::from(self.request_id[0]) << 64) | u128::from(self.request_id[1])
+    }
+}
+
+fn split_id(id: RequestId) -> [u64; 2] {
+    [(id >> 64) as u64, id as u64]
+}
+
+/// An insert-only hash index over rows kept elsewhere: it maps a key's 32-bit hash to row
+/// numbers, and the caller's predicate says whether a row holds the key. The engine never
+/// removes anything, so plain open addressing with linear probing is enough.
+///
+/// A slot is one `u64`: the hash in the high half and the row number plus one in the low half
+/// (0 is an empty slot). A probe compares the stored hash before asking about the row, so it
+/// reads the row (another cache line) only when the key is almost certainly there: a lookup of
+/// an absent key, the common case for a new request, reads only slots, 8 to a cache line.
+/// Growing re-places the slots by their stored hashes and never reads or re-hashes keys.
+#[derive(Debug, Default, Clone)]
+struct Index {
+    /// Empty, or a power of two long and at most three quarters full (so probes end).
+    slots: Vec<u64>,
+    len: usize,
+}
+
+impl Index {
+    /// The first row with this hash that `holds_key` accepts.
+    fn find(&self, hash: u32, mut holds_key: impl FnMut(u32) -> bool) -> Option<u32> {
+        let mask = self.slots.len().wrapping_sub(1);
+        let mut i = hash as usize;
+        loop {
+            let slot = *self.slots.get(i & mask)?;
+            if slot == 0 {
+                return None;
+            }
+            let row = slot as u32 - 1;
+            if (slot >> 32) as u32 == hash && holds_key(row) {
+                return Some(row);
+            }
+            i += 1;
+        }
+    }
+
+    /// Adds a row whose key the caller has just looked up and not found.
+    fn insert_new(&mut self, hash: u32, row: u32) {
+        let row = row.checked_add(1).expect("fewer than 2^32 - 1 rows");
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.grow();
+        }
+        self.place((u64::from(hash) << 32) | u64::from(row));
+        self.len += 1;
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        let capacity = (self.slots.len() * 2).max(16);
+        let slots = std::mem::replace(&mut self.slots, vec![0; capacity]);
+        for slot in slots.into_iter().filter(|&s| s != 0) {
+            self.place(slot);
+        }
+    }
+
+    fn place(&mut self, slot: u64) {
+        let mask = self.slots.len() - 1;
+        let mut i = (slot >> 32) as usize & mask;
+        while self.slots[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = slot;
+    }
+
+    /// Starts loading the slots a lookup of `hash` will read first.
+    fn prefetch(&self, hash: u32) {
+        let mask = self.slots.len().wrapping_sub(1);
+        if let Some(slot) = self.slots.get(hash as usize & mask) {
+            prefetch(slot);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Asks the CPU to start loading the cache line of `at` (a no-op elsewhere than on x86-64).
+#[inline]
+fn prefetch<T>(at: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` is only a hint to the cache: it does not change memory or registers
+    // and cannot fault (here the address is even a valid reference). The intrinsic is `unsafe`
+    // only because it needs SSE, which every x86-64 CPU has.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((at as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+/// The hashes of a reserve command's keys, as the indexes use them.
+#[derive(Debug, Clone, Copy)]
+struct Hashes {
+    /// Of the user id.
+    user: u32,
+    /// Of `(user id, idempotency key)`.
+    key: u32,
+    /// Of the request id.
+    request: u32,
+}
+
+impl Hashes {
+    /// Fx hashing, each narrowed to 32 bits by [`narrow`]: fast and deterministic, and, like
+    /// the Fx maps before it, not flood-resistant (a client crafting colliding idempotency keys
+    /// would slow its own lookups down, never make them wrong).
+    fn new(request_id: RequestId, user_id: &str, key: &str) -> Hashes {
+        let mut user = FxHasher::default();
+        user.write(user_id.as_bytes());
+        let user = user.finish();
+        // From the user id's hash, not the user's index: a new user has none yet.
+        let mut user_key = FxHasher::default();
+        user_key.write_u64(user);
+        user_key.write(key.as_bytes());
+        Hashes {
+            user: narrow(user),
+            key: narrow(user_key.finish()),
+            request: hash_request_id(request_id),
+        }
+    }
+
+    fn of(request: &Request) -> Option<Hashes> {
+        match &request.command {
+            Command::Reserve {
+                user_id,
+                idempotency_key,
+                ..
+            } => Some(Hashes::new(request.request_id, user_id, idempotency_key)),
+            _ => None,
+        }
+    }
+}
+
+fn hash_request_id(id: RequestId) -> u32 {
+    let mut h = FxHasher::default();
+    h.write_u128(id);
+    narrow(h.finish())
+}
+
+/// 64 hash bits to 32 by a full multiply, which spreads every input bit over the result (Fx
+/// alone leaves bits that do not depend on parts of its input, e.g. for ids like `n << 32`).
+fn narrow(h: u64) -> u32 {
+    let p = u128::from(h) * 0x9E37_79B9_7F4A_7C15_u128;
+    ((p >> 64) as u64 ^ p as u64) as u32
 }
 
 /// A new decision row: one per reserve command that was not a replay of an earlier key.
@@ -175,12 +400,22 @@ pub struct Engine {
     skus: Vec<Sku>,
     sku_index: FxHashMap<String, SkuIdx>,
     users: Vec<User>,
-    user_index: FxHashMap<String, UserIdx>,
-    reservations: FxHashMap<RequestId, Reservation>,
-    /// Request ids of recorded refusals. With `reservations`, every id that has a decision row:
-    /// a foreign producer reusing one must be refused, not allowed to write a second row with the
-    /// same primary key (which would fail the commit on every replay and stall the sale).
-    refused_ids: FxHashSet<RequestId>,
+    /// Users by id (hash of the id).
+    user_index: Index,
+    /// User ids, appended and never removed; kept apart from the keys so that they stay dense.
+    names: String,
+    /// Idempotency keys, appended and never removed.
+    keys: String,
+    /// Every decision row, in decision order.
+    decisions: Vec<Reservation>,
+    /// Decisions by request id. Every id that has a decision row, refusals included: a foreign
+    /// producer reusing one must be refused, not allowed to write a second row with the same
+    /// primary key (which would fail the commit on every replay and stall the sale).
+    by_request: Index,
+    /// Decisions by `(user, idempotency key)`: what a repeated key gets back.
+    by_key: Index,
+    /// Units held or sold per `(user, SKU)` beyond each user's first SKU (see [`User`]).
+    more_holdings: FxHashMap<(UserIdx, SkuIdx), u64>,
     /// Holds ordered by expiry; entries whose reservation left `held` are skipped when popped.
     expiries: BinaryHeap<Reverse<(i64, RequestId)>>,
     /// Time of the last batch: batch time never goes backwards, even if the wall clock does.
@@ -204,14 +439,10 @@ impl Engine {
     /// Earliest expiry among current holds, so the runtime can cut an empty batch in time.
     pub fn next_expiry_ms(&mut self) -> Option<i64> {
         while let Some(Reverse((at, id))) = self.expiries.peek().copied() {
-            match self.reservations.get(&id) {
-                Some(r) if r.status == ReservationStatus::Held && r.expires_at_ms == at => {
-                    return Some(at)
-                }
-                _ => {
-                    self.expiries.pop();
-                }
+            if self.live_hold(id, at).is_some() {
+                return Some(at);
             }
+            self.expiries.pop();
         }
         None
     }
@@ -227,7 +458,7 @@ impl Engine {
     }
 
     pub fn reservation(&self, id: RequestId) -> Option<ReservationView> {
-        self.reservations.get(&id).map(|r| self.view_of(id, r))
+        self.reservation_row(id).map(|row| self.view_of(row))
     }
 
     /// Decides one batch. `now_ms` is the batch time; it is clamped so it never goes backwards.
@@ -242,9 +473,41 @@ impl Engine {
             ..BatchOutput::default()
         };
         self.expire_due_holds(&mut out);
-        for (index, request) in requests.iter().enumerate() {
-            let outcome = self.decide(index as u32, request, &mut out);
-            out.outcomes.push(outcome);
+        // The prefetch pipeline (see the module docs). At each step one command enters: it is
+        // hashed and its index slots are prefetched. `STAGE` commands later, its user's slot
+        // has arrived and names a user row to prefetch; `STAGE` later still, that row has
+        // arrived and says where the user's name is; `STAGE` later it is decided. A command
+        // decided before it leaves the pipeline (one creating the user, say) makes a later
+        // prefetch useless, never wrong: deciding always does its own lookups.
+        let mut ahead = [None; RING];
+        for step in 0..requests.len() + 3 * STAGE {
+            if let Some(request) = requests.get(step) {
+                let hashes = Hashes::of(request);
+                if let Some(h) = hashes {
+                    self.user_index.prefetch(h.user);
+                    self.by_key.prefetch(h.key);
+                    self.by_request.prefetch(h.request);
+                }
+                ahead[step % RING] = hashes;
+            }
+            let stage = |n: usize| step.checked_sub(n * STAGE).filter(|&i| i < requests.len());
+            if let Some(h) = stage(1).and_then(|i| ahead[i % RING]) {
+                if let Some(user) = self.user_index.find(h.user, |_| true) {
+                    prefetch(&self.users[user as usize]);
+                }
+            }
+            if let Some(h) = stage(2).and_then(|i| ahead[i % RING]) {
+                if let Some(user) = self.user_index.find(h.user, |_| true) {
+                    let name = self.users[user as usize].name;
+                    if let Some(byte) = self.names.as_bytes().get(name.start as usize) {
+                        prefetch(byte);
+                    }
+                }
+            }
+            if let Some(i) = stage(3) {
+                let outcome = self.decide(i as u32, &requests[i], ahead[i % RING], &mut out);
+                out.outcomes.push(outcome);
+            }
         }
         for sku in &self.skus {
             if sku.dirty_in_batch == self.batch_seq {
@@ -263,13 +526,10 @@ impl Engine {
                 break;
             }
             self.expiries.pop();
-            let Some(r) = self.reservations.get(&id) else {
+            let Some(row) = self.live_hold(id, at) else {
                 continue;
             };
-            if r.status != ReservationStatus::Held || r.expires_at_ms != at {
-                continue;
-            }
-            self.release_hold(id, ReservationStatus::Expired);
+            self.release_hold(row, ReservationStatus::Expired);
             out.transitions.push(Transition {
                 reservation_id: id,
                 status: ReservationStatus::Expired,
@@ -278,7 +538,23 @@ impl Engine {
         }
     }
 
-    fn decide(&mut self, index: u32, request: &Request, out: &mut BatchOutput) -> Outcome {
+    /// The row of reservation `id` if it is still held and expires at `at` (an expiry entry
+    /// that is not stale).
+    fn live_hold(&self, id: RequestId, at: i64) -> Option<RowIdx> {
+        self.reservation_row(id).filter(|&row| {
+            let r = &self.decisions[row as usize];
+            r.status == Ok(ReservationStatus::Held) && r.expires_at_ms == at
+        })
+    }
+
+    /// `hashes` are those of the command if it is a reserve.
+    fn decide(
+        &mut self,
+        index: u32,
+        request: &Request,
+        hashes: Option<Hashes>,
+        out: &mut BatchOutput,
+    ) -> Outcome {
         let now = self.clock_ms;
         match &request.command {
             Command::Reserve {
@@ -293,6 +569,7 @@ impl Engine {
                 user_id,
                 *quantity,
                 idempotency_key,
+                hashes.expect("a reserve is hashed"),
                 out,
             ),
             Command::Confirm { reservation_id } => {
@@ -330,50 +607,63 @@ impl Engine {
         user_id: &str,
         quantity: u32,
         key: &str,
+        hashes: Hashes,
         out: &mut BatchOutput,
     ) -> Outcome {
-        let user = self.user_idx(user_id);
-        if let Some(record) = self.users[user as usize].keys.get(key) {
+        let sku = self.sku_index.get(sku_name).copied();
+        let user = self.find_user(hashes.user, user_id);
+        if let Some(row) = user.and_then(|user| self.find_key(hashes.key, user, key)) {
             // A repeat: same request gets the first outcome and changes nothing; a different
-            // request under the same key is refused and not recorded.
-            if &*record.sku != sku_name || record.quantity != quantity {
+            // request under the same key is refused and not recorded. (SKU names are unique,
+            // so comparing indexes compares names; an unknown SKU differs from any record.)
+            let record = &self.decisions[row as usize];
+            if sku != Some(record.sku) || record.quantity != quantity {
                 return Outcome::Rejected(Reject::IdempotencyKeyReused);
             }
-            return match record.decision {
-                Ok(reservation_id) => {
-                    let r = &self.reservations[&reservation_id];
-                    Outcome::Held {
-                        reservation_id,
-                        expires_at_ms: r.expires_at_ms,
-                    }
-                }
+            return match record.status {
+                Ok(_) => Outcome::Held {
+                    reservation_id: record.request_id(),
+                    expires_at_ms: record.expires_at_ms,
+                },
                 Err(reason) => Outcome::Rejected(reason),
             };
         }
-        let decision = self.grant_or_refuse(request_id, sku_name, user, quantity);
-        if let Err(reason @ (Reject::UnknownSku | Reject::InvalidCommand)) = decision {
-            // Answers about the input, not decisions about stock: nothing is recorded and the
-            // key stays free, so a corrected retry (or one after the SKU exists) is decided anew.
-            return Outcome::Rejected(reason);
+        // Answers about the input, not decisions about stock: nothing is recorded and the key
+        // stays free, so a corrected retry (or one after the SKU exists) is decided anew.
+        let Some(sku) = sku else {
+            return Outcome::Rejected(Reject::UnknownSku);
+        };
+        if quantity == 0
+            || quantity > QUANTITY_MAX
+            || self.find_request(hashes.request, request_id).is_some()
+        {
+            return Outcome::Rejected(Reject::InvalidCommand);
         }
-        if decision.is_err() {
-            self.refused_ids.insert(request_id);
+        let decision = self.grant_or_refuse(sku, user, quantity);
+        let user = match user {
+            Some(user) => user,
+            None => self.add_user(hashes.user, user_id),
+        };
+        if let Ok(expires_at_ms) = decision {
+            self.take_stock(sku, user, quantity);
+            self.expiries.push(Reverse((expires_at_ms, request_id)));
         }
-        let result = decision.map(|_| self.reservations[&request_id].expires_at_ms);
-        self.users[user as usize].keys.insert(
-            key.into(),
-            IdempotencyRecord {
-                sku: sku_name.into(),
-                quantity,
-                decision,
-            },
-        );
+        let row = Reservation {
+            request_id: split_id(request_id),
+            expires_at_ms: decision.unwrap_or(0),
+            key: Span::push(&mut self.keys, key),
+            user,
+            sku,
+            quantity,
+            status: decision.map(|_| ReservationStatus::Held),
+        };
+        self.record(row, hashes);
         out.decisions.push(Decision {
             command_index: index,
             request_id,
-            result,
+            result: decision,
         });
-        match result {
+        match decision {
             Ok(expires_at_ms) => Outcome::Held {
                 reservation_id: request_id,
                 expires_at_ms,
@@ -382,20 +672,17 @@ impl Engine {
         }
     }
 
-    /// The rules of a new reservation, in the order a buyer would want them explained.
+    /// The rules of a new reservation, in the order a buyer would want them explained (after
+    /// the checks of the input itself in [`Engine::reserve`]). Changes nothing; `Ok` is the
+    /// expiry of the hold to create.
     fn grant_or_refuse(
-        &mut self,
-        request_id: RequestId,
-        sku_name: &str,
-        user: UserIdx,
+        &self,
+        sku_idx: SkuIdx,
+        user: Option<UserIdx>,
         quantity: u32,
-    ) -> Result<RequestId, Reject> {
+    ) -> Result<i64, Reject> {
         let now = self.clock_ms;
-        let &sku_idx = self.sku_index.get(sku_name).ok_or(Reject::UnknownSku)?;
         let sku = &self.skus[sku_idx as usize];
-        if quantity == 0 || quantity > QUANTITY_MAX || self.has_decision(request_id) {
-            return Err(Reject::InvalidCommand);
-        }
         if sku.paused {
             return Err(Reject::SalePaused);
         }
@@ -405,41 +692,35 @@ impl Engine {
         if sku.config.ends_at_ms.is_some_and(|t| now >= t) {
             return Err(Reject::SaleEnded);
         }
-        let holding = self.users[user as usize]
-            .holdings
-            .get(&sku_idx)
-            .copied()
-            .unwrap_or(0);
+        let holding = user.map_or(0, |user| self.holding(user, sku_idx));
         if holding + u64::from(quantity) > u64::from(sku.config.per_user_limit) {
             return Err(Reject::LimitExceeded);
         }
         if sku.available < u64::from(quantity) {
             return Err(Reject::SoldOut);
         }
-        let expires_at_ms = now.saturating_add(sku.config.hold_ttl_ms as i64);
+        Ok(now.saturating_add(sku.config.hold_ttl_ms as i64))
+    }
+
+    /// Moves granted units from available to held and counts them to the user's limit.
+    fn take_stock(&mut self, sku_idx: SkuIdx, user: UserIdx, quantity: u32) {
         let sku = &mut self.skus[sku_idx as usize];
         sku.available -= u64::from(quantity);
         sku.held += u64::from(quantity);
         sku.dirty_in_batch = self.batch_seq;
         let limit = u64::from(sku.config.per_user_limit);
-        let holding = self.users[user as usize]
-            .holdings
-            .entry(sku_idx)
-            .or_insert(0);
+        let holding = self.holding_mut(user, sku_idx);
         *holding += u64::from(quantity);
         assert!(*holding <= limit, "per-user limit broken by a grant");
-        self.reservations.insert(
-            request_id,
-            Reservation {
-                sku: sku_idx,
-                user,
-                quantity,
-                status: ReservationStatus::Held,
-                expires_at_ms,
-            },
-        );
-        self.expiries.push(Reverse((expires_at_ms, request_id)));
-        Ok(request_id)
+    }
+
+    /// Appends a decision row and indexes it; its request id and key, which `hashes` are of,
+    /// have just been looked up and not found.
+    fn record(&mut self, row: Reservation, hashes: Hashes) {
+        let idx = RowIdx::try_from(self.decisions.len()).expect("fewer than 2^32 decisions");
+        self.decisions.push(row);
+        self.by_request.insert_new(hashes.request, idx);
+        self.by_key.insert_new(hashes.key, idx);
     }
 
     /// Confirm or cancel: only a held reservation moves; repeating a finished move is a no-op
@@ -451,21 +732,23 @@ impl Engine {
         now: i64,
         out: &mut BatchOutput,
     ) -> Outcome {
-        let Some(r) = self.reservations.get(&id) else {
+        let Some(row) = self.reservation_row(id) else {
             return Outcome::Rejected(Reject::UnknownReservation);
         };
-        let changed = match (r.status, to) {
+        let r = &self.decisions[row as usize];
+        let status = r.status.expect("reservation_row returns reservations");
+        let changed = match (status, to) {
             (ReservationStatus::Held, ReservationStatus::Confirmed) => {
                 let (sku, quantity) = (r.sku as usize, u64::from(r.quantity));
                 let sku = &mut self.skus[sku];
                 sku.held -= quantity;
                 sku.sold += quantity;
                 sku.dirty_in_batch = self.batch_seq;
-                self.reservations.get_mut(&id).expect("present").status = to;
+                self.decisions[row as usize].status = Ok(to);
                 true
             }
             (ReservationStatus::Held, _) => {
-                self.release_hold(id, to);
+                self.release_hold(row, to);
                 true
             }
             (current, wanted) if current == wanted => false,
@@ -486,29 +769,25 @@ impl Engine {
                 at_ms: now,
             });
         }
-        Outcome::Reservation(self.view_of(id, &self.reservations[&id]))
+        Outcome::Reservation(self.view_of(row))
     }
 
     /// Held -> cancelled or expired: the units go back on sale and stop counting to the limit.
-    fn release_hold(&mut self, id: RequestId, to: ReservationStatus) {
-        let r = self
-            .reservations
-            .get_mut(&id)
-            .expect("release of unknown hold");
+    fn release_hold(&mut self, row: RowIdx, to: ReservationStatus) {
+        let r = &mut self.decisions[row as usize];
         assert_eq!(
             r.status,
-            ReservationStatus::Held,
+            Ok(ReservationStatus::Held),
             "release of a non-held reservation"
         );
-        r.status = to;
+        r.status = Ok(to);
         let (sku_idx, user, quantity) = (r.sku, r.user, u64::from(r.quantity));
         let sku = &mut self.skus[sku_idx as usize];
         sku.held -= quantity;
         sku.available += quantity;
         sku.dirty_in_batch = self.batch_seq;
-        let holdings = &mut self.users[user as usize].holdings;
-        let holding = holdings.get_mut(&sku_idx).expect("hold without holding");
-        *holding -= quantity;
+        let holding = self.holding_mut(user, sku_idx);
+        *holding = holding.checked_sub(quantity).expect("hold without holding");
     }
 
     fn upsert_sku(&mut self, name: &str, config: &SkuConfig) -> Outcome {
@@ -575,30 +854,95 @@ impl Engine {
         Outcome::Sku(sku.view())
     }
 
-    fn has_decision(&self, request_id: RequestId) -> bool {
-        self.reservations.contains_key(&request_id) || self.refused_ids.contains(&request_id)
+    /// Units of `sku` that `user` holds or bought.
+    fn holding(&self, user: UserIdx, sku: SkuIdx) -> u64 {
+        let u = &self.users[user as usize];
+        if u.sku == sku {
+            u.units
+        } else {
+            self.more_holdings.get(&(user, sku)).copied().unwrap_or(0)
+        }
     }
 
-    fn user_idx(&mut self, name: &str) -> UserIdx {
-        if let Some(&i) = self.user_index.get(name) {
-            return i;
+    fn holding_mut(&mut self, user: UserIdx, sku: SkuIdx) -> &mut u64 {
+        let u = &mut self.users[user as usize];
+        if u.sku == NO_SKU {
+            u.sku = sku;
         }
+        if u.sku == sku {
+            &mut u.units
+        } else {
+            self.more_holdings.entry((user, sku)).or_insert(0)
+        }
+    }
+
+    /// All the holdings, one per `(user, SKU)` that was ever granted units.
+    fn holdings(&self) -> impl Iterator<Item = ((UserIdx, SkuIdx), u64)> + '_ {
+        let first = self
+            .users
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.sku != NO_SKU);
+        first
+            .map(|(i, u)| ((i as UserIdx, u.sku), u.units))
+            .chain(self.more_holdings.iter().map(|(&k, &v)| (k, v)))
+    }
+
+    fn user_name(&self, user: UserIdx) -> &str {
+        let span = self.users[user as usize].name;
+        &self.names[span.range()]
+    }
+
+    fn key(&self, row: &Reservation) -> &str {
+        &self.keys[row.key.range()]
+    }
+
+    /// The decision row of request `hash`/`id`, granted or refused.
+    fn find_request(&self, hash: u32, id: RequestId) -> Option<RowIdx> {
+        self.by_request
+            .find(hash, |row| self.decisions[row as usize].request_id() == id)
+    }
+
+    /// The row of reservation `id`: a granted decision (a refusal created no reservation).
+    fn reservation_row(&self, id: RequestId) -> Option<RowIdx> {
+        self.find_request(hash_request_id(id), id)
+            .filter(|&row| self.decisions[row as usize].status.is_ok())
+    }
+
+    /// The decision recorded under `(user, key)`; `hash` is [`Hashes::key`].
+    fn find_key(&self, hash: u32, user: UserIdx, key: &str) -> Option<RowIdx> {
+        self.by_key.find(hash, |row| {
+            let r = &self.decisions[row as usize];
+            r.user == user && self.key(r) == key
+        })
+    }
+
+    /// `hash` is [`Hashes::user`].
+    fn find_user(&self, hash: u32, name: &str) -> Option<UserIdx> {
+        self.user_index.find(hash, |u| self.user_name(u) == name)
+    }
+
+    /// Adds a user that [`Engine::find_user`] has just not found.
+    fn add_user(&mut self, hash: u32, name: &str) -> UserIdx {
         let i = UserIdx::try_from(self.users.len()).expect("fewer than 2^32 users");
-        self.user_index.insert(name.to_owned(), i);
+        let name = Span::push(&mut self.names, name);
         self.users.push(User {
-            name: name.to_owned(),
-            ..User::default()
+            name,
+            sku: NO_SKU,
+            units: 0,
         });
+        self.user_index.insert_new(hash, i);
         i
     }
 
-    fn view_of(&self, id: RequestId, r: &Reservation) -> ReservationView {
+    fn view_of(&self, row: RowIdx) -> ReservationView {
+        let r = &self.decisions[row as usize];
         ReservationView {
-            reservation_id: id,
+            reservation_id: r.request_id(),
             sku: self.skus[r.sku as usize].name.clone(),
-            user_id: self.users[r.user as usize].name.clone(),
+            user_id: self.user_name(r.user).to_owned(),
             quantity: r.quantity,
-            status: r.status,
+            status: r.status.expect("a view of a reservation"),
             expires_at_ms: r.expires_at_ms,
         }
     }
@@ -635,65 +979,27 @@ impl Engine {
         }
         let mut rows_held = vec![0u64; engine.skus.len()];
         let mut rows_sold = vec![0u64; engine.skus.len()];
+        engine.decisions.reserve(snapshot.decisions.len());
         for d in snapshot.decisions {
-            if engine.has_decision(d.request_id) {
+            let hashes = Hashes::new(d.request_id, &d.user_id, &d.idempotency_key);
+            if engine.find_request(hashes.request, d.request_id).is_some() {
                 return Err(RestoreError::DuplicateRequestId {
                     request_id: d.request_id,
                 });
             }
-            let user = engine.user_idx(&d.user_id);
-            let decision = match d.status {
-                Ok(status) => {
-                    let &sku =
-                        engine
-                            .sku_index
-                            .get(&d.sku)
-                            .ok_or_else(|| RestoreError::UnknownSku {
-                                request_id: d.request_id,
-                                sku: d.sku.clone(),
-                            })?;
-                    let quantity = u64::from(d.quantity);
-                    match status {
-                        ReservationStatus::Held => {
-                            rows_held[sku as usize] += quantity;
-                            engine
-                                .expiries
-                                .push(Reverse((d.expires_at_ms, d.request_id)));
-                        }
-                        ReservationStatus::Confirmed => rows_sold[sku as usize] += quantity,
-                        ReservationStatus::Cancelled | ReservationStatus::Expired => {}
-                    }
-                    if matches!(
-                        status,
-                        ReservationStatus::Held | ReservationStatus::Confirmed
-                    ) {
-                        *engine.users[user as usize].holdings.entry(sku).or_insert(0) += quantity;
-                    }
-                    engine.reservations.insert(
-                        d.request_id,
-                        Reservation {
-                            sku,
-                            user,
-                            quantity: d.quantity,
-                            status,
-                            expires_at_ms: d.expires_at_ms,
-                        },
-                    );
-                    Ok(d.request_id)
-                }
-                Err(reason) => {
-                    engine.refused_ids.insert(d.request_id);
-                    Err(reason)
-                }
+            // Refusals too: only decisions about a known SKU are ever recorded.
+            let Some(&sku) = engine.sku_index.get(&d.sku) else {
+                return Err(RestoreError::UnknownSku {
+                    request_id: d.request_id,
+                    sku: d.sku,
+                });
             };
-            let record = IdempotencyRecord {
-                sku: d.sku.into(),
-                quantity: d.quantity,
-                decision,
+            let user = match engine.find_user(hashes.user, &d.user_id) {
+                Some(user) => user,
+                None => engine.add_user(hashes.user, &d.user_id),
             };
-            let keys = &mut engine.users[user as usize].keys;
-            if keys
-                .insert(d.idempotency_key.clone().into(), record)
+            if engine
+                .find_key(hashes.key, user, &d.idempotency_key)
                 .is_some()
             {
                 return Err(RestoreError::DuplicateKey {
@@ -701,6 +1007,35 @@ impl Engine {
                     key: d.idempotency_key,
                 });
             }
+            if let Ok(status) = d.status {
+                let quantity = u64::from(d.quantity);
+                match status {
+                    ReservationStatus::Held => {
+                        rows_held[sku as usize] += quantity;
+                        engine
+                            .expiries
+                            .push(Reverse((d.expires_at_ms, d.request_id)));
+                    }
+                    ReservationStatus::Confirmed => rows_sold[sku as usize] += quantity,
+                    ReservationStatus::Cancelled | ReservationStatus::Expired => {}
+                }
+                if matches!(
+                    status,
+                    ReservationStatus::Held | ReservationStatus::Confirmed
+                ) {
+                    *engine.holding_mut(user, sku) += quantity;
+                }
+            }
+            let row = Reservation {
+                request_id: split_id(d.request_id),
+                expires_at_ms: d.expires_at_ms,
+                key: Span::push(&mut engine.keys, &d.idempotency_key),
+                user,
+                sku,
+                quantity: d.quantity,
+                status: d.status,
+            };
+            engine.record(row, hashes);
         }
         for (i, sku) in engine.skus.iter().enumerate() {
             if sku.held != rows_held[i] || sku.sold != rows_sold[i] {
@@ -722,11 +1057,11 @@ impl Engine {
         let mut held = vec![0u64; self.skus.len()];
         let mut sold = vec![0u64; self.skus.len()];
         let mut holdings: FxHashMap<(UserIdx, SkuIdx), u64> = FxHashMap::default();
-        for r in self.reservations.values() {
+        for r in &self.decisions {
             let q = u64::from(r.quantity);
             match r.status {
-                ReservationStatus::Held => held[r.sku as usize] += q,
-                ReservationStatus::Confirmed => sold[r.sku as usize] += q,
+                Ok(ReservationStatus::Held) => held[r.sku as usize] += q,
+                Ok(ReservationStatus::Confirmed) => sold[r.sku as usize] += q,
                 _ => continue,
             }
             *holdings.entry((r.user, r.sku)).or_insert(0) += q;
@@ -744,23 +1079,67 @@ impl Engine {
                 sku.name
             );
         }
-        for (u, user) in self.users.iter().enumerate() {
-            for (&sku, &units) in &user.holdings {
-                let expected = holdings.get(&(u as UserIdx, sku)).copied().unwrap_or(0);
-                assert_eq!(
-                    units, expected,
-                    "user {} holdings on sku {} drifted",
-                    user.name, sku
-                );
-            }
+        let recorded: FxHashMap<(UserIdx, SkuIdx), u64> = self.holdings().collect();
+        for (&(u, sku), &units) in &recorded {
+            let expected = holdings.get(&(u, sku)).copied().unwrap_or(0);
+            assert_eq!(
+                units,
+                expected,
+                "user {} holdings on sku {} drifted",
+                self.user_name(u),
+                sku
+            );
         }
         for ((u, sku), units) in holdings {
-            let recorded = self.users[u as usize].holdings.get(&sku).copied();
             assert_eq!(
-                recorded,
+                recorded.get(&(u, sku)).copied(),
                 Some(units),
                 "holding missing for user {}",
-                self.users[u as usize].name
+                self.user_name(u)
+            );
+        }
+        for &(u, sku) in self.more_holdings.keys() {
+            assert!(
+                self.users[u as usize].sku != sku && self.users[u as usize].sku != NO_SKU,
+                "user {} has two holdings on sku {}",
+                self.user_name(u),
+                sku
+            );
+        }
+        // The indexes: every user and every decision is found under its own keys, and nothing
+        // else is indexed.
+        assert_eq!(self.user_index.len(), self.users.len(), "user index size");
+        assert_eq!(
+            self.by_request.len(),
+            self.decisions.len(),
+            "request index size"
+        );
+        assert_eq!(self.by_key.len(), self.decisions.len(), "key index size");
+        for (i, r) in self.decisions.iter().enumerate() {
+            let (id, user, key) = (r.request_id(), self.user_name(r.user), self.key(r));
+            let hashes = Hashes::new(id, user, key);
+            assert_eq!(
+                self.find_request(hashes.request, id),
+                Some(i as RowIdx),
+                "decision {id:032x} not indexed by request id"
+            );
+            assert_eq!(
+                self.find_key(hashes.key, r.user, key),
+                Some(i as RowIdx),
+                "decision {id:032x} not indexed by key"
+            );
+            assert!(
+                (r.sku as usize) < self.skus.len(),
+                "decision {id:032x} on no sku"
+            );
+        }
+        for u in 0..self.users.len() as UserIdx {
+            let name = self.user_name(u);
+            let hashes = Hashes::new(0, name, "");
+            assert_eq!(
+                self.find_user(hashes.user, name),
+                Some(u),
+                "user {name} not indexed"
             );
         }
     }
@@ -774,4 +1153,55 @@ pub fn config_is_valid(config: &SkuConfig) -> bool {
             (Some(s), Some(e)) => s < e,
             _ => true,
         }
+}
+
+/// The index on its own, with the cases the engine's tests hardly reach: equal 32-bit hashes
+/// for different keys, probes that wrap around the end of the table, and growth.
+#[cfg(test)]
+mod index_tests {
+    use super::Index;
+
+    #[test]
+    fn rows_with_the_same_hash_are_told_apart_by_the_predicate() {
+        let mut index = Index::default();
+        for row in 0..100 {
+            assert_eq!(index.find(7, |r| r == row), None);
+            index.insert_new(7, row);
+        }
+        for row in 0..100 {
+            assert_eq!(index.find(7, |r| r == row), Some(row));
+        }
+        assert_eq!(index.find(7, |r| r == 100), None);
+        assert_eq!(index.find(8, |_| true), None);
+        assert_eq!(index.len(), 100);
+    }
+
+    #[test]
+    fn probes_wrap_around_the_end_of_the_table() {
+        let mut index = Index::default();
+        // 16 slots: hash 15 (and u32::MAX) starts at the last slot.
+        for row in 0..10 {
+            index.insert_new(if row % 2 == 0 { 15 } else { u32::MAX }, row);
+        }
+        assert_eq!(index.slots.len(), 16);
+        for row in 0..10 {
+            let hash = if row % 2 == 0 { 15 } else { u32::MAX };
+            assert_eq!(index.find(hash, |r| r == row), Some(row));
+        }
+        assert_eq!(index.find(14, |_| true), None);
+    }
+
+    #[test]
+    fn growth_keeps_every_row_findable() {
+        let mut index = Index::default();
+        let hash = |row: u32| row.wrapping_mul(0x9E37_79B9) >> 3;
+        for row in 0..100_000 {
+            index.insert_new(hash(row), row);
+        }
+        assert!(index.len() * 4 <= index.slots.len() * 3);
+        for row in 0..100_000 {
+            assert_eq!(index.find(hash(row), |r| r == row), Some(row));
+        }
+        assert_eq!(index.find(hash(100_000), |r| r == 100_000), None);
+    }
 }

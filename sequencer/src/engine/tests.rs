@@ -1949,3 +1949,561 @@ proptest! {
         }
     }
 }
+
+// ---- the hash indexes, holdings and restore of the arena layout -------------------------------
+//
+// The engine keeps users, idempotency keys and request ids in insert-only indexes keyed by 32-bit
+// hashes. These tests search for real 32-bit collisions of the engine's own hashes (a birthday
+// search, so they keep working if the hash function changes) and pin down that equal hashes are
+// never mistaken for equal keys, plus the edges of the holdings kept in the user row.
+
+use super::Hashes;
+
+/// Two different values of `make(0..)` whose `hash` is equal: a birthday search.
+fn colliding<T: Clone + PartialEq + std::fmt::Debug>(
+    make: impl Fn(u32) -> T,
+    hash: impl Fn(&T) -> u32,
+) -> (T, T) {
+    let mut seen: std::collections::HashMap<u32, T> = std::collections::HashMap::new();
+    for i in 0..4_000_000 {
+        let value = make(i);
+        if let Some(earlier) = seen.insert(hash(&value), value.clone()) {
+            assert_ne!(earlier, value);
+            return (earlier, value);
+        }
+    }
+    panic!("no 32-bit collision found");
+}
+
+/// Runs the batches through the engine and the naive model and insists they agree on every
+/// output and on every reservation and SKU afterwards; returns the engine's outputs.
+fn agree_with_model(batches: &[(i64, Vec<Request>)]) -> (Engine, Vec<BatchOutput>) {
+    let mut engine = Engine::new();
+    let mut model = Model::new();
+    let mut outs = Vec::new();
+    for (now, requests) in batches {
+        let got = engine.apply_batch(*now, requests);
+        let want = model.apply_batch(*now, requests);
+        assert_eq!(got, want, "batch at {now} of {requests:?}");
+        engine.check_invariants();
+        outs.push(got);
+    }
+    let ids = ids_in(batches);
+    assert_same_state(&mut engine, &model, &ids);
+    (engine, outs)
+}
+
+fn held(reservation_id: RequestId, expires_at_ms: i64) -> Outcome {
+    Outcome::Held {
+        reservation_id,
+        expires_at_ms,
+    }
+}
+
+#[test]
+fn users_whose_ids_share_a_32_bit_hash_are_told_apart() {
+    let (a, b) = colliding(|i| format!("user-{i}"), |u| Hashes::new(0, u, "").user);
+    let mut sale = Sale::with_sku("tv", config(10, 2, 1_000));
+    let ra = sale.hold(T0, "tv", &a, 2, "k");
+    // Not a repeat of a's key, and not counted against a's limit.
+    let rb = sale.hold(T0, "tv", &b, 2, "k");
+    assert_ne!(ra, rb);
+    assert_eq!(
+        sale.reserve(T0, "tv", &a, 1, "k2"),
+        rejected(Reject::LimitExceeded)
+    );
+    assert_eq!(sale.reserve(T0, "tv", &b, 2, "k"), held(rb, T0 + 1_000));
+    assert_eq!(sale.reserve(T0, "tv", &a, 2, "k"), held(ra, T0 + 1_000));
+    assert_eq!(sale.engine.reservation(ra).unwrap().user_id, a);
+    assert_eq!(sale.engine.reservation(rb).unwrap().user_id, b);
+    // Releasing b's hold frees b's limit only.
+    assert!(matches!(sale.cancel(T0, rb), Outcome::Reservation(_)));
+    assert_eq!(
+        sale.reserve(T0, "tv", &a, 1, "k3"),
+        rejected(Reject::LimitExceeded)
+    );
+    sale.hold(T0, "tv", &b, 1, "k3");
+}
+
+#[test]
+fn same_key_of_users_whose_key_hashes_collide_is_not_a_repeat() {
+    // Different users, the same key string, the same 32-bit (user, key) hash.
+    let (a, b) = colliding(|i| format!("buyer-{i}"), |u| Hashes::new(0, u, "kk").key);
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    let ra = sale.hold(T0, "tv", &a, 1, "kk");
+    // Another quantity: a repeat of a's key would be IdempotencyKeyReused.
+    let rb = sale.hold(T0, "tv", &b, 2, "kk");
+    assert_ne!(ra, rb);
+    assert_eq!(sale.counters("tv"), (7, 3, 0));
+    assert_eq!(sale.reserve(T0, "tv", &a, 1, "kk"), held(ra, T0 + 1_000));
+    assert_eq!(sale.reserve(T0, "tv", &b, 2, "kk"), held(rb, T0 + 1_000));
+}
+
+#[test]
+fn keys_of_one_user_sharing_a_32_bit_hash_are_told_apart() {
+    let (k1, k2) = colliding(|i| format!("key-{i}"), |k| Hashes::new(0, "ann", k).key);
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    sale.engine.apply_batch(T0, &[]);
+    let r1 = sale.hold(T0, "tv", "ann", 1, &k1);
+    // A different quantity under the colliding key: a new decision, not a reuse of k1.
+    let r2 = sale.hold(T0 + 10, "tv", "ann", 2, &k2);
+    assert_ne!(r1, r2);
+    assert_eq!(
+        sale.reserve(T0 + 20, "tv", "ann", 1, &k1),
+        held(r1, T0 + 1_000)
+    );
+    assert_eq!(
+        sale.reserve(T0 + 20, "tv", "ann", 2, &k2),
+        held(r2, T0 + 1_010)
+    );
+    assert_eq!(
+        sale.reserve(T0 + 20, "tv", "ann", 2, &k1),
+        rejected(Reject::IdempotencyKeyReused)
+    );
+}
+
+#[test]
+fn request_ids_sharing_a_32_bit_hash_are_told_apart() {
+    let (id1, id2) = colliding(
+        |i| RequestId::from(i) << 40 | 1,
+        |&id| Hashes::new(id, "", "").request,
+    );
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    let mut a = sale.reqs.reserve("tv", "ann", 1, "k");
+    a.request_id = id1;
+    let mut b = sale.reqs.reserve("tv", "bob", 1, "k");
+    b.request_id = id2;
+    let out = sale.batch(T0, vec![a, b]);
+    // The second id is not "already decided" just because its hash is.
+    assert_eq!(
+        out.outcomes,
+        vec![held(id1, T0 + 1_000), held(id2, T0 + 1_000)]
+    );
+    assert!(matches!(sale.confirm(T0, id2), Outcome::Reservation(v) if v.user_id == "bob"));
+    assert_eq!(sale.status(id1), ReservationStatus::Held);
+    assert_eq!(sale.status(id2), ReservationStatus::Confirmed);
+    assert!(matches!(sale.cancel(T0, id1), Outcome::Reservation(v) if v.user_id == "ann"));
+    assert_eq!(sale.counters("tv"), (9, 0, 1));
+    // And a refusal under an id whose hash is shared is still found as a decided id.
+    let (id3, id4) = colliding(
+        |i| RequestId::from(i) << 80 | 7,
+        |&id| Hashes::new(id, "", "").request,
+    );
+    let mut c = sale.reqs.reserve("tv", "cat", 9, "k");
+    c.request_id = id3;
+    assert_eq!(
+        sale.batch(T0, vec![c]).outcomes,
+        vec![rejected(Reject::LimitExceeded)]
+    );
+    let mut d = sale.reqs.reserve("tv", "dan", 1, "k");
+    d.request_id = id3;
+    let mut e = sale.reqs.reserve("tv", "eve", 1, "k");
+    e.request_id = id4;
+    assert_eq!(
+        sale.batch(T0, vec![d, e]).outcomes,
+        vec![rejected(Reject::InvalidCommand), held(id4, T0 + 1_000)]
+    );
+}
+
+#[test]
+fn lookups_survive_index_growth_and_agree_with_the_model() {
+    let mut reqs = Reqs::new();
+    let mut batches = vec![(T0, vec![reqs.upsert("tv", config(10_000, 3, 60_000))])];
+    // 3 000 users with two keys each, in batches of 500: every index grows many times, also in
+    // the middle of a batch.
+    let mut first = Vec::new();
+    for chunk in 0..12 {
+        let batch: Vec<Request> = (0..500)
+            .map(|i| {
+                let n = chunk * 500 + i;
+                let r = reqs.reserve(
+                    "tv",
+                    &format!("u{}", n / 2),
+                    1 + (n % 2) as u32,
+                    &format!("k{}", n % 2),
+                );
+                first.push(r.clone());
+                r
+            })
+            .collect();
+        batches.push((T0 + 1 + chunk as i64, batch));
+    }
+    // Every request again (repeats), then every id under a fresh key (reused ids), then a
+    // confirm of every other one.
+    batches.push((T0 + 100, first.clone()));
+    let reused: Vec<Request> = first
+        .iter()
+        .map(|r| Request {
+            command: Command::Reserve {
+                sku: "tv".into(),
+                user_id: "new".into(),
+                quantity: 1,
+                idempotency_key: format!("fresh{}", r.request_id),
+            },
+            ..r.clone()
+        })
+        .collect();
+    batches.push((T0 + 101, reused));
+    let confirms = first
+        .iter()
+        .step_by(2)
+        .map(|r| reqs.confirm(r.request_id))
+        .collect();
+    batches.push((T0 + 102, confirms));
+    let (_, outs) = agree_with_model(&batches);
+    let repeats = &outs[13].outcomes;
+    assert!(repeats.iter().all(|o| matches!(o, Outcome::Held { .. })));
+    assert!(outs[14]
+        .outcomes
+        .iter()
+        .all(|o| *o == rejected(Reject::InvalidCommand)));
+}
+
+#[test]
+fn edge_case_strings_are_distinct_keys() {
+    let long_user = "u".repeat(128);
+    let long_key = "k".repeat(128);
+    let wide = "é".repeat(64); // 128 bytes, not ASCII
+    let pairs: Vec<(String, String)> = vec![
+        (String::new(), String::new()),
+        (String::new(), "a".into()),
+        ("a".into(), String::new()),
+        ("a".into(), "bc".into()),
+        ("ab".into(), "c".into()),
+        ("abc".into(), String::new()),
+        ("a\0".into(), "bc".into()),
+        (long_user.clone(), long_key.clone()),
+        (long_user.clone(), format!("{}j", "k".repeat(127))),
+        (format!("{}v", "u".repeat(127)), long_key.clone()),
+        (wide.clone(), wide.clone()),
+        ("用户".into(), "キー".into()),
+        ("ü".into(), "u".into()),
+    ];
+    let mut reqs = Reqs::new();
+    let mut batches = vec![(T0, vec![reqs.upsert("tv", config(1_000, 10, 60_000))])];
+    // Each pair twice in one batch (the second a repeat), different quantities per pair so that
+    // mixing two pairs up would show as a key reuse.
+    let batch: Vec<Request> = pairs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (u, k))| {
+            let q = 1 + (i % 3) as u32;
+            [reqs.reserve("tv", u, q, k), reqs.reserve("tv", u, q, k)]
+        })
+        .collect();
+    batches.push((T0, batch));
+    let (engine, outs) = agree_with_model(&batches);
+    let outcomes = &outs[1].outcomes;
+    for (i, (u, _)) in pairs.iter().enumerate() {
+        let (first, again) = (&outcomes[2 * i], &outcomes[2 * i + 1]);
+        let Outcome::Held { reservation_id, .. } = first else {
+            panic!("pair {i} not held: {first:?}");
+        };
+        assert_eq!(first, again);
+        assert_eq!(&engine.reservation(*reservation_id).unwrap().user_id, u);
+    }
+}
+
+#[test]
+fn repeated_granted_key_answers_the_original_hold_after_confirm_cancel_or_expiry() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    let confirmed = sale.hold(T0, "tv", "ann", 1, "a");
+    let cancelled = sale.hold(T0 + 1, "tv", "bob", 1, "b");
+    let expired = sale.hold(T0 + 2, "tv", "cat", 1, "c");
+    sale.confirm(T0 + 3, confirmed);
+    sale.cancel(T0 + 3, cancelled);
+    sale.batch(T0 + 5_000, vec![]);
+    assert_eq!(sale.status(expired), ReservationStatus::Expired);
+    let before = sale.counters("tv");
+    assert_eq!(
+        sale.reserve(T0 + 5_000, "tv", "ann", 1, "a"),
+        held(confirmed, T0 + 1_000)
+    );
+    assert_eq!(
+        sale.reserve(T0 + 5_000, "tv", "bob", 1, "b"),
+        held(cancelled, T0 + 1_001)
+    );
+    assert_eq!(
+        sale.reserve(T0 + 5_000, "tv", "cat", 1, "c"),
+        held(expired, T0 + 1_002)
+    );
+    assert_eq!(
+        sale.reserve(T0 + 5_000, "tv", "cat", 2, "c"),
+        rejected(Reject::IdempotencyKeyReused)
+    );
+    assert_eq!(sale.counters("tv"), before);
+}
+
+#[test]
+fn holdings_on_several_skus_are_counted_and_released_per_sku() {
+    let mut reqs = Reqs::new();
+    let mut batches = vec![(
+        T0,
+        vec![
+            reqs.upsert("a", config(10, 2, 1_000)),
+            reqs.upsert("b", config(10, 2, 1_000)),
+            reqs.upsert("c", config(10, 2, 2_000)),
+        ],
+    )];
+    // ann's first SKU is "a" (kept in the user row), then "b" and "c" (in the map).
+    let a1 = reqs.reserve("a", "ann", 2, "1");
+    let b1 = reqs.reserve("b", "ann", 2, "2");
+    let c1 = reqs.reserve("c", "ann", 1, "3");
+    let (ida, idb, idc) = (a1.request_id, b1.request_id, c1.request_id);
+    batches.push((
+        T0,
+        vec![
+            a1,
+            b1,
+            c1,
+            reqs.reserve("a", "ann", 1, "4"), // limit on a
+            reqs.reserve("b", "ann", 1, "5"), // limit on b
+            reqs.reserve("c", "ann", 1, "6"), // c: 1 + 1 <= 2
+            reqs.reserve("c", "ann", 1, "7"), // limit on c
+        ],
+    ));
+    // Cancel b (map), confirm c's first hold (kept), then a expires (row).
+    batches.push((T0 + 10, vec![reqs.cancel(idb), reqs.confirm(idc)]));
+    batches.push((
+        T0 + 20,
+        vec![
+            reqs.reserve("b", "ann", 2, "8"),  // b freed
+            reqs.reserve("a", "ann", 1, "9"),  // a still held
+            reqs.reserve("c", "ann", 1, "10"), // c: 1 sold + 1 held
+        ],
+    ));
+    batches.push((
+        T0 + 1_000,
+        vec![
+            reqs.reserve("a", "ann", 2, "11"), // a expired: freed
+            reqs.reserve("b", "ann", 1, "12"), // b's hold of T0+20 still there
+        ],
+    ));
+    let (engine, outs) = agree_with_model(&batches);
+    assert_eq!(
+        outs[1].outcomes[3..],
+        [
+            rejected(Reject::LimitExceeded),
+            rejected(Reject::LimitExceeded),
+            outs[1].outcomes[5].clone(),
+            rejected(Reject::LimitExceeded)
+        ]
+    );
+    assert!(matches!(outs[1].outcomes[5], Outcome::Held { .. }));
+    assert!(matches!(outs[3].outcomes[0], Outcome::Held { .. }));
+    assert_eq!(outs[3].outcomes[1], rejected(Reject::LimitExceeded));
+    assert_eq!(outs[3].outcomes[2], rejected(Reject::LimitExceeded));
+    assert_eq!(
+        engine.reservation(ida).unwrap().status,
+        ReservationStatus::Expired
+    );
+    assert!(matches!(outs[4].outcomes[0], Outcome::Held { .. }));
+    assert_eq!(outs[4].outcomes[1], rejected(Reject::LimitExceeded));
+    engine.check_invariants();
+}
+
+#[test]
+fn restore_rebuilds_holdings_from_held_and_confirmed_rows_only() {
+    let sku = |name: &str, held, sold| SkuView {
+        sku: name.into(),
+        total: 10,
+        available: 10 - held - sold,
+        held,
+        sold,
+        config: config(10, 3, 1_000),
+        paused: false,
+    };
+    let row = |id, sku: &str, key: &str, quantity, status| StoredDecision {
+        sku: sku.into(),
+        ..stored(id, "ann", key, quantity, status, T0 + 1_000)
+    };
+    let snapshot = Snapshot {
+        batch_seq: 3,
+        clock_ms: T0,
+        skus: vec![sku("a", 0, 0), sku("b", 2, 0), sku("c", 0, 1)],
+        decisions: vec![
+            // ann's first row is a cancelled one on "a": it must not count (nor pin "a" as the
+            // SKU kept in the user row with units).
+            row(1, "a", "1", 3, Ok(ReservationStatus::Cancelled)),
+            row(2, "a", "2", 3, Ok(ReservationStatus::Expired)),
+            row(3, "b", "3", 2, Ok(ReservationStatus::Held)),
+            row(4, "c", "4", 1, Ok(ReservationStatus::Confirmed)),
+            row(5, "c", "5", 3, Err(Reject::LimitExceeded)),
+        ],
+    };
+    let mut engine = Engine::restore(snapshot).expect("valid snapshot");
+    engine.check_invariants();
+    let mut reqs = Reqs { next_id: 100 };
+    let out = engine.apply_batch(
+        T0 + 1,
+        &[
+            reqs.reserve("a", "ann", 3, "x"), // nothing counts on a
+            reqs.reserve("b", "ann", 2, "y"), // 2 held + 2 > 3
+            reqs.reserve("b", "ann", 1, "z"), // 2 held + 1 <= 3
+            reqs.reserve("c", "ann", 3, "w"), // 1 sold + 3 > 3
+            reqs.reserve("c", "ann", 3, "5"), // replay of the refusal
+        ],
+    );
+    engine.check_invariants();
+    assert!(matches!(out.outcomes[0], Outcome::Held { .. }));
+    assert_eq!(out.outcomes[1], rejected(Reject::LimitExceeded));
+    assert!(matches!(out.outcomes[2], Outcome::Held { .. }));
+    assert_eq!(out.outcomes[3], rejected(Reject::LimitExceeded));
+    assert_eq!(out.outcomes[4], rejected(Reject::LimitExceeded));
+    // Expiry of the restored hold on b releases b's holding.
+    let out = engine.apply_batch(T0 + 1_000, &[reqs.reserve("b", "ann", 2, "v")]);
+    engine.check_invariants();
+    assert_eq!(out.transitions.len(), 1);
+    assert!(matches!(out.outcomes[0], Outcome::Held { .. }));
+}
+
+#[test]
+fn restore_refuses_a_refusal_on_an_unknown_sku() {
+    let mut snapshot = small_snapshot();
+    let mut d = stored(5, "dan", "k1", 1, Err(Reject::SoldOut), 0);
+    d.sku = "radio".into();
+    snapshot.decisions.push(d);
+    assert!(matches!(
+        Engine::restore(snapshot),
+        Err(RestoreError::UnknownSku { request_id: 5, sku }) if sku == "radio"
+    ));
+}
+
+#[test]
+fn restore_refuses_a_key_both_granted_and_refused() {
+    for refusal_first in [false, true] {
+        let mut snapshot = small_snapshot();
+        // ann's k1 is the hold of row 1; add a refusal under the same key.
+        let refusal = stored(5, "ann", "k1", 3, Err(Reject::SoldOut), 0);
+        if refusal_first {
+            snapshot.decisions.insert(0, refusal);
+        } else {
+            snapshot.decisions.push(refusal);
+        }
+        assert!(matches!(
+            Engine::restore(snapshot),
+            Err(RestoreError::DuplicateKey { user_id, key }) if user_id == "ann" && key == "k1"
+        ));
+    }
+    // The same request id twice, once refused and once granted.
+    let mut snapshot = small_snapshot();
+    snapshot.decisions.push(stored(
+        4,
+        "dan",
+        "k9",
+        1,
+        Ok(ReservationStatus::Cancelled),
+        T0,
+    ));
+    assert!(matches!(
+        Engine::restore(snapshot),
+        Err(RestoreError::DuplicateRequestId { request_id: 4 })
+    ));
+}
+
+#[test]
+fn restored_refusal_id_cannot_be_reused() {
+    let mut engine = Engine::restore(small_snapshot()).expect("valid snapshot");
+    let mut reqs = Reqs { next_id: 100 };
+    let mut reuse = reqs.reserve("tv", "dan", 1, "fresh");
+    reuse.request_id = 4; // cat's refusal
+    let out = engine.apply_batch(T0 + 200, &[reuse, reqs.confirm(4), reqs.cancel(4)]);
+    assert_eq!(
+        out.outcomes,
+        vec![
+            rejected(Reject::InvalidCommand),
+            rejected(Reject::UnknownReservation),
+            rejected(Reject::UnknownReservation)
+        ]
+    );
+    assert!(out.decisions.is_empty());
+    assert_eq!(engine.reservation(4), None);
+    engine.check_invariants();
+}
+
+#[test]
+fn commands_in_flight_in_the_prefetch_pipeline_are_decided_as_one_by_one() {
+    // A user created by the first command and used again by the next ones (all inside the
+    // pipeline's window), interleaved with settles of the holds just made.
+    let mut reqs = Reqs::new();
+    let setup = vec![
+        reqs.upsert("tv", config(6, 3, 1_000)),
+        reqs.upsert("pc", config(6, 3, 1_000)),
+    ];
+    let first = reqs.reserve("tv", "new", 1, "a");
+    let first_id = first.request_id;
+    let commands = vec![
+        first.clone(),
+        reqs.reserve("tv", "new", 1, "a"),
+        reqs.reserve("tv", "new", 2, "a"),
+        reqs.reserve("pc", "new", 3, "b"),
+        reqs.confirm(first_id),
+        reqs.reserve("tv", "new", 2, "c"),
+        reqs.reserve("tv", "new", 1, "d"),
+        reqs.cancel(first_id),
+        reqs.reserve("tv", "other", 3, "a"),
+        reqs.reserve("pc", "new", 1, "e"),
+        reqs.reserve("tv", "new", 1, "a"),
+        reqs.reserve("tv", "other", 3, "z"),
+    ];
+    let mut one_batch = Engine::new();
+    one_batch.apply_batch(T0, &setup);
+    let together = one_batch.apply_batch(T0 + 1, &commands);
+    one_batch.check_invariants();
+    let mut one_by_one = Engine::new();
+    one_by_one.apply_batch(T0, &setup);
+    let separately: Vec<Outcome> = commands
+        .iter()
+        .map(|c| {
+            one_by_one
+                .apply_batch(T0 + 1, std::slice::from_ref(c))
+                .outcomes
+                .remove(0)
+        })
+        .collect();
+    assert_eq!(together.outcomes, separately);
+    assert_eq!(together.outcomes[1], held(first_id, T0 + 1_001));
+    assert_eq!(together.outcomes[2], rejected(Reject::IdempotencyKeyReused));
+    assert_eq!(together.outcomes[6], rejected(Reject::LimitExceeded));
+    agree_with_model(&[(T0, setup), (T0 + 1, commands)]);
+}
+
+#[test]
+#[should_panic(expected = "drifted")]
+fn check_invariants_catches_a_drifted_first_sku_holding() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    sale.hold(T0, "tv", "ann", 2, "k");
+    sale.engine.users[0].units += 1;
+    sale.engine.check_invariants();
+}
+
+#[test]
+#[should_panic(expected = "holding missing")]
+fn check_invariants_catches_a_missing_holding_on_a_further_sku() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    let up = sale.reqs.upsert("pc", config(10, 5, 1_000));
+    sale.one(T0, up);
+    sale.hold(T0, "tv", "ann", 2, "k");
+    sale.hold(T0, "pc", "ann", 1, "k2");
+    sale.engine.more_holdings.clear();
+    sale.engine.check_invariants();
+}
+
+#[test]
+#[should_panic(expected = "not indexed by key")]
+fn check_invariants_catches_a_decision_missing_from_the_key_index() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    sale.hold(T0, "tv", "ann", 2, "k");
+    sale.engine.by_key.slots.iter_mut().for_each(|s| *s = 0);
+    sale.engine.check_invariants();
+}
+
+#[test]
+#[should_panic(expected = "held counter")]
+fn check_invariants_catches_a_reservation_status_out_of_step_with_the_counters() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
+    let id = sale.hold(T0, "tv", "ann", 2, "k");
+    let row = sale.engine.reservation_row(id).unwrap();
+    sale.engine.decisions[row as usize].status = Ok(ReservationStatus::Cancelled);
+    sale.engine.check_invariants();
+}
