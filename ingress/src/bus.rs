@@ -116,6 +116,7 @@ impl Bus {
         outcomes_topic: &str,
         outcome_timeout: Duration,
         fetch_wait_max_ms: u64,
+        produce_linger_ms: u64,
         hops: HopTimers,
     ) -> anyhow::Result<Bus> {
         let ingress_id: IngressId = rand_u64();
@@ -126,8 +127,8 @@ impl Bus {
             .set("socket.nagle.disable", "true")
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // Many concurrent requests share a produce request: ~2 ms buys large batches.
-            .set("linger.ms", "2")
+            // Many concurrent requests share a produce request (PRODUCE_LINGER_MS).
+            .set("linger.ms", produce_linger_ms.to_string())
             .set("queue.buffering.max.messages", "200000")
             .set(
                 "message.timeout.ms",

@@ -42,6 +42,12 @@ struct Args {
     /// tansu 0.6 every fetch is held this long, so the last hop of a write costs up to this).
     #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 1)]
     fetch_wait_max_ms: u64,
+    /// The requests producer's `linger.ms`: how long librdkafka waits to fill a produce batch.
+    /// Concurrent requests share one produce request and one record batch in the log. On tansu
+    /// 0.6 every fetch costs time proportional to the record batches in the partition, so fewer,
+    /// larger batches raised the latency knee from ~1k to ~17k requests/s here (docs/BENCHMARKS.md).
+    #[arg(long, env = "PRODUCE_LINGER_MS", default_value_t = 20)]
+    produce_linger_ms: u64,
     /// Largest request body accepted (413 above).
     #[arg(long, env = "BODY_BYTES_MAX", default_value_t = 4_096)]
     body_bytes_max: usize,
@@ -150,6 +156,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         &args.outcomes_topic,
         Duration::from_millis(args.outcome_timeout_ms),
         args.fetch_wait_max_ms,
+        args.produce_linger_ms,
         metrics.hops.clone(),
     )?;
     let lag = Arc::new(LagMonitor::default());
