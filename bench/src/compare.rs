@@ -107,6 +107,29 @@ pub struct DesignRuns {
     pub skipped: Option<String>,
 }
 
+impl DesignRuns {
+    /// Files one scenario's report (saved under `dir`) or its error.
+    fn keep(
+        &mut self,
+        dir: &Path,
+        sc: Scenario,
+        result: anyhow::Result<LoadReport>,
+        errors: &mut Vec<String>,
+        what: &str,
+    ) {
+        match result {
+            Ok(r) => {
+                save(dir, &r);
+                match sc {
+                    Scenario::Ramp => self.ramp = Some(r),
+                    _ => self.flash = Some(r),
+                }
+            }
+            Err(e) => errors.push(format!("{what}: {e:#}")),
+        }
+    }
+}
+
 #[derive(Serialize, Clone, Debug)]
 pub struct CompareReport {
     pub date: String,
@@ -266,16 +289,7 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
             r
         }
         .await;
-        match result {
-            Ok(r) => {
-                save(&dir, &r);
-                match sc {
-                    Scenario::Ramp => system.ramp = Some(r),
-                    _ => system.flash = Some(r),
-                }
-            }
-            Err(e) => errors.push(format!("system {name}: {e:#}")),
-        }
+        system.keep(&dir, sc, result, &mut errors, &format!("system {name}"));
     }
     report.designs.push(system);
     // Baselines.
@@ -330,16 +344,7 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
                     r
                 }
                 .await;
-                match result {
-                    Ok(r) => {
-                        save(&dir, &r);
-                        match sc {
-                            Scenario::Ramp => runs.ramp = Some(r),
-                            _ => runs.flash = Some(r),
-                        }
-                    }
-                    Err(e) => errors.push(format!("{kind} {name}: {e:#}")),
-                }
+                runs.keep(&dir, sc, result, &mut errors, &format!("{kind} {name}"));
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             report.designs.push(runs);
