@@ -1,11 +1,13 @@
 //! Postgres, the system of record.
 //!
 //! [`batch`] writes one decided batch in one fenced transaction; [`lease`] holds the writer's
-//! epoch and lease; [`snapshot`] reads the whole state back at start-up; [`reads`] serves the
+//! epoch and lease; [`checkpoint`] stores compact checkpoints of the engine state that a start-up
+//! loads; [`snapshot`] streams the state from the rows when there is none; [`reads`] serves the
 //! ingress's GET routes; [`audit`] re-checks every invariant from the rows alone.
 
 pub mod audit;
 pub mod batch;
+pub mod checkpoint;
 pub mod lease;
 pub mod reads;
 pub mod snapshot;

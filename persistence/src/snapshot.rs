@@ -1,22 +1,17 @@
-//! Reading the whole state back: at start-up, at takeover, and for the standby's catch-up.
+//! Reading the state back from the rows (the slow path of a start-up, taken when there is no
+//! checkpoint yet: see [`crate::checkpoint`]), and the committed batches a standby replays.
 //!
-//! Everything is read in one REPEATABLE READ transaction, so the counters, the rows and the
-//! committed offset are from the same instant: the engine rebuilt from them resumes exactly at
+//! Rows are read in one REPEATABLE READ transaction, so the counters, the rows and the committed
+//! offset are from the same instant: the engine rebuilt from them resumes exactly at
 //! `state.next_offset`.
 
+use futures_util::TryStreamExt;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 use wire::{Reject, ReservationStatus, SkuConfig, SkuView, StoredDecision};
 
 use crate::lease::{read_state, SequencerState};
 use crate::ms;
-
-#[derive(Debug, Clone)]
-pub struct LoadedState {
-    pub state: SequencerState,
-    pub skus: Vec<SkuView>,
-    pub decisions: Vec<StoredDecision>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -28,9 +23,22 @@ pub enum LoadError {
         status: String,
         reason: Option<String>,
     },
+    #[error(transparent)]
+    Rejected(#[from] anyhow::Error),
 }
 
-pub async fn load(pool: &PgPool) -> Result<LoadedState, LoadError> {
+/// Streams the whole state from the rows, in one REPEATABLE READ READ ONLY transaction:
+/// `on_header` gets the fence row and the SKUs, then `on_row` every decision in decision order
+/// (the same `StoredDecision` refilled, so nothing is allocated per row). Nothing is collected:
+/// memory stays that of the consumer, whatever the number of rows.
+///
+/// Pass a pool without the writer's lock timeouts (`crate::connect`): a large state takes
+/// longer to read than a lease lasts, and a reader holds no lock a writer needs.
+pub async fn stream_rows<R>(
+    pool: &PgPool,
+    on_header: impl FnOnce(&SequencerState, Vec<SkuView>) -> anyhow::Result<R>,
+    mut on_row: impl FnMut(&mut R, &StoredDecision) -> anyhow::Result<()>,
+) -> Result<(SequencerState, R), LoadError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
@@ -46,43 +54,56 @@ pub async fn load(pool: &PgPool) -> Result<LoadedState, LoadError> {
     .iter()
     .map(sku_from_row)
     .collect::<Result<Vec<_>, _>>()?;
-    let rows = sqlx::query(
+    let mut sink = on_header(&state, skus)?;
+    let mut rows = sqlx::query(
         "SELECT reservation_id, user_id, idempotency_key, sku, quantity, status, reject_reason,
                 expires_at
            FROM reservations ORDER BY batch_seq, request_offset",
     )
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut decisions = Vec::with_capacity(rows.len());
-    for row in &rows {
+    .fetch(&mut *tx);
+    let mut d = StoredDecision {
+        request_id: 0,
+        user_id: String::new(),
+        idempotency_key: String::new(),
+        sku: String::new(),
+        quantity: 0,
+        status: Err(Reject::SoldOut),
+        expires_at_ms: 0,
+    };
+    while let Some(row) = rows.try_next().await? {
         let id: Uuid = row.try_get("reservation_id")?;
-        let status: String = row.try_get("status")?;
-        let reason: Option<String> = row.try_get("reject_reason")?;
-        let parsed = match (ReservationStatus::parse(&status), reason.as_deref()) {
+        let status: &str = row.try_get("status")?;
+        let reason: Option<&str> = row.try_get("reject_reason")?;
+        let parsed = match (ReservationStatus::parse(status), reason) {
             (Some(s), None) => Some(Ok(s)),
             (None, Some(r)) if status == "rejected" => Reject::from_code(r).map(Err),
             _ => None,
         };
-        let Some(status) = parsed else {
-            return Err(LoadError::BadRow { id, status, reason });
+        let Some(parsed) = parsed else {
+            return Err(LoadError::BadRow {
+                id,
+                status: status.to_owned(),
+                reason: reason.map(str::to_owned),
+            });
         };
         let expires_at: Option<chrono::DateTime<chrono::Utc>> = row.try_get("expires_at")?;
-        decisions.push(StoredDecision {
-            request_id: id.as_u128(),
-            user_id: row.try_get("user_id")?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            sku: row.try_get("sku")?,
-            quantity: row.try_get::<i32, _>("quantity")? as u32,
-            status,
-            expires_at_ms: expires_at.map(ms).unwrap_or(0),
-        });
+        d.request_id = id.as_u128();
+        refill(&mut d.user_id, row.try_get("user_id")?);
+        refill(&mut d.idempotency_key, row.try_get("idempotency_key")?);
+        refill(&mut d.sku, row.try_get("sku")?);
+        d.quantity = row.try_get::<i32, _>("quantity")? as u32;
+        d.status = parsed;
+        d.expires_at_ms = expires_at.map(ms).unwrap_or(0);
+        on_row(&mut sink, &d)?;
     }
+    drop(rows);
     tx.commit().await?;
-    Ok(LoadedState {
-        state,
-        skus,
-        decisions,
-    })
+    Ok((state, sink))
+}
+
+fn refill(buffer: &mut String, value: &str) {
+    buffer.clear();
+    buffer.push_str(value);
 }
 
 pub(crate) fn sku_from_row(row: &sqlx::postgres::PgRow) -> Result<SkuView, sqlx::Error> {

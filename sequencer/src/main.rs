@@ -101,6 +101,13 @@ struct RunArgs {
     /// Where /healthz, /readyz and /status are served.
     #[arg(long, env = "STATUS_ADDR")]
     status_addr: Option<SocketAddr>,
+    /// The leader writes a checkpoint of the engine state after this many batches...
+    #[arg(long, env = "CHECKPOINT_BATCHES", default_value_t = 1_000)]
+    checkpoint_batches: u64,
+    /// ...or this long after the last one, whichever comes first. A start-up replays at most
+    /// about this much of the log after the newest checkpoint.
+    #[arg(long, env = "CHECKPOINT_INTERVAL_MS", default_value_t = 5_000)]
+    checkpoint_interval_ms: u64,
 }
 
 /// glibc's malloc was ~15% of the ingress's CPU under load (perf, 25k requests/s): every request
@@ -182,6 +189,10 @@ fn run(args: RunArgs) -> ExitCode {
         standby_poll: Duration::from_millis(args.standby_poll_ms),
         republish_window: Duration::from_millis(args.republish_window_ms),
         takeover_timeout: Duration::from_millis(args.takeover_timeout_ms),
+        checkpoint: sequencer::checkpointer::Cadence {
+            batches: args.checkpoint_batches.max(1),
+            interval: Duration::from_millis(args.checkpoint_interval_ms),
+        },
         status_addr: args.status_addr,
     };
     let shutdown = Arc::new(AtomicBool::new(false));

@@ -19,13 +19,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context};
 use crossbeam_channel::RecvTimeoutError;
 use persistence::batch::{commit_batch, CommitError};
+use persistence::checkpoint;
 use persistence::snapshot::{self, BatchHeader};
 use persistence::{lease, BatchRecord, DecisionRow, TransitionRow};
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
 use wire::{Command, Request};
 
-use crate::engine::{BatchOutput, Engine, Snapshot};
+use crate::checkpointer::{Cadence, Checkpointer};
+use crate::engine::{BatchOutput, CheckpointLoader, DecisionRef, Engine, Restorer};
 use crate::log::{self, LogEvent, LogReader};
 use crate::publish::{build_outbox, decode_outbox, Publisher};
 
@@ -47,6 +49,8 @@ pub struct Config {
     pub republish_window: Duration,
     pub takeover_timeout: Duration,
     pub status_addr: Option<SocketAddr>,
+    /// How often the leader writes a checkpoint of the engine state.
+    pub checkpoint: Cadence,
 }
 
 /// Batches read from Postgres per follow step; bounds memory when a standby is far behind.
@@ -83,6 +87,11 @@ pub struct Status {
     pub commit_failing: AtomicBool,
     /// When a standby last followed the leader's batches successfully (Unix ms).
     pub last_follow_ms: AtomicI64,
+    /// Newest batch this process wrote a checkpoint for (0: none).
+    pub checkpoint_batch_seq: Arc<AtomicU64>,
+    /// How the state was last loaded ("checkpoint" or "rows") and how long it took.
+    pub loaded_from: OnceLock<&'static str>,
+    pub load_ms: AtomicU64,
 }
 
 impl Status {
@@ -115,7 +124,12 @@ pub enum Stop {
 pub struct Sequencer {
     config: Config,
     rt: Runtime,
+    /// The writer's pool: commits, the lease. Its sessions abort a transaction left idle for a
+    /// lease (see `persistence::connect_writer`).
     pool: PgPool,
+    /// Loading state and writing checkpoints: long reads and writes that must not run under
+    /// the writer's timeouts, and must not take the writer's connections.
+    bulk_pool: PgPool,
     pub status: Arc<Status>,
     shutdown: Arc<AtomicBool>,
 }
@@ -134,15 +148,17 @@ impl Sequencer {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let pool = rt.block_on(async {
+        let (pool, bulk_pool) = rt.block_on(async {
             let pool = persistence::connect_writer(&config.database_url, 4, config.lease).await?;
             persistence::migrate(&pool).await?;
-            anyhow::Ok(pool)
+            let bulk_pool = persistence::connect(&config.database_url, 2).await?;
+            anyhow::Ok((pool, bulk_pool))
         })?;
         Ok(Sequencer {
             config,
             rt,
             pool,
+            bulk_pool,
             status: Arc::new(Status::default()),
             shutdown,
         })
@@ -170,7 +186,17 @@ impl Sequencer {
             let p = match position.as_mut() {
                 Some(p) => p,
                 None => match self.load_position() {
-                    Ok(p) => {
+                    Ok(mut p) => {
+                        // Replay what was committed after the loaded state before competing for
+                        // the lease, so that a leader starts (nearly) caught up.
+                        if let Err(e) = self.follow(&mut p, None) {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "catch-up after load failed; reloading"
+                            );
+                            std::thread::sleep(RETRY_PAUSE);
+                            continue;
+                        }
                         tracing::info!(node = %self.config.node_id, batch_seq = p.engine.batch_seq(),
                             next_offset = p.next_offset, "state loaded; following until the lease is free");
                         position.insert(p)
@@ -224,16 +250,11 @@ impl Sequencer {
     }
 
     fn load_position(&self) -> anyhow::Result<Position> {
-        let loaded = self.rt.block_on(snapshot::load(&self.pool))?;
-        let snapshot = Snapshot {
-            batch_seq: loaded.state.batch_seq,
-            clock_ms: loaded.state.clock_ms,
-            skus: loaded.skus,
-            decisions: loaded.decisions,
-        };
-        let engine = Engine::restore(snapshot).context("the state in Postgres is inconsistent")?;
-        engine.check_invariants();
-        let next_offset = loaded.state.next_offset;
+        let started = Instant::now();
+        let (engine, next_offset) = self.load_engine()?;
+        let load_ms = started.elapsed().as_millis() as u64;
+        self.status.load_ms.store(load_ms, Ordering::Relaxed);
+        metrics::gauge!("sequencer_state_load_seconds").set(load_ms as f64 / 1000.0);
         let consumer_config = log::consumer_config(
             &self.config.brokers,
             &self.config.node_id,
@@ -252,6 +273,100 @@ impl Sequencer {
             next_offset,
             reader,
         })
+    }
+
+    /// The engine and the log offset it resumes from: from the newest checkpoint when there is
+    /// one (its batches after it are then replayed by [`Sequencer::follow`]), else from the rows.
+    /// A checkpoint that fails its checks is reported and the rows are used instead: they are
+    /// the truth, the checkpoint only a faster way to it.
+    fn load_engine(&self) -> anyhow::Result<(Engine, i64)> {
+        let started = Instant::now();
+        let state = self.rt.block_on(lease::read_state(&self.bulk_pool))?;
+        match self
+            .rt
+            .block_on(checkpoint::latest(&self.bulk_pool, state.batch_seq))
+        {
+            Ok(Some(stored)) => match self.load_checkpoint(&stored) {
+                Ok(engine) => {
+                    let _ = self.status.loaded_from.set("checkpoint");
+                    tracing::info!(
+                        checkpoint_batch_seq = stored.batch_seq,
+                        committed_batch_seq = state.batch_seq,
+                        decisions = stored.decisions,
+                        deltas = stored.deltas,
+                        load_ms = started.elapsed().as_millis() as u64,
+                        "state loaded from a checkpoint; replaying the batches after it"
+                    );
+                    return Ok((engine, stored.next_offset));
+                }
+                Err(e) => {
+                    metrics::counter!("sequencer_checkpoint_load_failures_total").increment(1);
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        checkpoint_batch_seq = stored.batch_seq,
+                        "checkpoint refused; loading the state from the rows instead (slower)"
+                    );
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                metrics::counter!("sequencer_checkpoint_load_failures_total").increment(1);
+                tracing::error!(error = %e, "checkpoint unreadable; loading the state from the rows instead (slower)");
+            }
+        }
+        let (state, restorer) = self.rt.block_on(snapshot::stream_rows(
+            &self.bulk_pool,
+            |state, skus| Ok(Restorer::new(state.batch_seq, state.clock_ms, skus)?),
+            |restorer, d| Ok(restorer.add(DecisionRef::from(d))?),
+        ))?;
+        let engine = restorer
+            .finish()
+            .context("the state in Postgres is inconsistent")?;
+        let _ = self.status.loaded_from.set("rows");
+        tracing::info!(
+            batch_seq = state.batch_seq,
+            load_ms = started.elapsed().as_millis() as u64,
+            "state loaded from the rows (no checkpoint yet)"
+        );
+        Ok((engine, state.next_offset))
+    }
+
+    /// Streams the checkpoint's deltas from Postgres on the runtime while this thread applies
+    /// them, so reading and decoding overlap.
+    fn load_checkpoint(&self, stored: &checkpoint::StoredCheckpoint) -> anyhow::Result<Engine> {
+        let (deltas_tx, deltas_rx) = crossbeam_channel::bounded::<Vec<u8>>(2);
+        let (pool, count) = (self.bulk_pool.clone(), stored.deltas);
+        let reading = self.rt.spawn(async move {
+            checkpoint::read_deltas(&pool, count, |_, raw| {
+                deltas_tx
+                    .send(raw)
+                    .map_err(|_| anyhow!("the checkpoint loader stopped"))
+            })
+            .await
+        });
+        let mut loader = CheckpointLoader::new();
+        let mut applied = Ok(());
+        for raw in deltas_rx {
+            applied = loader.apply_delta(&raw);
+            if applied.is_err() {
+                break;
+            }
+        }
+        let read = self
+            .rt
+            .block_on(reading)
+            .context("checkpoint reader task")?;
+        applied?;
+        read?;
+        let engine = loader.finish(&stored.head)?;
+        if engine.batch_seq() != stored.batch_seq {
+            bail!(
+                "checkpoint head says batch {} but is stored as batch {}",
+                engine.batch_seq(),
+                stored.batch_seq
+            );
+        }
+        Ok(engine)
     }
 
     fn publish_position(&self, engine: &Engine, next_offset: i64) {
@@ -332,13 +447,8 @@ impl Sequencer {
         self.status.epoch.store(epoch, Ordering::Relaxed);
         tracing::info!(epoch, "lease taken; catching up before deciding");
         let took_over_at = Instant::now();
-        if let Err(e) = self.follow(position, Some(committed_batch_seq)) {
-            tracing::warn!(error = %e, "catch-up by replay failed; reloading state from Postgres");
-            *position = self.load_position().map_err(deposed)?;
-        }
-        let publisher =
-            Publisher::new(&self.config.brokers, &self.config.outcomes_topic).map_err(deposed)?;
-        self.republish_recent(&publisher).map_err(deposed)?;
+        // Renew from the start: a catch-up (or a reload) can take longer than a lease, and a
+        // leader deposed while catching up would only have cost the sale a second takeover.
         let lease_lost = Arc::new(AtomicBool::new(false));
         let renewer = self.rt.spawn(renew_lease(
             self.pool.clone(),
@@ -347,6 +457,28 @@ impl Sequencer {
             self.config.renew_every,
             lease_lost.clone(),
         ));
+        let renewer = AbortOnDrop(renewer);
+        if let Err(e) = self.follow(position, Some(committed_batch_seq)) {
+            tracing::warn!(error = %e, "catch-up by replay failed; reloading state from Postgres");
+            *position = self.load_position().map_err(deposed)?;
+            self.follow(position, Some(committed_batch_seq))
+                .map_err(deposed)?;
+        }
+        let publisher =
+            Publisher::new(&self.config.brokers, &self.config.outcomes_topic).map_err(deposed)?;
+        self.republish_recent(&publisher).map_err(deposed)?;
+        let mut checkpointer = Checkpointer::start(
+            self.config.checkpoint,
+            self.bulk_pool.clone(),
+            self.rt.handle().clone(),
+            self.status.checkpoint_batch_seq.clone(),
+        );
+        if let Err(e) = checkpointer.refresh(self.rt.handle(), &self.bulk_pool) {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot read the checkpoint chain; checkpoints wait until a write succeeds"
+            );
+        }
         self.status.role.store(ROLE_ACTIVE, Ordering::Relaxed);
         tracing::info!(
             epoch,
@@ -355,8 +487,8 @@ impl Sequencer {
             ready_ms = took_over_at.elapsed().as_millis() as u64,
             "active: deciding"
         );
-        let result = self.decide_loop(position, epoch, &publisher, &lease_lost);
-        renewer.abort();
+        let result = self.decide_loop(position, epoch, &publisher, &lease_lost, &mut checkpointer);
+        drop(renewer);
         publisher.flush(Duration::from_secs(5));
         if matches!(result, Err(Stop::Shutdown)) {
             // Graceful handover: the current batch is committed and published; give the lease up
@@ -392,6 +524,7 @@ impl Sequencer {
         epoch: u64,
         publisher: &Publisher,
         lease_lost: &AtomicBool,
+        checkpointer: &mut Checkpointer,
     ) -> Result<(), Stop> {
         // The pooled connection returns itself to the pool on drop through a Tokio task; this
         // thread is not a runtime worker, so it enters the runtime's context for the loop.
@@ -437,6 +570,7 @@ impl Sequencer {
                 }
             }
             self.decide_and_commit(position, epoch, &messages, publisher, &mut conn)?;
+            checkpointer.after_commit(&position.engine, epoch, position.next_offset);
         }
     }
 
@@ -592,6 +726,15 @@ impl Sequencer {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Aborts a background task when the owner goes away, whichever way it leaves.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -51,10 +51,18 @@ use wire::{
     SkuView,
 };
 
+mod checkpoint;
 #[cfg(test)]
 mod model;
+mod restore;
 #[cfg(test)]
 mod tests;
+
+pub use checkpoint::{
+    head_meta as checkpoint_head_meta, CheckpointCursor, CheckpointError, CheckpointLoader,
+    CheckpointMeta,
+};
+pub use restore::{DecisionRef, Restorer};
 
 pub use wire::limits::{HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
 
@@ -206,6 +214,15 @@ struct Index {
 }
 
 impl Index {
+    /// An empty index that takes `rows` rows without growing.
+    fn with_capacity(rows: usize) -> Index {
+        let slots = (rows * 4 / 3 + 1).next_power_of_two().max(16);
+        Index {
+            slots: vec![0; slots],
+            len: 0,
+        }
+    }
+
     /// The first row with this hash that `holds_key` accepts.
     fn find(&self, hash: u32, mut holds_key: impl FnMut(u32) -> bool) -> Option<u32> {
         let mask = self.slots.len().wrapping_sub(1);
@@ -296,18 +313,28 @@ impl Hashes {
     /// the Fx maps before it, not flood-resistant (a client crafting colliding idempotency keys
     /// would slow its own lookups down, never make them wrong).
     fn new(request_id: RequestId, user_id: &str, key: &str) -> Hashes {
-        let mut user = FxHasher::default();
-        user.write(user_id.as_bytes());
-        let user = user.finish();
-        // From the user id's hash, not the user's index: a new user has none yet.
-        let mut user_key = FxHasher::default();
-        user_key.write_u64(user);
-        user_key.write(key.as_bytes());
+        let user = Hashes::user_hash(user_id);
         Hashes {
             user: narrow(user),
-            key: narrow(user_key.finish()),
+            key: Hashes::key_hash(user, key),
             request: hash_request_id(request_id),
         }
+    }
+
+    /// The full hash of a user id ([`Hashes::user`] is it narrowed).
+    fn user_hash(user_id: &str) -> u64 {
+        let mut user = FxHasher::default();
+        user.write(user_id.as_bytes());
+        user.finish()
+    }
+
+    /// [`Hashes::key`] from the user id's full hash: from the id's hash, not the user's index,
+    /// because a new user has none yet.
+    fn key_hash(user_hash: u64, key: &str) -> u32 {
+        let mut user_key = FxHasher::default();
+        user_key.write_u64(user_hash);
+        user_key.write(key.as_bytes());
+        narrow(user_key.finish())
     }
 
     fn of(request: &Request) -> Option<Hashes> {
@@ -393,6 +420,10 @@ pub enum RestoreError {
     },
     #[error("sku {sku}: available + held + sold != total")]
     StockInvariant { sku: String },
+    #[error("sku {sku} appears twice")]
+    DuplicateSku { sku: String },
+    #[error("user {user_id:?} appears twice")]
+    DuplicateUser { user_id: String },
 }
 
 #[derive(Debug, Default, Clone)]
@@ -418,6 +449,13 @@ pub struct Engine {
     more_holdings: FxHashMap<(UserIdx, SkuIdx), u64>,
     /// Holds ordered by expiry; entries whose reservation left `held` are skipped when popped.
     expiries: BinaryHeap<Reverse<(i64, RequestId)>>,
+    /// Every grant that left `held`, in the order it did (a grant moves at most once). With the
+    /// rows as they were decided it makes the state append-only, which is what lets a checkpoint
+    /// write only what changed since the last one (see `checkpoint.rs`).
+    settled: Vec<(RowIdx, ReservationStatus)>,
+    /// How many entries of `settled` came from a restore from rows, which knows only where each
+    /// grant ended up, not when: they are in row order, not in the order the grants moved.
+    settled_from_rows: u64,
     /// Time of the last batch: batch time never goes backwards, even if the wall clock does.
     clock_ms: i64,
     batch_seq: u64,
@@ -745,6 +783,7 @@ impl Engine {
                 sku.sold += quantity;
                 sku.dirty_in_batch = self.batch_seq;
                 self.decisions[row as usize].status = Ok(to);
+                self.settled.push((row, to));
                 true
             }
             (ReservationStatus::Held, _) => {
@@ -782,6 +821,7 @@ impl Engine {
         );
         r.status = Ok(to);
         let (sku_idx, user, quantity) = (r.sku, r.user, u64::from(r.quantity));
+        self.settled.push((row, to));
         let sku = &mut self.skus[sku_idx as usize];
         sku.held -= quantity;
         sku.available += quantity;
@@ -950,105 +990,11 @@ impl Engine {
     /// Rebuilds the engine from what Postgres holds, and refuses a snapshot whose counters do
     /// not match its reservation rows: the invariants are checked again after reading back.
     pub fn restore(snapshot: Snapshot) -> Result<Engine, RestoreError> {
-        let mut engine = Engine {
-            batch_seq: snapshot.batch_seq,
-            clock_ms: snapshot.clock_ms,
-            ..Engine::default()
-        };
-        for view in snapshot.skus {
-            let idx = engine.skus.len() as SkuIdx;
-            engine.sku_index.insert(view.sku.clone(), idx);
-            let sku = Sku {
-                name: view.sku,
-                config: view.config,
-                available: view.available,
-                held: view.held,
-                sold: view.sold,
-                paused: view.paused,
-                dirty_in_batch: 0,
-            };
-            if sku
-                .available
-                .checked_add(sku.held)
-                .and_then(|s| s.checked_add(sku.sold))
-                != Some(sku.total())
-            {
-                return Err(RestoreError::StockInvariant { sku: sku.name });
-            }
-            engine.skus.push(sku);
+        let mut restorer = Restorer::new(snapshot.batch_seq, snapshot.clock_ms, snapshot.skus)?;
+        for d in &snapshot.decisions {
+            restorer.add(DecisionRef::from(d))?;
         }
-        let mut rows_held = vec![0u64; engine.skus.len()];
-        let mut rows_sold = vec![0u64; engine.skus.len()];
-        engine.decisions.reserve(snapshot.decisions.len());
-        for d in snapshot.decisions {
-            let hashes = Hashes::new(d.request_id, &d.user_id, &d.idempotency_key);
-            if engine.find_request(hashes.request, d.request_id).is_some() {
-                return Err(RestoreError::DuplicateRequestId {
-                    request_id: d.request_id,
-                });
-            }
-            // Refusals too: only decisions about a known SKU are ever recorded.
-            let Some(&sku) = engine.sku_index.get(&d.sku) else {
-                return Err(RestoreError::UnknownSku {
-                    request_id: d.request_id,
-                    sku: d.sku,
-                });
-            };
-            let user = match engine.find_user(hashes.user, &d.user_id) {
-                Some(user) => user,
-                None => engine.add_user(hashes.user, &d.user_id),
-            };
-            if engine
-                .find_key(hashes.key, user, &d.idempotency_key)
-                .is_some()
-            {
-                return Err(RestoreError::DuplicateKey {
-                    user_id: d.user_id,
-                    key: d.idempotency_key,
-                });
-            }
-            if let Ok(status) = d.status {
-                let quantity = u64::from(d.quantity);
-                match status {
-                    ReservationStatus::Held => {
-                        rows_held[sku as usize] += quantity;
-                        engine
-                            .expiries
-                            .push(Reverse((d.expires_at_ms, d.request_id)));
-                    }
-                    ReservationStatus::Confirmed => rows_sold[sku as usize] += quantity,
-                    ReservationStatus::Cancelled | ReservationStatus::Expired => {}
-                }
-                if matches!(
-                    status,
-                    ReservationStatus::Held | ReservationStatus::Confirmed
-                ) {
-                    *engine.holding_mut(user, sku) += quantity;
-                }
-            }
-            let row = Reservation {
-                request_id: split_id(d.request_id),
-                expires_at_ms: d.expires_at_ms,
-                key: Span::push(&mut engine.keys, &d.idempotency_key),
-                user,
-                sku,
-                quantity: d.quantity,
-                status: d.status,
-            };
-            engine.record(row, hashes);
-        }
-        for (i, sku) in engine.skus.iter().enumerate() {
-            if sku.held != rows_held[i] || sku.sold != rows_sold[i] {
-                return Err(RestoreError::CountersDisagree {
-                    sku: sku.name.clone(),
-                    held_counter: sku.held,
-                    sold_counter: sku.sold,
-                    held_rows: rows_held[i],
-                    sold_rows: rows_sold[i],
-                });
-            }
-        }
-        Ok(engine)
+        restorer.finish()
     }
 
     /// Every invariant, checked from scratch (O(state)): used by tests after every batch and
