@@ -2,6 +2,8 @@
 //!
 //! - `bench load`: open-loop HTTP load (scenarios flash, mixed, ramp) against a running API.
 //! - `bench pipeline`: the sequencer alone, fed from a pre-filled requests topic.
+//! - `bench coldstart`: a sequencer's cold start with millions of stored decisions, and a
+//!   following standby's takeover.
 //! - `bench baseline-server`: the naive Postgres and Redis+Lua designs behind the same contract.
 //! - `bench compare`: all of it in one invocation, with a JSON report and a Markdown summary.
 //!
@@ -10,6 +12,7 @@
 
 mod baseline;
 mod check;
+mod coldstart;
 mod compare;
 mod hops;
 mod http;
@@ -35,6 +38,8 @@ enum Cmd {
     Load(scenario::LoadArgs),
     /// The sequencer alone: pre-filled topic, one `sequencer run`, decisions/s.
     Pipeline(pipeline::PipelineArgs),
+    /// Cold start of a sequencer at 1M, 5M and 10M stored decisions, and a standby's takeover.
+    Coldstart(coldstart::ColdStartArgs),
     /// Serves a baseline design (naive Postgres or Redis+Lua) behind the same HTTP contract.
     BaselineServer(baseline::ServerArgs),
     /// Pipeline, then flash and ramp against this system and each baseline; one report.
@@ -87,6 +92,15 @@ fn main() -> ExitCode {
             std::fs::write(&path, serde_json::to_vec_pretty(&all)?)?;
             println!("report: {path}");
             anyhow::Ok(all.iter().all(|r| r.audit.as_ref().is_none_or(|a| a.clean)))
+        }),
+        Cmd::Coldstart(args) => runtime().block_on(async {
+            let report = coldstart::run(&args).await?;
+            std::fs::create_dir_all("bench/results")?;
+            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+            let path = format!("bench/results/coldstart-{stamp}.json");
+            std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+            println!("report: {path}");
+            anyhow::Ok(true)
         }),
         Cmd::BaselineServer(args) => baseline::serve(args).map(|()| true),
         Cmd::Compare(args) => runtime().block_on(compare::run(args)).map(|()| true),

@@ -120,7 +120,7 @@ fn messages(args: &PipelineArgs, sku: &str, run: &str) -> Vec<Vec<u8>> {
     out
 }
 
-fn prefill(brokers: &str, topic: &str, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
+pub(crate) fn prefill(brokers: &str, topic: &str, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")

@@ -10,6 +10,9 @@ pub struct AuditReport {
     pub reservations: i64,
     pub batches: i64,
     pub committed_offset: i64,
+    /// The batch of the checkpoint compared with the rows (by `sequencer audit`, which can load
+    /// one), if any.
+    pub checkpoint_batch_seq: Option<u64>,
     pub violations: Vec<String>,
 }
 
@@ -111,6 +114,7 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         reservations: counts.try_get("reservations")?,
         batches: counts.try_get("batches")?,
         committed_offset: counts.try_get("committed_offset")?,
+        checkpoint_batch_seq: None,
         violations: Vec::new(),
     };
     for (name, sql) in CHECKS {

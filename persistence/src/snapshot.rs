@@ -61,7 +61,47 @@ pub async fn stream_rows<R>(
            FROM reservations ORDER BY batch_seq, request_offset",
     )
     .fetch(&mut *tx);
-    let mut d = StoredDecision {
+    let mut d = empty_decision();
+    while let Some(row) = rows.try_next().await? {
+        fill_decision(&row, "status", &mut d)?;
+        on_row(&mut sink, &d)?;
+    }
+    drop(rows);
+    tx.commit().await?;
+    Ok((state, sink))
+}
+
+/// Streams the decisions of batches up to `batch_seq`, in decision order, each with the status
+/// it had right after that batch (later moves, from `reservation_events`, undone): what a
+/// checkpoint of that batch must hold, for the audit to compare.
+pub async fn stream_rows_as_of(
+    pool: &PgPool,
+    batch_seq: u64,
+    mut on_row: impl FnMut(&StoredDecision) -> anyhow::Result<()>,
+) -> Result<(), LoadError> {
+    let mut rows = sqlx::query(
+        "SELECT r.reservation_id, r.user_id, r.idempotency_key, r.sku, r.quantity,
+                r.reject_reason, r.expires_at,
+                coalesce(e.status, CASE WHEN r.status = 'rejected' THEN 'rejected' ELSE 'held' END)
+                    AS status_then
+           FROM reservations r
+           LEFT JOIN reservation_events e
+                  ON e.reservation_id = r.reservation_id AND e.batch_seq <= $1
+          WHERE r.batch_seq <= $1
+          ORDER BY r.batch_seq, r.request_offset",
+    )
+    .bind(batch_seq as i64)
+    .fetch(pool);
+    let mut d = empty_decision();
+    while let Some(row) = rows.try_next().await? {
+        fill_decision(&row, "status_then", &mut d)?;
+        on_row(&d)?;
+    }
+    Ok(())
+}
+
+fn empty_decision() -> StoredDecision {
+    StoredDecision {
         request_id: 0,
         user_id: String::new(),
         idempotency_key: String::new(),
@@ -69,36 +109,39 @@ pub async fn stream_rows<R>(
         quantity: 0,
         status: Err(Reject::SoldOut),
         expires_at_ms: 0,
-    };
-    while let Some(row) = rows.try_next().await? {
-        let id: Uuid = row.try_get("reservation_id")?;
-        let status: &str = row.try_get("status")?;
-        let reason: Option<&str> = row.try_get("reject_reason")?;
-        let parsed = match (ReservationStatus::parse(status), reason) {
-            (Some(s), None) => Some(Ok(s)),
-            (None, Some(r)) if status == "rejected" => Reject::from_code(r).map(Err),
-            _ => None,
-        };
-        let Some(parsed) = parsed else {
-            return Err(LoadError::BadRow {
-                id,
-                status: status.to_owned(),
-                reason: reason.map(str::to_owned),
-            });
-        };
-        let expires_at: Option<chrono::DateTime<chrono::Utc>> = row.try_get("expires_at")?;
-        d.request_id = id.as_u128();
-        refill(&mut d.user_id, row.try_get("user_id")?);
-        refill(&mut d.idempotency_key, row.try_get("idempotency_key")?);
-        refill(&mut d.sku, row.try_get("sku")?);
-        d.quantity = row.try_get::<i32, _>("quantity")? as u32;
-        d.status = parsed;
-        d.expires_at_ms = expires_at.map(ms).unwrap_or(0);
-        on_row(&mut sink, &d)?;
     }
-    drop(rows);
-    tx.commit().await?;
-    Ok((state, sink))
+}
+
+/// Refills `d` from a reservations row whose status is in column `status_column`.
+fn fill_decision(
+    row: &sqlx::postgres::PgRow,
+    status_column: &str,
+    d: &mut StoredDecision,
+) -> Result<(), LoadError> {
+    let id: Uuid = row.try_get("reservation_id")?;
+    let status: &str = row.try_get(status_column)?;
+    let reason: Option<&str> = row.try_get("reject_reason")?;
+    let parsed = match (ReservationStatus::parse(status), reason) {
+        (Some(s), None) => Some(Ok(s)),
+        (None, Some(r)) if status == "rejected" => Reject::from_code(r).map(Err),
+        _ => None,
+    };
+    let Some(parsed) = parsed else {
+        return Err(LoadError::BadRow {
+            id,
+            status: status.to_owned(),
+            reason: reason.map(str::to_owned),
+        });
+    };
+    let expires_at: Option<chrono::DateTime<chrono::Utc>> = row.try_get("expires_at")?;
+    d.request_id = id.as_u128();
+    refill(&mut d.user_id, row.try_get("user_id")?);
+    refill(&mut d.idempotency_key, row.try_get("idempotency_key")?);
+    refill(&mut d.sku, row.try_get("sku")?);
+    d.quantity = row.try_get::<i32, _>("quantity")? as u32;
+    d.status = parsed;
+    d.expires_at_ms = expires_at.map(ms).unwrap_or(0);
+    Ok(())
 }
 
 fn refill(buffer: &mut String, value: &str) {

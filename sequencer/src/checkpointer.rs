@@ -18,7 +18,10 @@ use persistence::checkpoint::{self, NewCheckpoint};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 
-use crate::engine::{checkpoint_head_meta, CheckpointCursor, Engine};
+use anyhow::{anyhow, bail, Context};
+use tokio::runtime::Runtime;
+
+use crate::engine::{checkpoint_head_meta, CheckpointCursor, CheckpointLoader, Engine};
 
 /// When a checkpoint is due: after this many batches or this long, whichever comes first (and
 /// only if at least one batch was committed since the last).
@@ -177,4 +180,43 @@ async fn read_chain_end(pool: &PgPool) -> anyhow::Result<ChainEnd> {
         }
         None => ChainEnd::default(),
     })
+}
+
+/// Loads the engine from a stored checkpoint: the deltas are streamed from Postgres on the
+/// runtime while this thread applies them, so reading and decoding overlap; then the head.
+pub fn load(
+    rt: &Runtime,
+    pool: &PgPool,
+    stored: &checkpoint::StoredCheckpoint,
+) -> anyhow::Result<Engine> {
+    let (deltas_tx, deltas_rx) = crossbeam_channel::bounded::<Vec<u8>>(2);
+    let (pool, count) = (pool.clone(), stored.deltas);
+    let reading = rt.spawn(async move {
+        checkpoint::read_deltas(&pool, count, |_, raw| {
+            deltas_tx
+                .send(raw)
+                .map_err(|_| anyhow!("the checkpoint loader stopped"))
+        })
+        .await
+    });
+    let mut loader = CheckpointLoader::new();
+    let mut applied = Ok(());
+    for raw in deltas_rx {
+        applied = loader.apply_delta(&raw);
+        if applied.is_err() {
+            break;
+        }
+    }
+    let read = rt.block_on(reading).context("checkpoint reader task")?;
+    applied?;
+    read?;
+    let engine = loader.finish(&stored.head)?;
+    if engine.batch_seq() != stored.batch_seq {
+        bail!(
+            "checkpoint head says batch {} but is stored as batch {}",
+            engine.batch_seq(),
+            stored.batch_seq
+        );
+    }
+    Ok(engine)
 }

@@ -5,6 +5,7 @@
 //! one fenced transaction, and hands the outcomes to [`publish`]; [`status`] reports.
 
 pub mod admin;
+pub mod audit;
 pub mod checkpointer;
 pub mod engine;
 pub mod log;

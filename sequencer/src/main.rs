@@ -256,10 +256,14 @@ fn run(args: RunArgs) -> ExitCode {
 
 fn audit(database_url: &str, json: bool) -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let report = rt.block_on(async {
-        let pool = persistence::connect(database_url, 1).await?;
-        anyhow::Ok(persistence::audit::run(&pool).await?)
-    });
+    let report = (|| {
+        let pool = rt.block_on(persistence::connect(database_url, 2))?;
+        let mut report = rt.block_on(persistence::audit::run(&pool))?;
+        let (checked, violations) = sequencer::audit::checkpoint_against_rows(&rt, &pool)?;
+        report.checkpoint_batch_seq = checked;
+        report.violations.extend(violations);
+        anyhow::Ok(report)
+    })();
     let report = match report {
         Ok(r) => r,
         Err(e) => {
@@ -274,8 +278,16 @@ fn audit(database_url: &str, json: bool) -> ExitCode {
         );
     } else {
         println!(
-            "audited {} skus, {} reservations, {} batches, committed offset {}",
-            report.skus, report.reservations, report.batches, report.committed_offset
+            "audited {} skus, {} reservations, {} batches, committed offset {}, checkpoint {}",
+            report.skus,
+            report.reservations,
+            report.batches,
+            report.committed_offset,
+            report
+                .checkpoint_batch_seq
+                .map_or("none".to_owned(), |b| format!(
+                    "of batch {b} compared with the rows"
+                ))
         );
         for v in &report.violations {
             println!("VIOLATION {v}");

@@ -27,7 +27,7 @@ use tokio::runtime::Runtime;
 use wire::{Command, Request};
 
 use crate::checkpointer::{Cadence, Checkpointer};
-use crate::engine::{BatchOutput, CheckpointLoader, DecisionRef, Engine, Restorer};
+use crate::engine::{BatchOutput, DecisionRef, Engine, Restorer};
 use crate::log::{self, LogEvent, LogReader};
 use crate::publish::{build_outbox, decode_outbox, Publisher};
 
@@ -69,6 +69,9 @@ pub const ROLE_STANDBY: u8 = 1;
 pub const ROLE_ACTIVE: u8 = 2;
 pub const ROLE_STOPPED: u8 = 3;
 
+pub const LOADED_FROM_CHECKPOINT: u8 = 1;
+pub const LOADED_FROM_ROWS: u8 = 2;
+
 /// What the status endpoint and the logs report; written by the runtime, read by anyone.
 #[derive(Debug, Default)]
 pub struct Status {
@@ -89,12 +92,21 @@ pub struct Status {
     pub last_follow_ms: AtomicI64,
     /// Newest batch this process wrote a checkpoint for (0: none).
     pub checkpoint_batch_seq: Arc<AtomicU64>,
-    /// How the state was last loaded ("checkpoint" or "rows") and how long it took.
-    pub loaded_from: OnceLock<&'static str>,
+    /// How the state was last loaded ([`LOADED_FROM_CHECKPOINT`], [`LOADED_FROM_ROWS`]; 0 before
+    /// a load) and how long it took.
+    pub loaded_from: AtomicU8,
     pub load_ms: AtomicU64,
 }
 
 impl Status {
+    pub fn loaded_from_name(&self) -> Option<&'static str> {
+        match self.loaded_from.load(Ordering::Relaxed) {
+            LOADED_FROM_CHECKPOINT => Some("checkpoint"),
+            LOADED_FROM_ROWS => Some("rows"),
+            _ => None,
+        }
+    }
+
     pub fn role_name(&self) -> &'static str {
         match self.role.load(Ordering::Relaxed) {
             ROLE_STANDBY => "standby",
@@ -286,9 +298,12 @@ impl Sequencer {
             .rt
             .block_on(checkpoint::latest(&self.bulk_pool, state.batch_seq))
         {
-            Ok(Some(stored)) => match self.load_checkpoint(&stored) {
+            Ok(Some(stored)) => match crate::checkpointer::load(&self.rt, &self.bulk_pool, &stored)
+            {
                 Ok(engine) => {
-                    let _ = self.status.loaded_from.set("checkpoint");
+                    self.status
+                        .loaded_from
+                        .store(LOADED_FROM_CHECKPOINT, Ordering::Relaxed);
                     tracing::info!(
                         checkpoint_batch_seq = stored.batch_seq,
                         committed_batch_seq = state.batch_seq,
@@ -322,51 +337,15 @@ impl Sequencer {
         let engine = restorer
             .finish()
             .context("the state in Postgres is inconsistent")?;
-        let _ = self.status.loaded_from.set("rows");
+        self.status
+            .loaded_from
+            .store(LOADED_FROM_ROWS, Ordering::Relaxed);
         tracing::info!(
             batch_seq = state.batch_seq,
             load_ms = started.elapsed().as_millis() as u64,
             "state loaded from the rows (no checkpoint yet)"
         );
         Ok((engine, state.next_offset))
-    }
-
-    /// Streams the checkpoint's deltas from Postgres on the runtime while this thread applies
-    /// them, so reading and decoding overlap.
-    fn load_checkpoint(&self, stored: &checkpoint::StoredCheckpoint) -> anyhow::Result<Engine> {
-        let (deltas_tx, deltas_rx) = crossbeam_channel::bounded::<Vec<u8>>(2);
-        let (pool, count) = (self.bulk_pool.clone(), stored.deltas);
-        let reading = self.rt.spawn(async move {
-            checkpoint::read_deltas(&pool, count, |_, raw| {
-                deltas_tx
-                    .send(raw)
-                    .map_err(|_| anyhow!("the checkpoint loader stopped"))
-            })
-            .await
-        });
-        let mut loader = CheckpointLoader::new();
-        let mut applied = Ok(());
-        for raw in deltas_rx {
-            applied = loader.apply_delta(&raw);
-            if applied.is_err() {
-                break;
-            }
-        }
-        let read = self
-            .rt
-            .block_on(reading)
-            .context("checkpoint reader task")?;
-        applied?;
-        read?;
-        let engine = loader.finish(&stored.head)?;
-        if engine.batch_seq() != stored.batch_seq {
-            bail!(
-                "checkpoint head says batch {} but is stored as batch {}",
-                engine.batch_seq(),
-                stored.batch_seq
-            );
-        }
-        Ok(engine)
     }
 
     fn publish_position(&self, engine: &Engine, next_offset: i64) {
@@ -562,6 +541,9 @@ impl Sequencer {
                         .next_expiry_ms()
                         .is_some_and(|at| at <= now_ms());
                     if !due {
+                        // Quiet: a good moment for a checkpoint of the last batches of a burst,
+                        // which no later commit would otherwise trigger.
+                        checkpointer.after_commit(&position.engine, epoch, position.next_offset);
                         continue;
                     }
                 }

@@ -31,6 +31,12 @@ pub struct StatusDoc {
     pub batches_committed: u64,
     pub commands_decided: u64,
     pub decisions_written: u64,
+    /// Where the state was last loaded from: "checkpoint" or "rows" (absent before a load).
+    pub loaded_from: Option<&'static str>,
+    /// How long that load took (reading and rebuilding, before the replay of later batches).
+    pub load_ms: u64,
+    /// Newest batch this process wrote a checkpoint for (0: none yet).
+    pub checkpoint_batch_seq: u64,
 }
 
 #[derive(Clone)]
@@ -146,6 +152,9 @@ pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
         batches_committed: s.batches_committed.load(Ordering::Relaxed),
         commands_decided: s.commands.load(Ordering::Relaxed),
         decisions_written: s.decisions.load(Ordering::Relaxed),
+        loaded_from: s.loaded_from_name(),
+        load_ms: s.load_ms.load(Ordering::Relaxed),
+        checkpoint_batch_seq: s.checkpoint_batch_seq.load(Ordering::Relaxed),
     }
 }
 

@@ -399,6 +399,43 @@ impl Stack {
         answer(self.http.get(format!("{}{path}", self.base)).send().await?).await
     }
 
+    /// Appends raw messages to this stack's requests topic, as any producer could, and waits
+    /// until the broker has them all.
+    pub fn produce_requests(&self, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .context("creating a producer")?;
+        for p in payloads {
+            let mut record: BaseRecord<'_, (), [u8]> =
+                BaseRecord::to(&self.requests_topic).payload(&p[..]);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        r,
+                    )) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => bail!("producing to {}: {e}", self.requests_topic),
+                }
+            }
+        }
+        producer
+            .flush(Duration::from_secs(120))
+            .context("flushing produced requests")?;
+        Ok(())
+    }
+
     /// Runs `sequencer audit --json` against this stack's database.
     pub fn audit(&self) -> anyhow::Result<Value> {
         let out = Command::new(bin_dir().join("sequencer"))

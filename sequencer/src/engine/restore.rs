@@ -116,6 +116,25 @@ impl Restorer {
 }
 
 impl Engine {
+    /// Decision row `i` (in decision order) as it stands now, for comparing with the rows.
+    pub fn decision(&self, i: usize) -> Option<DecisionRef<'_>> {
+        let r = self.decisions.get(i)?;
+        Some(DecisionRef {
+            request_id: r.request_id(),
+            user_id: self.user_name(r.user),
+            idempotency_key: self.key(r),
+            sku: &self.skus[r.sku as usize].name,
+            quantity: r.quantity,
+            status: r.status,
+            expires_at_ms: r.expires_at_ms,
+        })
+    }
+
+    /// Decision rows recorded.
+    pub fn decision_count(&self) -> usize {
+        self.decisions.len()
+    }
+
     /// Installs the SKUs of a snapshot or checkpoint, each checked for the stock invariant.
     pub(super) fn set_skus(&mut self, skus: Vec<SkuView>) -> Result<(), RestoreError> {
         for view in skus {
