@@ -25,12 +25,14 @@
 
 use wire::{Reject, ReservationStatus, SkuView};
 
-use super::{Engine, Hashes, Index, Reservation, RestoreError, RowIdx, Span, User, NO_SKU};
+use super::{
+    refusal_user_len, Engine, Hashes, Index, Reservation, RestoreError, RowIdx, Span, User, NO_SKU,
+};
 
 const DELTA_VERSION: u8 = 1;
 const HEAD_VERSION: u8 = 1;
 /// Bytes of one encoded decision row: id 16, key length 4, user 4, sku 4, quantity 4, result 1,
-/// expiry 8.
+/// and for a grant its expiry 8 (a refusal's row is 33 bytes).
 const ROW_BYTES: usize = 41;
 
 /// How long each append-only part of the state is: where the next delta starts.
@@ -105,7 +107,8 @@ impl Engine {
     ///
     /// Layout: version u8; `from` and `to` cursors (5 x u64 each); the new users' name bytes,
     /// then each new user's name length (u32); the new key bytes, then each new row (see
-    /// [`ROW_BYTES`]); then each new settled entry (row u32, status u8).
+    /// [`ROW_BYTES`]; a refusal's key text starts with its user id, see `REFUSAL_USER`); then
+    /// each new settled entry (row u32, status u8).
     pub fn encode_delta(&self, from: &CheckpointCursor) -> Vec<u8> {
         let to = self.checkpoint_cursor();
         assert!(
@@ -146,13 +149,15 @@ impl Engine {
             out.extend_from_slice(&r.user.to_le_bytes());
             out.extend_from_slice(&r.sku.to_le_bytes());
             out.extend_from_slice(&r.quantity.to_le_bytes());
-            // As decided: a grant is written as held; the settled log says where it went.
-            let (result, expires) = match r.status {
-                Ok(_) => (0u8, r.expires_at_ms),
-                Err(reason) => (1 + reject_index(reason), 0),
-            };
-            out.push(result);
-            out.extend_from_slice(&expires.to_le_bytes());
+            // As decided: a grant is written as held with its expiry (the settled log says where
+            // it went since); a refusal as its reason alone.
+            match r.status {
+                Ok(_) => {
+                    out.push(0);
+                    out.extend_from_slice(&r.expires_at_ms.to_le_bytes());
+                }
+                Err(reason) => out.push(1 + reject_index(reason)),
+            }
         }
         for &(row, status) in settled {
             out.extend_from_slice(&row.to_le_bytes());
@@ -234,6 +239,16 @@ impl CheckpointLoader {
         let mut name_at = from.name_bytes;
         for _ in 0..span(from.users, to.users)? {
             let len = r.u32()?;
+            let at = (name_at - from.name_bytes) as usize;
+            if names
+                .get(at..at + len as usize)
+                .is_none_or(|n| std::str::from_utf8(n).is_err())
+            {
+                return Err(malformed(
+                    "delta",
+                    "a user id does not lie on character boundaries",
+                ));
+            }
             e.users.push(User {
                 name: Span {
                     start: name_at,
@@ -258,16 +273,37 @@ impl CheckpointLoader {
             let key_len = r.u32()?;
             let (user, sku, quantity) = (r.u32()?, r.u32()?, r.u32()?);
             let result = r.u8()?;
-            let expires_at_ms = r.u64()? as i64;
-            if u64::from(user) >= to.users {
-                return Err(malformed("delta", format!("row names user {user}")));
-            }
+            let expires_at_ms = if result == 0 { r.u64()? as i64 } else { 0 };
             let status = match result {
                 0 => Ok(ReservationStatus::Held),
                 n => Err(*Reject::ALL
                     .get(usize::from(n) - 1)
                     .ok_or_else(|| malformed("delta", format!("unknown result {n}")))?),
             };
+            // A grant names a user; a refusal keeps its user id at the start of its key text,
+            // which must end on a character boundary.
+            let key_start = (key_at - from.key_bytes) as usize;
+            let user_ok = match refusal_user_len(user) {
+                Some(len) => {
+                    status.is_err()
+                        && len <= key_len as usize
+                        && keys.len() >= key_start + key_len as usize
+                        && std::str::from_utf8(&keys[key_start..key_start + len]).is_ok()
+                }
+                None => status.is_ok() && u64::from(user) < to.users,
+            };
+            if !user_ok {
+                return Err(malformed("delta", format!("row names user {user:#x}")));
+            }
+            if keys
+                .get(key_start..key_start + key_len as usize)
+                .is_none_or(|k| std::str::from_utf8(k).is_err())
+            {
+                return Err(malformed(
+                    "delta",
+                    "a key does not lie on character boundaries",
+                ));
+            }
             e.decisions.push(Reservation {
                 request_id,
                 expires_at_ms,
@@ -397,15 +433,19 @@ impl Engine {
         }
         let mut by_key = Index::with_capacity(self.decisions.len());
         for (i, r) in self.decisions.iter().enumerate() {
-            let key = self.key(r);
-            let hash = Hashes::key_hash(user_hashes[r.user as usize], key);
+            let (user_id, key) = (self.row_user_id(r), self.key(r));
+            let user_hash = match refusal_user_len(r.user) {
+                Some(_) => Hashes::user_hash(user_id),
+                None => user_hashes[r.user as usize],
+            };
+            let hash = Hashes::key_hash(user_hash, key);
             let found = by_key.find(hash, |row| {
                 let other = &self.decisions[row as usize];
-                other.user == r.user && self.key(other) == key
+                self.key(other) == key && self.row_user_id(other) == user_id
             });
             if found.is_some() {
                 return Err(RestoreError::DuplicateKey {
-                    user_id: self.user_name(r.user).to_owned(),
+                    user_id: user_id.to_owned(),
                     key: key.to_owned(),
                 });
             }

@@ -29,7 +29,9 @@
 //!   the user has just read; further SKUs per user go to a small map.
 //!
 //! Only decisions about a known SKU are recorded (an unknown SKU is an answer about the input,
-//! not a decision), so a row names its SKU by index; a user is created by its first decision.
+//! not a decision), so a row names its SKU by index. A user is created by its first grant: a
+//! refusal keeps its user id beside its key instead, since the buyers a flash sale refuses are
+//! most of its decisions and most never get anything (see [`REFUSAL_USER`]).
 //!
 //! # Memory latency
 //!
@@ -167,6 +169,33 @@ struct User {
 
 const NO_SKU: SkuIdx = SkuIdx::MAX;
 
+/// `Reservation::user` of a refusal: this bit, and the user id's length in bytes below it. A
+/// refusal creates no user (in a flash sale nearly every buyer is refused and never comes back
+/// with a grant): its user id is kept in the key arena right before its idempotency key, and its
+/// key span covers both. User ids are far shorter than 2^31 bytes (`USER_ID_BYTES_MAX`).
+const REFUSAL_USER: u32 = 1 << 31;
+
+/// The user id length of a refusal's `Reservation::user`, `None` for a grant's user index.
+fn refusal_user_len(user: u32) -> Option<usize> {
+    (user & REFUSAL_USER != 0).then_some((user & !REFUSAL_USER) as usize)
+}
+
+/// Appends a refusal's user id and key to the key arena: its `(Reservation::user, key span)`.
+fn refusal_text(keys: &mut String, user_id: &str, key: &str) -> (u32, Span) {
+    let len = u32::try_from(user_id.len())
+        .ok()
+        .filter(|&l| l < REFUSAL_USER)
+        .expect("user ids shorter than 2^31 bytes");
+    let start = keys.len() as u64;
+    keys.push_str(user_id);
+    keys.push_str(key);
+    let span = Span {
+        start,
+        len: u32::try_from(keys.len() as u64 - start).expect("strings shorter than 4 GiB"),
+    };
+    (REFUSAL_USER | len, span)
+}
+
 /// One recorded decision of a reserve command: the idempotency record of its key (what a repeat
 /// must match, and gets back) and, if granted, the reservation it created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,8 +205,9 @@ pub struct Reservation {
     request_id: [u64; 2],
     /// For a grant; 0 for a refusal.
     expires_at_ms: i64,
-    /// The idempotency key, in `Engine::keys`.
+    /// The idempotency key, in `Engine::keys` (a refusal's is preceded by its user id).
     key: Span,
+    /// A grant's user, or for a refusal [`REFUSAL_USER`] and the user id's length.
     user: UserIdx,
     sku: SkuIdx,
     quantity: u32,
@@ -649,8 +679,7 @@ impl Engine {
         out: &mut BatchOutput,
     ) -> Outcome {
         let sku = self.sku_index.get(sku_name).copied();
-        let user = self.find_user(hashes.user, user_id);
-        if let Some(row) = user.and_then(|user| self.find_key(hashes.key, user, key)) {
+        if let Some(row) = self.find_key(hashes.key, user_id, key) {
             // A repeat: same request gets the first outcome and changes nothing; a different
             // request under the same key is refused and not recorded. (SKU names are unique,
             // so comparing indexes compares names; an unknown SKU differs from any record.)
@@ -677,19 +706,24 @@ impl Engine {
         {
             return Outcome::Rejected(Reject::InvalidCommand);
         }
+        let user = self.find_user(hashes.user, user_id);
         let decision = self.grant_or_refuse(sku, user, quantity);
-        let user = match user {
-            Some(user) => user,
-            None => self.add_user(hashes.user, user_id),
+        let (user, key) = match decision {
+            Ok(expires_at_ms) => {
+                let user = match user {
+                    Some(user) => user,
+                    None => self.add_user(hashes.user, user_id),
+                };
+                self.take_stock(sku, user, quantity);
+                self.expiries.push(Reverse((expires_at_ms, request_id)));
+                (user, Span::push(&mut self.keys, key))
+            }
+            Err(_) => refusal_text(&mut self.keys, user_id, key),
         };
-        if let Ok(expires_at_ms) = decision {
-            self.take_stock(sku, user, quantity);
-            self.expiries.push(Reverse((expires_at_ms, request_id)));
-        }
         let row = Reservation {
             request_id: split_id(request_id),
             expires_at_ms: decision.unwrap_or(0),
-            key: Span::push(&mut self.keys, key),
+            key,
             user,
             sku,
             quantity,
@@ -933,8 +967,21 @@ impl Engine {
         &self.names[span.range()]
     }
 
+    /// The user id of a decision: a grant's user, or the id kept with a refusal's key.
+    fn row_user_id(&self, row: &Reservation) -> &str {
+        match refusal_user_len(row.user) {
+            Some(len) => &self.keys[row.key.start as usize..row.key.start as usize + len],
+            None => self.user_name(row.user),
+        }
+    }
+
+    /// The idempotency key of a decision.
     fn key(&self, row: &Reservation) -> &str {
-        &self.keys[row.key.range()]
+        let text = &self.keys[row.key.range()];
+        match refusal_user_len(row.user) {
+            Some(len) => &text[len..],
+            None => text,
+        }
     }
 
     /// The decision row of request `hash`/`id`, granted or refused.
@@ -949,11 +996,11 @@ impl Engine {
             .filter(|&row| self.decisions[row as usize].status.is_ok())
     }
 
-    /// The decision recorded under `(user, key)`; `hash` is [`Hashes::key`].
-    fn find_key(&self, hash: u32, user: UserIdx, key: &str) -> Option<RowIdx> {
+    /// The decision recorded under `(user_id, key)`; `hash` is [`Hashes::key`].
+    fn find_key(&self, hash: u32, user_id: &str, key: &str) -> Option<RowIdx> {
         self.by_key.find(hash, |row| {
             let r = &self.decisions[row as usize];
-            r.user == user && self.key(r) == key
+            self.key(r) == key && self.row_user_id(r) == user_id
         })
     }
 
@@ -1062,7 +1109,12 @@ impl Engine {
         );
         assert_eq!(self.by_key.len(), self.decisions.len(), "key index size");
         for (i, r) in self.decisions.iter().enumerate() {
-            let (id, user, key) = (r.request_id(), self.user_name(r.user), self.key(r));
+            let (id, user, key) = (r.request_id(), self.row_user_id(r), self.key(r));
+            assert_eq!(
+                r.status.is_err(),
+                refusal_user_len(r.user).is_some(),
+                "decision {id:032x}: a refusal keeps its user id, a grant names a user"
+            );
             let hashes = Hashes::new(id, user, key);
             assert_eq!(
                 self.find_request(hashes.request, id),
@@ -1070,7 +1122,7 @@ impl Engine {
                 "decision {id:032x} not indexed by request id"
             );
             assert_eq!(
-                self.find_key(hashes.key, r.user, key),
+                self.find_key(hashes.key, user, key),
                 Some(i as RowIdx),
                 "decision {id:032x} not indexed by key"
             );

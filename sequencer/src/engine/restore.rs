@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 
 use wire::{Reject, RequestId, ReservationStatus, SkuView, StoredDecision};
 
-use super::{split_id, Engine, Hashes, Reservation, RestoreError, Sku, SkuIdx, Span};
+use super::{refusal_text, split_id, Engine, Hashes, Reservation, RestoreError, Sku, SkuIdx, Span};
 
 /// One decision row as read from the database, borrowing its strings from the row.
 #[derive(Debug, Clone, Copy)]
@@ -75,12 +75,8 @@ impl Restorer {
                 sku: d.sku.to_owned(),
             });
         };
-        let user = match engine.find_user(hashes.user, d.user_id) {
-            Some(user) => user,
-            None => engine.add_user(hashes.user, d.user_id),
-        };
         if engine
-            .find_key(hashes.key, user, d.idempotency_key)
+            .find_key(hashes.key, d.user_id, d.idempotency_key)
             .is_some()
         {
             return Err(RestoreError::DuplicateKey {
@@ -88,10 +84,19 @@ impl Restorer {
                 key: d.idempotency_key.to_owned(),
             });
         }
+        let (user, key) = if d.status.is_ok() {
+            let user = match engine.find_user(hashes.user, d.user_id) {
+                Some(user) => user,
+                None => engine.add_user(hashes.user, d.user_id),
+            };
+            (user, Span::push(&mut engine.keys, d.idempotency_key))
+        } else {
+            refusal_text(&mut engine.keys, d.user_id, d.idempotency_key)
+        };
         let row = Reservation {
             request_id: split_id(d.request_id),
             expires_at_ms: d.expires_at_ms,
-            key: Span::push(&mut engine.keys, d.idempotency_key),
+            key,
             user,
             sku,
             quantity: d.quantity,
@@ -121,7 +126,7 @@ impl Engine {
         let r = self.decisions.get(i)?;
         Some(DecisionRef {
             request_id: r.request_id(),
-            user_id: self.user_name(r.user),
+            user_id: self.row_user_id(r),
             idempotency_key: self.key(r),
             sku: &self.skus[r.sku as usize].name,
             quantity: r.quantity,

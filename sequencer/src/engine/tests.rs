@@ -2752,3 +2752,41 @@ fn a_checkpoint_whose_counters_disagree_with_its_rows_is_refused() {
         ))
     ));
 }
+
+// ---- refusals keep no user ----------------------------------------------------------------------
+
+/// Nearly every buyer of a flash sale is refused and never comes back with a grant, so a refusal
+/// creates no user row: it keeps its user id beside its key. The buyer's key must still replay
+/// its refusal, also once the same buyer has become a user through a later grant.
+#[test]
+fn a_refusal_creates_no_user_and_its_key_still_replays_after_the_buyer_is_granted() {
+    let mut sale = Sale::with_sku("tv", config(1, 1, 60_000));
+    let ann = sale.reqs.reserve("tv", "ann", 1, "k1");
+    let bob = sale.reqs.reserve("tv", "bob", 1, "k1");
+    let out = sale.batch(T0, vec![ann, bob.clone()]);
+    assert_eq!(out.outcomes[1], rejected(Reject::SoldOut));
+    assert_eq!(sale.engine.users.len(), 1, "only ann, who was granted");
+
+    let restock = sale.reqs.restock("tv", 1);
+    let bob_again = sale.reqs.reserve("tv", "bob", 1, "k2");
+    let out = sale.batch(T0 + 10, vec![restock, bob_again.clone()]);
+    assert!(matches!(out.outcomes[1], Outcome::Held { .. }));
+    assert_eq!(
+        sale.engine.users.len(),
+        2,
+        "bob became a user with his grant"
+    );
+
+    let mut replay = bob.clone();
+    replay.request_id = 999;
+    let other_quantity = sale.reqs.reserve("tv", "bob", 2, "k1");
+    let out = sale.batch(T0 + 20, vec![replay, other_quantity]);
+    assert_eq!(
+        out.outcomes,
+        vec![
+            rejected(Reject::SoldOut),
+            rejected(Reject::IdempotencyKeyReused)
+        ]
+    );
+    sale.engine.check_invariants();
+}
