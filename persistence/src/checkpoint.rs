@@ -140,16 +140,17 @@ pub async fn write(pool: &PgPool, c: &NewCheckpoint) -> Result<(), CheckpointSto
     Ok(())
 }
 
-/// The newest checkpoint at or before `batch_seq_max`, its head verified.
+/// The newest checkpoint (at or before `batch_seq_max`, when given), its head verified.
 pub async fn latest(
     pool: &PgPool,
-    batch_seq_max: u64,
+    batch_seq_max: Option<u64>,
 ) -> Result<Option<StoredCheckpoint>, CheckpointStoreError> {
+    let batch_seq_max = batch_seq_max.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
     let row = sqlx::query(
         "SELECT batch_seq, epoch, next_offset, deltas, decisions, checksum, head
            FROM checkpoints WHERE batch_seq <= $1 ORDER BY batch_seq DESC LIMIT 1",
     )
-    .bind(batch_seq_max as i64)
+    .bind(batch_seq_max)
     .fetch_optional(pool)
     .await?;
     let Some(row) = row else { return Ok(None) };

@@ -20,7 +20,7 @@ pub fn checkpoint_against_rows(
     rt: &Runtime,
     pool: &PgPool,
 ) -> anyhow::Result<(Option<u64>, Vec<String>)> {
-    let Some(stored) = rt.block_on(checkpoint::latest(pool, u64::MAX))? else {
+    let Some(stored) = rt.block_on(checkpoint::latest(pool, None))? else {
         return Ok((None, Vec::new()));
     };
     let batch_seq = stored.batch_seq;

@@ -135,7 +135,9 @@ impl Checkpointer {
         let cursor = engine.checkpoint_cursor();
         // Continue the stored chain, or start it anew when it ends where this engine cannot
         // describe the difference (see `Engine::can_continue_chain`).
-        let restart_chain = !engine.can_continue_chain(&chain.cursor);
+        // With no head stored (none written yet, or an operator deleted them), deltas left
+        // behind cannot be trusted to line up: start anew too.
+        let restart_chain = chain.deltas == 0 || !engine.can_continue_chain(&chain.cursor);
         let (base, base_deltas) = if restart_chain {
             (CheckpointCursor::default(), 0)
         } else {
@@ -169,7 +171,7 @@ impl Checkpointer {
 }
 
 async fn read_chain_end(pool: &PgPool) -> anyhow::Result<ChainEnd> {
-    Ok(match checkpoint::latest(pool, u64::MAX).await? {
+    Ok(match checkpoint::latest(pool, None).await? {
         Some(stored) => {
             let meta = checkpoint_head_meta(&stored.head)?;
             ChainEnd {

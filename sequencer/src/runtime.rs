@@ -296,7 +296,7 @@ impl Sequencer {
         let state = self.rt.block_on(lease::read_state(&self.bulk_pool))?;
         match self
             .rt
-            .block_on(checkpoint::latest(&self.bulk_pool, state.batch_seq))
+            .block_on(checkpoint::latest(&self.bulk_pool, Some(state.batch_seq)))
         {
             Ok(Some(stored)) => match crate::checkpointer::load(&self.rt, &self.bulk_pool, &stored)
             {

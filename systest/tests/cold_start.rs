@@ -176,8 +176,53 @@ async fn after_a_million_decisions_a_cold_start_decides_again_within_seconds_and
     );
     let row = stack.sku_row("hot").await?;
     assert_eq!(row["held"] + row["sold"], STOCK as i64, "{row:?}");
+
+    // The new leader goes on extending the checkpoint chain it loaded.
+    let before: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT max(batch_seq) FROM checkpoints), (SELECT count(*) FROM checkpoint_deltas)",
+    )
+    .fetch_one(&stack.pool)
+    .await?;
+    let more: Vec<Vec<u8>> = (DECISIONS..DECISIONS + 20_000)
+        .map(|n| wire::encode(&request(base, n)))
+        .collect();
+    stack.produce_requests(&more)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let after: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT max(batch_seq) FROM checkpoints), (SELECT count(*) FROM checkpoint_deltas)",
+        )
+        .fetch_one(&stack.pool)
+        .await?;
+        if after.0 > before.0 && after.1 > before.1 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no new checkpoint after the restart: before {before:?}, now {after:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The audit compares the newest checkpoint with the rows, and notices when they differ.
     let audit = stack.audit()?;
     assert_eq!(audit["violations"], serde_json::json!([]), "{audit}");
+    assert!(
+        audit["checkpoint_batch_seq"].as_u64() > Some(0),
+        "the audit compared a checkpoint: {audit}"
+    );
+    sqlx::query(
+        "UPDATE reservations SET reject_reason = 'limit_exceeded'
+          WHERE user_id = 'buyer-5000' AND idempotency_key = 'k-5000'",
+    )
+    .execute(&stack.pool)
+    .await?;
+    let audit = stack.audit()?;
+    let violations = audit["violations"].to_string();
+    assert!(
+        violations.contains("checkpoint of batch") && violations.contains("buyer-5000"),
+        "a row that differs from the checkpoint is reported: {audit}"
+    );
     Ok(())
 }
 
