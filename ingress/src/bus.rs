@@ -201,9 +201,14 @@ impl Bus {
     pub async fn call(&self, request: &Request) -> Result<Outcome, SendError> {
         let id = request.request_id;
         let rx = self.pending.insert(id);
-        let result = self.append_and_wait(request, rx).await;
-        self.pending.remove(id);
-        result
+        // Removed however this future ends: answered, timed out, or dropped because the client
+        // went away (the HTTP server drops the handler). Otherwise a waiter whose outcome never
+        // comes would hold its IN_FLIGHT_MAX slot for good.
+        let _waiting = Waiting {
+            pending: &self.pending,
+            id,
+        };
+        self.append_and_wait(request, rx).await
     }
 
     async fn append_and_wait(
@@ -237,6 +242,18 @@ impl Bus {
                 "the sequencer did not answer in time".into(),
             )),
         }
+    }
+}
+
+/// Removes a request from [`Pending`] when dropped.
+struct Waiting<'a> {
+    pending: &'a Pending,
+    id: RequestId,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.pending.remove(self.id);
     }
 }
 

@@ -400,6 +400,37 @@ async fn in_flight_bound_answers_503_with_retry_after_at_once_and_appends_nothin
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_in_flight_slot_at_once() {
+    // Outcomes would take two minutes to time out; the slots must be freed long before
+    // (wait_for_sample gives up after 20 s).
+    let mut stack = Stack::start(
+        "goneaway",
+        Options {
+            outcome_timeout_ms: 120_000,
+            ..patient(&[])
+        },
+    )
+    .await
+    .unwrap();
+    stack.put_sku("g", 10, 5, 300.0).await.unwrap();
+    stack.signal_sequencer(0, "STOP").unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    for i in 0..5 {
+        let sent = impatient
+            .post(format!("{}/v1/reservations", stack.base))
+            .json(&json!({"sku": "g", "user_id": format!("u{i}"), "quantity": 1, "idempotency_key": format!("gone-{i}")}))
+            .send()
+            .await;
+        assert!(sent.is_err(), "no answer while the sequencer is stopped");
+    }
+    wait_for_sample(&stack, "ingress_writes_in_flight", |v| v == 0.0).await;
+    stack.signal_sequencer(0, "CONT").unwrap();
+}
+
 /// Sends a reservation in the background (the stack stays free for signalling).
 fn spawn_reserve(stack: &Stack, body: Value) -> tokio::task::JoinHandle<Answer> {
     let request = reserve(stack, body);
