@@ -2,11 +2,13 @@
 //!
 //! [`batch`] writes one decided batch in one fenced transaction; [`lease`] holds the writer's
 //! epoch and lease; [`snapshot`] reads the whole state back at start-up; [`reads`] serves the
-//! ingress's GET routes; [`audit`] re-checks every invariant from the rows alone.
+//! ingress's GET routes; [`audit`] re-checks every invariant from the rows alone; [`loggen`] keeps
+//! the generations of the requests log (which topic the committed offsets refer to).
 
 pub mod audit;
 pub mod batch;
 pub mod lease;
+pub mod loggen;
 pub mod reads;
 pub mod snapshot;
 

@@ -20,13 +20,13 @@ use anyhow::{anyhow, bail, Context};
 use crossbeam_channel::RecvTimeoutError;
 use persistence::batch::{commit_batch, CommitError};
 use persistence::snapshot::{self, BatchHeader};
-use persistence::{lease, BatchRecord, DecisionRow, TransitionRow};
+use persistence::{lease, loggen, BatchRecord, DecisionRow, TransitionRow};
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
 use wire::{Command, Request};
 
 use crate::engine::{BatchOutput, Engine, Snapshot};
-use crate::log::{self, LogEvent, LogReader};
+use crate::log::{self, LogEvent, LogIdentity, LogLost, LogReader};
 use crate::publish::{build_outbox, decode_outbox, Publisher};
 
 #[derive(Debug, Clone)]
@@ -47,6 +47,9 @@ pub struct Config {
     pub republish_window: Duration,
     pub takeover_timeout: Duration,
     pub status_addr: Option<SocketAddr>,
+    /// On a lost requests log, exit (code 4) at once instead of waiting, not ready, for
+    /// `sequencer rebase-log`.
+    pub exit_on_log_lost: bool,
 }
 
 /// Batches read from Postgres per follow step; bounds memory when a standby is far behind.
@@ -64,6 +67,8 @@ pub const ROLE_STARTING: u8 = 0;
 pub const ROLE_STANDBY: u8 = 1;
 pub const ROLE_ACTIVE: u8 = 2;
 pub const ROLE_STOPPED: u8 = 3;
+/// The requests log lost what Postgres decided: nothing is decided until `rebase-log`.
+pub const ROLE_LOG_LOST: u8 = 4;
 
 /// What the status endpoint and the logs report; written by the runtime, read by anyone.
 #[derive(Debug, Default)]
@@ -83,6 +88,10 @@ pub struct Status {
     pub commit_failing: AtomicBool,
     /// When a standby last followed the leader's batches successfully (Unix ms).
     pub last_follow_ms: AtomicI64,
+    /// The generation of the requests log this process reads.
+    pub log_generation: AtomicI64,
+    /// Why the requests log is lost, while it is (role `log_lost`).
+    pub log_lost: std::sync::Mutex<Option<String>>,
 }
 
 impl Status {
@@ -91,6 +100,7 @@ impl Status {
             ROLE_STANDBY => "standby",
             ROLE_ACTIVE => "active",
             ROLE_STOPPED => "stopped",
+            ROLE_LOG_LOST => "log_lost",
             _ => "starting",
         }
     }
@@ -110,6 +120,8 @@ pub enum Stop {
     Shutdown,
     #[error("deposed: {0}")]
     Deposed(String),
+    #[error(transparent)]
+    LogLost(LogLost),
 }
 
 pub struct Sequencer {
@@ -125,6 +137,8 @@ pub struct Sequencer {
 struct Position {
     engine: Engine,
     next_offset: i64,
+    /// The log generation `next_offset` and the reader belong to.
+    log: LogIdentity,
     reader: LogReader,
 }
 
@@ -175,12 +189,20 @@ impl Sequencer {
                             next_offset = p.next_offset, "state loaded; following until the lease is free");
                         position.insert(p)
                     }
-                    Err(e) if e.downcast_ref::<log::LogGap>().is_some() => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(error = format!("{e:#}"), "cannot load state yet; retrying");
-                        std::thread::sleep(RETRY_PAUSE);
-                        continue;
-                    }
+                    Err(e) => match e.downcast::<LogLost>() {
+                        Ok(lost) => {
+                            self.wait_for_rebase(lost)?;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "cannot load state yet; retrying"
+                            );
+                            std::thread::sleep(RETRY_PAUSE);
+                            continue;
+                        }
+                    },
                 },
             };
             let acquired = self.rt.block_on(lease::try_acquire(
@@ -192,6 +214,13 @@ impl Sequencer {
                 Ok(Some(state)) => {
                     let result = self.lead(p, state.epoch, state.batch_seq);
                     self.status.role.store(ROLE_STOPPED, Ordering::Relaxed);
+                    if let Err(Stop::LogLost(lost)) = result {
+                        // Not deposed: the log is gone. Wait for the operator's rebase, then
+                        // start over from Postgres like a fresh process.
+                        position = None;
+                        self.wait_for_rebase(lost)?;
+                        continue;
+                    }
                     return match result {
                         Ok(()) | Err(Stop::Shutdown) => Ok(()),
                         Err(e) => Err(e.into()),
@@ -224,6 +253,7 @@ impl Sequencer {
     }
 
     fn load_position(&self) -> anyhow::Result<Position> {
+        let generation = self.rt.block_on(loggen::current(&self.pool))?;
         let loaded = self.rt.block_on(snapshot::load(&self.pool))?;
         let snapshot = Snapshot {
             batch_seq: loaded.state.batch_seq,
@@ -239,19 +269,172 @@ impl Sequencer {
             &self.config.node_id,
             self.config.fetch_wait_max_ms,
         );
-        log::check_log_covers(&consumer_config, &self.config.requests_topic, next_offset)?;
+        let log = self.check_log(&consumer_config, generation, next_offset)?;
         self.publish_position(&engine, next_offset);
         let reader = LogReader::start(
             &consumer_config,
-            &self.config.requests_topic,
+            &log,
             next_offset,
             self.status.log_end.clone(),
         )?;
         Ok(Position {
             engine,
             next_offset,
+            log,
             reader,
         })
+    }
+
+    /// The log `next_offset` refers to (`generation`, read before the snapshot), checked against
+    /// the broker: [`LogLost`] when it no longer holds what Postgres decided. The first
+    /// sequencer to see a generation's topic records its name and topic id.
+    fn check_log(
+        &self,
+        consumer_config: &rdkafka::ClientConfig,
+        generation: loggen::LogGeneration,
+        next_offset: i64,
+    ) -> anyhow::Result<LogIdentity> {
+        let now = self.rt.block_on(loggen::current(&self.pool))?;
+        if now.generation != generation.generation {
+            bail!("the requests log was rebased while the state was loading; loading again");
+        }
+        let mut identity = LogIdentity {
+            generation: generation.generation,
+            topic: generation
+                .topic
+                .clone()
+                .unwrap_or_else(|| self.config.requests_topic.clone()),
+            topic_id: generation.topic_id.clone(),
+            base_offset: generation.base_offset,
+        };
+        if identity.topic != self.config.requests_topic {
+            return Err(LogLost {
+                generation: identity.generation,
+                message: format!(
+                    "this database's requests log (generation {}) is topic {:?}, but this \
+                     sequencer reads REQUESTS_TOPIC={:?}. Fix the configuration; or, if the log \
+                     really moved to that topic, run `sequencer rebase-log` with \
+                     --requests-topic {:?}",
+                    identity.generation,
+                    identity.topic,
+                    self.config.requests_topic,
+                    self.config.requests_topic
+                ),
+            }
+            .into());
+        }
+        let seen_id = log::check_log(consumer_config, &identity, next_offset)?;
+        if generation.topic.is_none() || (generation.topic_id.is_none() && seen_id.is_some()) {
+            let recorded = self.rt.block_on(loggen::record_topic(
+                &self.pool,
+                identity.generation,
+                &identity.topic,
+                seen_id.as_deref(),
+            ))?;
+            if recorded.topic_id.is_some() && recorded.topic_id != seen_id {
+                return Err(LogLost {
+                    generation: identity.generation,
+                    message: format!(
+                        "topic {:?} has id {seen_id:?}, but id {:?} was recorded for this log \
+                         generation: the topic was recreated. {}",
+                        identity.topic,
+                        recorded.topic_id,
+                        log::RECOVERY_HINT
+                    ),
+                }
+                .into());
+            }
+            identity.topic_id = recorded.topic_id;
+        }
+        self.status
+            .log_generation
+            .store(identity.generation, Ordering::Relaxed);
+        Ok(identity)
+    }
+
+    /// The requests log is lost: decide nothing, say so (role `log_lost`, `/readyz` 503, the
+    /// `sequencer_log_lost` gauge, an error line every 30 s), and wait until either an operator
+    /// has started a new log generation (`sequencer rebase-log`) or the old log is whole again.
+    /// Then the caller loads the state afresh. Err (exit code 4) on shutdown, or at once with
+    /// `exit_on_log_lost`.
+    fn wait_for_rebase(&self, lost: LogLost) -> anyhow::Result<()> {
+        self.status.role.store(ROLE_LOG_LOST, Ordering::Relaxed);
+        *self.status.log_lost.lock().expect("status lock") = Some(lost.message.clone());
+        metrics::gauge!("sequencer_log_lost").set(1.0);
+        tracing::error!(
+            generation = lost.generation,
+            "{lost}; deciding nothing until `sequencer rebase-log` starts a new log generation"
+        );
+        if self.config.exit_on_log_lost {
+            return Err(lost.into());
+        }
+        let (mut reminded, mut rechecked) = (Instant::now(), Instant::now());
+        loop {
+            if self.shutdown.load(Ordering::Relaxed) {
+                return Err(lost.into());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+            let recovered = match self.rt.block_on(loggen::current(&self.pool)) {
+                Ok(g) if g.generation > lost.generation => {
+                    tracing::info!(
+                        generation = g.generation,
+                        topic = g.topic.as_deref().unwrap_or("?"),
+                        base_offset = g.base_offset,
+                        "the requests log was rebased to a new generation; loading the state"
+                    );
+                    true
+                }
+                Ok(g) if rechecked.elapsed() >= Duration::from_secs(5) => {
+                    rechecked = Instant::now();
+                    self.log_whole_again(g)
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the log generation (Postgres?)");
+                    false
+                }
+            };
+            if recovered {
+                *self.status.log_lost.lock().expect("status lock") = None;
+                metrics::gauge!("sequencer_log_lost").set(0.0);
+                self.status.role.store(ROLE_STANDBY, Ordering::Relaxed);
+                return Ok(());
+            }
+            if reminded.elapsed() >= Duration::from_secs(30) {
+                reminded = Instant::now();
+                tracing::error!(generation = lost.generation, "still waiting: {lost}");
+            }
+        }
+    }
+
+    /// Whether the log of `generation` holds what Postgres decided again (its topic restored,
+    /// or a detection that a broker's later answers contradict).
+    fn log_whole_again(&self, generation: loggen::LogGeneration) -> bool {
+        let Ok(state) = self.rt.block_on(lease::read_state(&self.pool)) else {
+            return false;
+        };
+        let identity = LogIdentity {
+            generation: generation.generation,
+            topic: generation
+                .topic
+                .unwrap_or_else(|| self.config.requests_topic.clone()),
+            topic_id: generation.topic_id,
+            base_offset: generation.base_offset,
+        };
+        let config = log::consumer_config(
+            &self.config.brokers,
+            &self.config.node_id,
+            self.config.fetch_wait_max_ms,
+        );
+        match log::check_log(&config, &identity, state.next_offset) {
+            Ok(_) => {
+                tracing::info!(
+                    "the requests log holds every decided offset again; loading the state"
+                );
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn publish_position(&self, engine: &Engine, next_offset: i64) {
@@ -272,6 +455,9 @@ impl Sequencer {
                 position.engine.batch_seq(),
                 FOLLOW_BATCHES_MAX,
             ))?;
+            // After the headers: a batch of a newer generation is only committed after its
+            // rebase, so if the generation is still ours, every header read is of our log.
+            self.check_generation(position)?;
             if headers.is_empty() {
                 if let Some(target) = until {
                     if position.engine.batch_seq() < target {
@@ -287,6 +473,27 @@ impl Sequencer {
                 return Ok(());
             }
         }
+    }
+
+    /// Fails when this replica's log is lost or no longer the current generation (a rebase):
+    /// the caller then reloads the state from Postgres, which positions it on the new log.
+    fn check_generation(&self, position: &Position) -> anyhow::Result<()> {
+        if let Some(why) = position.reader.lost() {
+            return Err(LogLost {
+                generation: position.log.generation,
+                message: why.to_owned(),
+            }
+            .into());
+        }
+        let current = self.rt.block_on(loggen::current(&self.pool))?;
+        if current.generation != position.log.generation {
+            bail!(
+                "the requests log was rebased to generation {} (this replica read generation {})",
+                current.generation,
+                position.log.generation
+            );
+        }
+        Ok(())
     }
 
     fn replay(&self, position: &mut Position, header: &BatchHeader) -> anyhow::Result<()> {
@@ -334,7 +541,12 @@ impl Sequencer {
         let took_over_at = Instant::now();
         if let Err(e) = self.follow(position, Some(committed_batch_seq)) {
             tracing::warn!(error = %e, "catch-up by replay failed; reloading state from Postgres");
-            *position = self.load_position().map_err(deposed)?;
+            *position = self
+                .load_position()
+                .map_err(|e| match e.downcast::<LogLost>() {
+                    Ok(lost) => Stop::LogLost(lost),
+                    Err(e) => deposed(e),
+                })?;
         }
         let publisher =
             Publisher::new(&self.config.brokers, &self.config.outcomes_topic).map_err(deposed)?;
@@ -411,6 +623,7 @@ impl Sequencer {
             if self.shutdown.load(Ordering::Relaxed) {
                 return Err(Stop::Shutdown);
             }
+            check_log_whole(position)?;
             messages.clear();
             let wait = match position.engine.next_expiry_ms() {
                 Some(at) => Duration::from_millis(
@@ -420,7 +633,7 @@ impl Sequencer {
             };
             match position.reader.events.recv_timeout(wait) {
                 Ok(event) => {
-                    take(event, &mut messages)?;
+                    take(event, &mut messages, &position.log)?;
                     self.fill_batch(position, &mut messages)?;
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -433,6 +646,7 @@ impl Sequencer {
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
+                    check_log_whole(position)?;
                     return Err(Stop::Deposed("the log reader stopped".into()));
                 }
             }
@@ -456,9 +670,9 @@ impl Sequencer {
         };
         while messages.len() < limit {
             match position.reader.events.try_recv() {
-                Ok(event) => take(event, messages)?,
+                Ok(event) => take(event, messages, &position.log)?,
                 Err(_) => match position.reader.events.recv_deadline(deadline) {
-                    Ok(event) => take(event, messages)?,
+                    Ok(event) => take(event, messages, &position.log)?,
                     Err(_) => break,
                 },
             }
@@ -505,6 +719,8 @@ impl Sequencer {
         let _in_batch = span.enter();
         let started = Instant::now();
         let decide = started - deciding;
+        // The watcher may have found the topic replaced while this batch was read from it.
+        check_log_whole(position)?;
         self.commit_with_retry(conn, &record)?;
         self.status.commit_failing.store(false, Ordering::Relaxed);
         let commit_us = started.elapsed().as_micros() as u64;
@@ -604,7 +820,11 @@ fn is_integrity_violation(e: &sqlx::Error) -> bool {
 /// Moves a message into the batch being filled, and records how long it took to get here: from
 /// the ingress handing it to its producer to the decide loop taking it (the append, the fetch,
 /// and the wait in the read-ahead queue behind the batch being committed).
-fn take(event: LogEvent, messages: &mut Vec<(i64, Vec<u8>)>) -> Result<(), Stop> {
+fn take(
+    event: LogEvent,
+    messages: &mut Vec<(i64, Vec<u8>)>,
+    log: &LogIdentity,
+) -> Result<(), Stop> {
     match event {
         LogEvent::Message {
             offset,
@@ -619,7 +839,20 @@ fn take(event: LogEvent, messages: &mut Vec<(i64, Vec<u8>)>) -> Result<(), Stop>
             messages.push((offset, payload));
             Ok(())
         }
-        LogEvent::Fatal(why) => Err(Stop::Deposed(why)),
+        LogEvent::Lost(message) => Err(Stop::LogLost(LogLost {
+            generation: log.generation,
+            message,
+        })),
+    }
+}
+
+fn check_log_whole(position: &Position) -> Result<(), Stop> {
+    match position.reader.lost() {
+        Some(why) => Err(Stop::LogLost(LogLost {
+            generation: position.log.generation,
+            message: why.to_owned(),
+        })),
+        None => Ok(()),
     }
 }
 
@@ -664,7 +897,7 @@ fn read_range(
                 last = offset;
                 messages.push((offset, payload));
             }
-            Ok(LogEvent::Fatal(why)) => return Err(anyhow!(why)),
+            Ok(LogEvent::Lost(why)) => return Err(anyhow!(why)),
             Err(_) => bail!("timed out reading offsets [{first}, {next}) from the log"),
         }
     }
