@@ -103,10 +103,6 @@ pub struct BusHealth {
     pub replies_delivered: AtomicU64,
     pub replies_unclaimed: AtomicU64,
     pub last_poll_ms: AtomicI64,
-    /// One past the highest offset the broker acknowledged for our appends: a lower bound of
-    /// the requests log's end that is exact per record (some brokers, tansu among them, report
-    /// the high watermark per record batch, which undercounts a batched log).
-    pub log_end_seen: AtomicI64,
 }
 
 impl Bus {
@@ -217,13 +213,9 @@ impl Bus {
         let deadline = tokio::time::Instant::now() + self.outcome_timeout;
         let appending = std::time::Instant::now();
         match self.producer.send(record, Duration::ZERO).await {
-            Ok(delivery) => {
+            Ok(_) => {
                 self.append_latency
                     .record(appending.elapsed().as_secs_f64());
-                // The exact end of the log as of this append (see `BusHealth::log_end_seen`).
-                self.health
-                    .log_end_seen
-                    .fetch_max(delivery.offset + 1, Ordering::Relaxed);
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(SendError::Overloaded)

@@ -162,7 +162,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let lag = Arc::new(LagMonitor::default());
     tokio::spawn(lag.clone().run(
         bus.broker_probe(),
-        bus.health.clone(),
         monitor_pool,
         Duration::from_millis(args.lag_poll_ms.max(10)),
     ));
