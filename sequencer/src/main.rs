@@ -129,10 +129,10 @@ struct RunArgs {
     #[arg(long, env = "LINGER_MS", default_value_t = 1)]
     linger_ms: u64,
     /// The requests consumer's `fetch.wait.max.ms`: how long the broker may hold a fetch when
-    /// there is nothing new. A broker that returns as soon as data arrives (Apache Kafka) is
-    /// fine with more; tansu 0.6 holds every fetch for the whole wait, so each Kafka hop costs
-    /// up to this much latency (docs/BENCHMARKS.md).
-    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 1)]
+    /// there is nothing new. Apache Kafka answers a waiting fetch as soon as data arrives, so
+    /// this costs no latency there and only bounds idle polling. tansu 0.6 (BROKER=tansu) holds
+    /// every fetch for the whole wait: run it with 1 (docs/BENCHMARKS.md).
+    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 100)]
     fetch_wait_max_ms: u64,
     /// How long the lease lasts without renewal: the longest a dead leader blocks a takeover.
     #[arg(long, env = "LEASE_MS", default_value_t = 600)]
