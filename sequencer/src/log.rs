@@ -38,7 +38,8 @@ const MID_BATCH_LOOKBACK: i64 = 16_384;
 pub const RECOVERY_HINT: &str = "Every decision committed so far is safe in Postgres, and nothing \
     will be decided from this log. To go on with the requests log as it is now, run `sequencer \
     rebase-log` (docs/OPERATIONS.md, \"Lost requests log\"); the sequencers pick the new log \
-    generation up by themselves. To resume the old log instead, restore its topic.";
+    generation up by themselves. To resume the old log instead, restore the broker's data of \
+    that topic.";
 
 pub enum LogEvent {
     Message {
@@ -186,7 +187,14 @@ pub fn check_log(
     let topic = identity.topic.as_str();
     let consumer: BaseConsumer = config.create().context("creating the log check consumer")?;
     let decided_here = next_offset > identity.base_offset;
-    let topic_id = match topic::describe(consumer.client(), topic, Duration::from_secs(10))? {
+    let described = topic::describe(consumer.client(), topic, Duration::from_secs(10))
+        .unwrap_or_else(|e| {
+            // A broker without DescribeTopics, or one not answering: go on without the topic id
+            // (the watermarks below fail if nothing answers; the watcher asks again later).
+            tracing::warn!(error = %e, "could not describe topic {topic:?}; checking without its topic id");
+            TopicState::Exists { id: None }
+        });
+    let topic_id = match described {
         TopicState::Missing if identity.topic_id.is_some() || decided_here => {
             return Err(lost(
                 identity,

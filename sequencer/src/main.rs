@@ -62,10 +62,15 @@ enum Command {
         /// The topic the new generation reads (the configured requests topic).
         #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
         requests_topic: String,
-        /// Continue at this offset of the topic (default: its first offset, so every request
-        /// appended since the loss is decided).
-        #[arg(long, conflicts_with = "at_end")]
+        /// Continue at this offset of the topic. By default: a recreated (or another) topic from
+        /// its first offset, so every request appended since the loss is decided; the same
+        /// topic, truncated or cut short, at the committed offset clamped into what it holds, so
+        /// nothing already decided is decided again.
+        #[arg(long, conflicts_with_all = ["at_start", "at_end"])]
         offset: Option<i64>,
+        /// Continue at the topic's first offset.
+        #[arg(long, conflicts_with = "at_end")]
+        at_start: bool,
         /// Continue at the topic's current end: requests appended since the loss are never
         /// decided (their buyers got 504 and retry with their key).
         #[arg(long)]
@@ -180,15 +185,18 @@ fn main() -> ExitCode {
             brokers,
             requests_topic,
             offset,
+            at_start,
             at_end,
             force,
             dry_run,
             reason,
         } => {
-            let target = match (offset, at_end) {
-                (Some(x), _) => sequencer::rebase::Target::Offset(x),
-                (None, true) => sequencer::rebase::Target::End,
-                (None, false) => sequencer::rebase::Target::Start,
+            use sequencer::rebase::Target;
+            let target = match (offset, at_start, at_end) {
+                (Some(x), _, _) => Target::Offset(x),
+                (None, true, _) => Target::Start,
+                (None, _, true) => Target::End,
+                (None, false, false) => Target::Auto,
             };
             let args = sequencer::rebase::Args {
                 database_url,

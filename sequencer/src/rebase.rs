@@ -18,6 +18,11 @@ use crate::topic::{self, TopicState};
 /// Where the new generation starts in the (new) topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
+    /// A new topic (another topic id, or another name): its first offset, as [`Target::Start`].
+    /// The same topic (it lost records but is the one Postgres's offsets refer to): the
+    /// committed offset, clamped into what the topic holds, so a surviving record that was
+    /// already decided is never decided again (an admin restock applied twice would add stock).
+    Auto,
     /// The first offset the topic holds: every request appended since the loss is decided
     /// (their buyers got 504 and may have retried; a retry under the same key gets the first
     /// outcome, so deciding both is safe).
@@ -72,20 +77,20 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         state.epoch
     );
     let config = log::consumer_config(&args.brokers, "rebase-log", 100);
-    let diagnosis = if identity.topic != args.requests_topic {
-        Some(format!(
-            "the log moves from topic {:?} to {:?}",
-            identity.topic, args.requests_topic
-        ))
-    } else {
-        match log::check_log(&config, &identity, state.next_offset) {
-            Ok(_) => None,
-            Err(e) => match e.downcast::<LogLost>() {
-                Ok(lost) => Some(lost.message),
-                Err(e) => return Err(e.context("checking the current log")),
-            },
-        }
+    // The log Postgres's offsets refer to is checked, whichever topic the new generation reads.
+    let diagnosis = match log::check_log(&config, &identity, state.next_offset) {
+        Ok(_) => None,
+        Err(e) => match e.downcast::<LogLost>() {
+            Ok(lost) => Some(lost.message),
+            Err(e) => return Err(e.context("checking the current log")),
+        },
     };
+    if identity.topic != args.requests_topic {
+        println!(
+            "the new generation reads topic {:?} instead of {:?}",
+            args.requests_topic, identity.topic
+        );
+    }
     match &diagnosis {
         Some(why) => println!("the current log is lost: {why}"),
         None if args.force => {
@@ -110,8 +115,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ),
     };
     let (low, high) = log::watermarks(&consumer, topic, Duration::from_secs(10))?;
+    let same_topic = topic == identity.topic && topic_id.is_some() && topic_id == identity.topic_id;
     let base_offset = match args.target {
-        Target::Start => low,
+        Target::Auto if same_topic => state.next_offset.clamp(low, high),
+        Target::Auto | Target::Start => low,
         Target::End => high,
         Target::Offset(x) if (low..=high).contains(&x) => x,
         Target::Offset(x) => {

@@ -410,6 +410,13 @@ impl Sequencer {
     /// Whether the log of `generation` holds what Postgres decided again (its topic restored,
     /// or a detection that a broker's later answers contradict).
     fn log_whole_again(&self, generation: loggen::LogGeneration) -> bool {
+        if generation
+            .topic
+            .as_ref()
+            .is_some_and(|t| *t != self.config.requests_topic)
+        {
+            return false; // a configuration to fix (or a rebase onto the configured topic)
+        }
         let Ok(state) = self.rt.block_on(lease::read_state(&self.pool)) else {
             return false;
         };
