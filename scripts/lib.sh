@@ -48,6 +48,91 @@ ensure_tansu() {
   fi
 }
 
+# --- Apache Kafka -------------------------------------------------------------------------------
+# The broker is a pinned Apache Kafka server (scripts/kafka/pom.xml) run as a single-node KRaft
+# cluster (combined broker and controller). Its jars come from Maven Central through Maven into a
+# cache folder shared by every checkout of this repository; its log lives on disk under
+# .run/kafka/data, so a broker restart keeps every topic.
+KAFKA_DIR="$ROOT/scripts/kafka"
+KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_DIR/pom.xml")"
+KAFKA_CACHE="${KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flash-sequencer}"
+# Keyed by the pinned version and the pom's content: editing the pom resolves a new folder.
+KAFKA_LIBS="${KAFKA_LIBS:-$KAFKA_CACHE/kafka-$KAFKA_VERSION-$(sha256sum "$KAFKA_DIR/pom.xml" | cut -c1-12)/libs}"
+KAFKA_HOME="$RUN_DIR/kafka"
+KAFKA_DATA="$KAFKA_HOME/data"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((BROKER_PORT + 1))}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}"
+BROKER="${BROKER:-kafka}"
+if [ "$BROKER" = tansu ]; then
+  # tansu 0.6 holds every fetch for the whole fetch.wait.max.ms and slows down with every record
+  # batch in a partition: the settings it was tuned with (README, "Configuration").
+  export FETCH_WAIT_MAX_MS="${FETCH_WAIT_MAX_MS:-1}" PRODUCE_LINGER_MS="${PRODUCE_LINGER_MS:-20}"
+fi
+
+# Java 17 or newer (Kafka 4.x brokers need 17) and Maven, from Debian when missing.
+ensure_java() {
+  local major=0
+  if command -v java >/dev/null; then
+    major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+    major="${major%%.*}"
+  fi
+  if [ "${major:-0}" -lt 17 ]; then
+    log "no Java 17+ found: installing Debian's openjdk-17-jre-headless"
+    apt_ensure openjdk-17-jre-headless
+  fi
+  command -v mvn >/dev/null || apt_ensure maven
+}
+
+# Resolves the Kafka server's jars into $KAFKA_LIBS once (about 15 s with an empty Maven cache).
+ensure_kafka_libs() {
+  [ -f "$KAFKA_LIBS/.complete" ] && return 0
+  ensure_java
+  log "resolving Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_LIBS"
+  local tmp="$KAFKA_LIBS.tmp.$$" out
+  rm -rf "$tmp"; mkdir -p "$(dirname "$KAFKA_LIBS")"
+  if ! out="$(mvn -q -B -f "$KAFKA_DIR/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$tmp" 2>&1)"; then
+    rm -rf "$tmp"
+    printf '%s\n' "$out" >&2
+    die "could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION with Maven (output above)"
+  fi
+  ls "$tmp"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null || die "Maven resolved no kafka_2.13 jar into $tmp"
+  touch "$tmp/.complete"
+  rm -rf "$KAFKA_LIBS"; mv "$tmp" "$KAFKA_LIBS"
+}
+
+kafka_tool() { java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.yaml" "$@"; }
+
+# Starts Apache Kafka on 127.0.0.1:$BROKER_PORT unless something already answers there. The
+# storage directory is formatted once; later starts (and scripts/up run twice) reuse its data.
+ensure_kafka() {
+  if broker_up; then return 0; fi
+  ensure_kafka_libs
+  mkdir -p "$KAFKA_HOME"
+  sed -e "s|@LOG_DIR@|$KAFKA_DATA|" -e "s|@PORT@|$BROKER_PORT|" \
+      -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|" \
+      "$KAFKA_DIR/server.properties.in" >"$KAFKA_HOME/server.properties"
+  if [ ! -f "$KAFKA_DATA/meta.properties" ]; then
+    log "formatting the Kafka storage directory $KAFKA_DATA (once)"
+    local cluster_id
+    cluster_id="$(kafka_tool kafka.tools.StorageTool random-uuid)"
+    kafka_tool kafka.tools.StorageTool format \
+      --standalone -t "$cluster_id" -c "$KAFKA_HOME/server.properties" >>"$RUN_DIR/kafka.log" 2>&1 \
+      || die "formatting Kafka storage failed; see $RUN_DIR/kafka.log"
+  fi
+  log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$BROKER_PORT (data in $KAFKA_DATA)"
+  nohup java $KAFKA_HEAP_OPTS -XX:+UseG1GC -cp "$KAFKA_LIBS/*" \
+    -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.yaml" \
+    kafka.Kafka "$KAFKA_HOME/server.properties" >>"$RUN_DIR/kafka.log" 2>&1 &
+  echo $! >"$RUN_DIR/kafka.pid"
+  for _ in $(seq 1 600); do
+    broker_up && return 0
+    kill -0 "$(cat "$RUN_DIR/kafka.pid")" 2>/dev/null || { tail -n 30 "$RUN_DIR/kafka.log" >&2; die "Kafka exited; see $RUN_DIR/kafka.log"; }
+    sleep 0.1
+  done
+  die "Kafka did not open 127.0.0.1:$BROKER_PORT within 60 s; see $RUN_DIR/kafka.log"
+}
+
 pg_up() { pg_isready -q -h "$PGHOST_ADDR" -p "$PGPORT_NUM" 2>/dev/null; }
 
 # Uses the Postgres on 127.0.0.1:5432 when one answers; otherwise starts the machine's cluster,
@@ -71,6 +156,22 @@ ensure_postgres() {
   die "Postgres did not come up on $PGHOST_ADDR:$PGPORT_NUM"
 }
 
+redis_up() { (exec 3<>"/dev/tcp/127.0.0.1/6379") 2>/dev/null; }
+
+# Redis for the Redis+Lua baseline of the benchmark only: Debian's redis-server, started without
+# persistence (each run's keys are deleted at its end) unless something answers on 6379.
+ensure_redis() {
+  if redis_up; then return 0; fi
+  command -v redis-server >/dev/null || apt_ensure redis-server
+  # Debian's package may have started its own service on install.
+  for _ in $(seq 1 20); do redis_up && return 0; sleep 0.1; done
+  log "starting Redis on 127.0.0.1:6379 (no persistence)"
+  redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes \
+    --dir "$RUN_DIR" --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log"
+  for _ in $(seq 1 50); do redis_up && return 0; sleep 0.1; done
+  die "Redis did not start; see $RUN_DIR/redis.log"
+}
+
 # Creates database $1 if it does not exist.
 ensure_database() {
   local db="$1"
@@ -83,9 +184,18 @@ ensure_database() {
 
 broker_up() { (exec 3<>"/dev/tcp/127.0.0.1/$BROKER_PORT") 2>/dev/null; }
 
-# Starts tansu (memory storage) unless something already answers on the broker port.
+# Starts the broker unless something already answers on the broker port (then it is reused,
+# whoever started it): Apache Kafka by default, tansu (memory storage) with BROKER=tansu.
 ensure_broker() {
   if broker_up; then return 0; fi
+  case "$BROKER" in
+    kafka) ensure_kafka ;;
+    tansu) ensure_tansu_broker ;;
+    *) die "BROKER must be kafka or tansu, not $BROKER" ;;
+  esac
+}
+
+ensure_tansu_broker() {
   ensure_tansu
   log "starting tansu on 127.0.0.1:$BROKER_PORT (memory storage: topics are lost when it stops)"
   nohup tansu broker \
@@ -97,11 +207,24 @@ ensure_broker() {
   die "tansu did not start; see $RUN_DIR/tansu.log"
 }
 
+# Stops the broker these scripts started (never one they found running).
+stop_broker() {
+  stop_pidfile "$RUN_DIR/kafka.pid" 30
+  stop_pidfile "$RUN_DIR/tansu.pid"
+}
+
 # Creates both topics with one partition through the Kafka admin API (the sequencer's own
 # create-topics command, which works against any Kafka-API broker); existing topics are kept.
+# A broker that has just opened its port may still be electing its controller: retry a while.
 ensure_topics() {
+  for _ in $(seq 1 30); do
+    "$1/sequencer" create-topics --brokers "$KAFKA_BROKERS" \
+      --requests-topic "$REQUESTS_TOPIC" --outcomes-topic "$OUTCOMES_TOPIC" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
   "$1/sequencer" create-topics --brokers "$KAFKA_BROKERS" \
-    --requests-topic "$REQUESTS_TOPIC" --outcomes-topic "$OUTCOMES_TOPIC" >/dev/null
+    --requests-topic "$REQUESTS_TOPIC" --outcomes-topic "$OUTCOMES_TOPIC" >/dev/null \
+    || die "could not create the topics on $KAFKA_BROKERS"
 }
 
 # Waits until URL answers 200, or dies after $2 seconds.
@@ -129,13 +252,14 @@ supervise() {
   echo $! >"$RUN_DIR/$name.pid"
 }
 
+# Stops the process in pid file $1: SIGTERM, then SIGKILL after $2 seconds (default 5).
 stop_pidfile() {
-  local f="$1"
+  local f="$1" secs="${2:-5}"
   [ -f "$f" ] || return 0
   local pid; pid="$(cat "$f")"
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 $((secs * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$f"

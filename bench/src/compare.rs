@@ -208,8 +208,10 @@ fn machine() -> String {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    // scripts/bench says which broker it started or found (BENCH_BROKER).
+    let broker = std::env::var("BENCH_BROKER").unwrap_or_else(|_| "Kafka-API broker".into());
     format!(
-        "{cores} cores ({cpu}), {mem_gib:.0} GiB; everything co-located: load generator, ingress, sequencer, tansu broker (memory storage), Postgres 15, Redis"
+        "{cores} cores ({cpu}), {mem_gib:.0} GiB; everything co-located: load generator, ingress, sequencer, {broker}, Postgres 15, Redis"
     )
 }
 

@@ -16,7 +16,7 @@ use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sqlx::PgPool;
 
-use crate::bus::{now_ms, BrokerProbe, BusHealth};
+use crate::bus::{now_ms, BrokerProbe};
 
 /// A lag measurement older than this is not trusted for admission (the in-flight bound still
 /// holds); readiness reports the broker separately.
@@ -47,16 +47,11 @@ impl LagMonitor {
     /// Polls the requests topic's end (through the producer's own client, so a success also
     /// proves the producer reaches the broker) and `sequencer_state.next_offset`, forever.
     ///
-    /// The log's end is the larger of the watermark and the end seen in this ingress's own
-    /// delivery reports ([`BusHealth::log_end_seen`]), which stays exact on brokers that report
-    /// the watermark per record batch.
-    pub async fn run(
-        self: Arc<Self>,
-        probe: BrokerProbe,
-        bus_health: Arc<BusHealth>,
-        pool: PgPool,
-        every: Duration,
-    ) {
+    /// The end is the broker's high watermark, exact on Apache Kafka. (tansu reports it per
+    /// record batch, so there the lag reads low by up to one producer batch, a few hundred
+    /// requests: nothing next to LAG_MAX.) Both figures are read afresh each time, so after a
+    /// `sequencer rebase-log` onto a recreated topic the lag is right at the next poll.
+    pub async fn run(self: Arc<Self>, probe: BrokerProbe, pool: PgPool, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned_db = false;
@@ -103,10 +98,9 @@ impl LagMonitor {
                 }
             };
             if let (Some(h), Some(c)) = (high, committed) {
-                let h = h.max(bus_health.log_end_seen.load(Ordering::Relaxed));
                 self.high_watermark.store(h, Ordering::Relaxed);
-                // Below zero only when the log is shorter than what was decided (a broker with
-                // memory storage restarted); the sequencer refuses to run then, and says why.
+                // Below zero only when the log is shorter than what was decided (the topic was
+                // recreated or truncated); the sequencer stops then, and says why.
                 self.lag.store((h - c).max(0), Ordering::Relaxed);
                 self.measured_ms.store(now_ms(), Ordering::Relaxed);
             }

@@ -103,10 +103,6 @@ pub struct BusHealth {
     pub replies_delivered: AtomicU64,
     pub replies_unclaimed: AtomicU64,
     pub last_poll_ms: AtomicI64,
-    /// One past the highest offset the broker acknowledged for our appends: a lower bound of
-    /// the requests log's end that is exact per record (some brokers, tansu among them, report
-    /// the high watermark per record batch, which undercounts a batched log).
-    pub log_end_seen: AtomicI64,
 }
 
 impl Bus {
@@ -130,10 +126,17 @@ impl Bus {
             // Many concurrent requests share a produce request (PRODUCE_LINGER_MS).
             .set("linger.ms", produce_linger_ms.to_string())
             .set("queue.buffering.max.messages", "200000")
+            // An append not acknowledged within the outcome timeout fails (504, outcome unknown:
+            // it may still be in the log and be decided; a retry with the same key gets that
+            // decision). Until then librdkafka retries it through broker restarts, and the
+            // idempotent producer keeps the retries from being written twice.
             .set(
                 "message.timeout.ms",
                 outcome_timeout.as_millis().max(1000).to_string(),
             )
+            // Reconnect quickly after a broker restart (librdkafka's defaults back off to 10 s).
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000")
             .create()
             .context("creating the requests producer")?;
         let pending = Arc::new(Pending::new());
@@ -147,6 +150,8 @@ impl Bus {
             .set("auto.offset.reset", "latest")
             .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
             .set("fetch.min.bytes", "1")
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000")
             .set("enable.partition.eof", "false")
             .create()
             .context("creating the outcomes consumer")?;
@@ -222,13 +227,9 @@ impl Bus {
         let deadline = tokio::time::Instant::now() + self.outcome_timeout;
         let appending = std::time::Instant::now();
         match self.producer.send(record, Duration::ZERO).await {
-            Ok(delivery) => {
+            Ok(_) => {
                 self.append_latency
                     .record(appending.elapsed().as_secs_f64());
-                // The exact end of the log as of this append (see `BusHealth::log_end_seen`).
-                self.health
-                    .log_end_seen
-                    .fetch_max(delivery.offset + 1, Ordering::Relaxed);
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(SendError::Overloaded)

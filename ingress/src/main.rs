@@ -38,15 +38,17 @@ struct Args {
     /// How long a write waits for its outcome before answering 504 (outcome unknown).
     #[arg(long, env = "OUTCOME_TIMEOUT_MS", default_value_t = 5_000)]
     outcome_timeout_ms: u64,
-    /// The outcomes consumer's `fetch.wait.max.ms` (see the sequencer's FETCH_WAIT_MAX_MS: on
-    /// tansu 0.6 every fetch is held this long, so the last hop of a write costs up to this).
-    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 1)]
+    /// The outcomes consumer's `fetch.wait.max.ms`. Apache Kafka answers a waiting fetch as soon
+    /// as an outcome arrives, so this only bounds idle polling (see the sequencer's
+    /// FETCH_WAIT_MAX_MS; tansu 0.6 holds every fetch this long: run it with 1).
+    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 100)]
     fetch_wait_max_ms: u64,
-    /// The requests producer's `linger.ms`: how long librdkafka waits to fill a produce batch.
-    /// Concurrent requests share one produce request and one record batch in the log. On tansu
-    /// 0.6 every fetch costs time proportional to the record batches in the partition, so fewer,
-    /// larger batches raised the latency knee from ~1k to ~17k requests/s here (docs/BENCHMARKS.md).
-    #[arg(long, env = "PRODUCE_LINGER_MS", default_value_t = 20)]
+    /// The requests producer's `linger.ms`: how long librdkafka waits to fill a produce batch, so
+    /// concurrent requests share one produce request and one record batch. Every request waits
+    /// up to this long on its first hop. Apache Kafka serves a fetch in time independent of the
+    /// number of record batches, so a few ms is enough to keep produce requests few under load
+    /// (tansu 0.6 needed 20: its fetches slow down with every batch in the partition).
+    #[arg(long, env = "PRODUCE_LINGER_MS", default_value_t = 5)]
     produce_linger_ms: u64,
     /// Largest request body accepted (413 above).
     #[arg(long, env = "BODY_BYTES_MAX", default_value_t = 4_096)]
@@ -162,7 +164,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let lag = Arc::new(LagMonitor::default());
     tokio::spawn(lag.clone().run(
         bus.broker_probe(),
-        bus.health.clone(),
         monitor_pool,
         Duration::from_millis(args.lag_poll_ms.max(10)),
     ));

@@ -13,6 +13,8 @@ pub struct AuditReport {
     /// The batch of the checkpoint compared with the rows (by `sequencer audit`, which can load
     /// one), if any.
     pub checkpoint_batch_seq: Option<u64>,
+    /// The current generation of the requests log (1 until a `rebase-log`).
+    pub log_generation: i64,
     pub violations: Vec<String>,
 }
 
@@ -54,27 +56,61 @@ const CHECKS: &[(&str, &str)] = &[
            FROM reservations GROUP BY user_id, idempotency_key HAVING count(*) > 1",
     ),
     (
-        "each offset decided once",
-        "SELECT format('offset %s decided %s times', request_offset, count(*))
-           FROM reservations GROUP BY request_offset HAVING count(*) > 1",
+        "each offset decided once per log generation",
+        "WITH g AS (SELECT generation, first_batch_seq,
+                           lead(first_batch_seq) OVER (ORDER BY generation) AS next_first
+                      FROM log_generations)
+         SELECT format('generation %s offset %s decided %s times', g.generation, r.request_offset, count(*))
+           FROM reservations r
+           JOIN g ON r.batch_seq >= g.first_batch_seq AND (g.next_first IS NULL OR r.batch_seq < g.next_first)
+          GROUP BY g.generation, r.request_offset HAVING count(*) > 1",
     ),
     (
-        "batches are contiguous",
-        "SELECT format('batch %s starts at offset %s but batch %s ended at %s (seq gap or offset gap/overlap)',
-                       batch_seq, first_offset, prev_seq, prev_next)
-           FROM (SELECT batch_seq, first_offset,
-                        lag(batch_seq) OVER w AS prev_seq, lag(next_offset) OVER w AS prev_next
-                   FROM batches WINDOW w AS (ORDER BY batch_seq)) b
-          WHERE prev_seq IS NOT NULL AND (batch_seq <> prev_seq + 1 OR first_offset <> prev_next)",
+        "log generations are ordered",
+        "SELECT format('generation %s starts at batch %s, not after generation %s (batch %s)',
+                       generation, first_batch_seq, prev_gen, prev_first)
+           FROM (SELECT generation, first_batch_seq,
+                        lag(generation) OVER w AS prev_gen, lag(first_batch_seq) OVER w AS prev_first
+                   FROM log_generations WINDOW w AS (ORDER BY generation)) g
+          WHERE (prev_gen IS NULL AND (generation <> 1 OR first_batch_seq <> 1))
+             OR (prev_gen IS NOT NULL AND (generation <> prev_gen + 1 OR first_batch_seq <= prev_first))
+         UNION ALL
+         SELECT format('generation %s starts at batch %s, after the committed batch %s + 1',
+                       g.generation, g.first_batch_seq, s.batch_seq)
+           FROM log_generations g, sequencer_state s
+          WHERE g.first_batch_seq > s.batch_seq + 1",
+    ),
+    (
+        "batches are contiguous within a log generation",
+        "WITH g AS (SELECT generation, first_batch_seq, base_offset,
+                           lead(first_batch_seq) OVER (ORDER BY generation) AS next_first
+                      FROM log_generations)
+         SELECT format('batch %s (generation %s) starts at offset %s but %s',
+                       batch_seq, generation, first_offset,
+                       CASE WHEN batch_seq = first_batch_seq
+                            THEN format('its generation starts at offset %s', base_offset)
+                            ELSE format('batch %s ended at %s (seq gap or offset gap/overlap)', prev_seq, prev_next) END)
+           FROM (SELECT b.batch_seq, b.first_offset, g.generation, g.first_batch_seq, g.base_offset,
+                        lag(b.batch_seq) OVER w AS prev_seq, lag(b.next_offset) OVER w AS prev_next
+                   FROM batches b
+                   JOIN g ON b.batch_seq >= g.first_batch_seq AND (g.next_first IS NULL OR b.batch_seq < g.next_first)
+                 WINDOW w AS (ORDER BY b.batch_seq)) b
+          WHERE (prev_seq IS NOT NULL AND batch_seq <> prev_seq + 1)
+             OR (batch_seq = first_batch_seq AND first_offset <> base_offset)
+             OR (batch_seq <> first_batch_seq AND prev_seq IS NOT NULL AND first_offset <> prev_next)",
     ),
     (
         "the fence row matches the last batch",
-        "SELECT format('sequencer_state says batch %s / offset %s, last batch is %s / %s',
-                       s.batch_seq, s.next_offset, b.batch_seq, b.next_offset)
+        "SELECT format('sequencer_state says batch %s / offset %s, last batch is %s / %s (generation %s from batch %s at offset %s)',
+                       s.batch_seq, s.next_offset, b.batch_seq, b.next_offset,
+                       g.generation, g.first_batch_seq, g.base_offset)
            FROM sequencer_state s
            LEFT JOIN (SELECT batch_seq, next_offset FROM batches ORDER BY batch_seq DESC LIMIT 1) b ON true
+           JOIN (SELECT * FROM log_generations ORDER BY generation DESC LIMIT 1) g ON true
           WHERE s.batch_seq <> coalesce(b.batch_seq, 0)
-             OR (b.batch_seq IS NOT NULL AND s.next_offset <> b.next_offset)",
+             OR (b.batch_seq >= g.first_batch_seq AND s.next_offset <> b.next_offset)
+             -- a generation without a batch yet: the fence row sits at its base offset
+             OR (coalesce(b.batch_seq, 0) < g.first_batch_seq AND s.next_offset <> g.base_offset)",
     ),
     (
         "decisions lie inside their batch",
@@ -105,7 +141,8 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         "SELECT (SELECT count(*) FROM skus) AS skus,
                 (SELECT count(*) FROM reservations) AS reservations,
                 (SELECT count(*) FROM batches) AS batches,
-                (SELECT next_offset FROM sequencer_state WHERE id = 1) AS committed_offset",
+                (SELECT next_offset FROM sequencer_state WHERE id = 1) AS committed_offset,
+                (SELECT max(generation) FROM log_generations) AS log_generation",
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -115,6 +152,7 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         batches: counts.try_get("batches")?,
         committed_offset: counts.try_get("committed_offset")?,
         checkpoint_batch_seq: None,
+        log_generation: counts.try_get("log_generation")?,
         violations: Vec::new(),
     };
     for (name, sql) in CHECKS {

@@ -3,12 +3,14 @@
 //! [`batch`] writes one decided batch in one fenced transaction; [`lease`] holds the writer's
 //! epoch and lease; [`checkpoint`] stores compact checkpoints of the engine state that a start-up
 //! loads; [`snapshot`] streams the state from the rows when there is none; [`reads`] serves the
-//! ingress's GET routes; [`audit`] re-checks every invariant from the rows alone.
+//! ingress's GET routes; [`audit`] re-checks every invariant from the rows alone; [`loggen`] keeps
+//! the generations of the requests log (which topic the committed offsets refer to).
 
 pub mod audit;
 pub mod batch;
 pub mod checkpoint;
 pub mod lease;
+pub mod loggen;
 pub mod reads;
 pub mod snapshot;
 

@@ -32,6 +32,27 @@ pub async fn create_topics(brokers: &str, topics: &[String]) -> anyhow::Result<(
     Ok(())
 }
 
+/// Deletes topics (the whole log with them). For wiping a test stack (`scripts/down --wipe` on a
+/// broker these scripts did not start) and for tests; never part of normal operation.
+pub async fn delete_topics(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.delete_topics(&names, &options).await? {
+        match result {
+            Ok(topic) => println!("deleted topic {topic}"),
+            Err((topic, RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                println!("topic {topic} does not exist")
+            }
+            Err((topic, code)) => bail!("deleting topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
 /// GETs `url` (plain http://host:port/path) and returns the body; a tiny client so the
 /// sequencer binary needs no HTTP client library for one operator command.
 pub fn http_get(url: &str) -> anyhow::Result<String> {

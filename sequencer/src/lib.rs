@@ -2,7 +2,8 @@
 //!
 //! Read in this order: [`engine`] decides (pure, no IO); [`log`] reads the requests topic from
 //! the offset Postgres holds; [`runtime`] cuts batches, commits each one through `persistence` in
-//! one fenced transaction, and hands the outcomes to [`publish`]; [`status`] reports.
+//! one fenced transaction, and hands the outcomes to [`publish`]; [`status`] reports. [`topic`]
+//! tells a recreated topic from the original; [`rebase`] is the way back from a lost log.
 
 pub mod admin;
 pub mod audit;
@@ -10,5 +11,7 @@ pub mod checkpointer;
 pub mod engine;
 pub mod log;
 pub mod publish;
+pub mod rebase;
 pub mod runtime;
 pub mod status;
+pub mod topic;

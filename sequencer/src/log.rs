@@ -6,7 +6,7 @@
 //! channel, so a slow commit pushes back on fetching instead of growing memory.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -19,16 +19,27 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::topic::{self, TopicState};
+
 /// Messages buffered between the reader and the decide loop. About 1 s of the target load:
 /// enough to keep batches full, small enough that a crash loses no more than re-reading it.
 pub const READ_AHEAD_MESSAGES_MAX: usize = 32_768;
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
-/// How far before a target offset reading starts. Some brokers (tansu 0.6 with memory storage,
-/// seen here) return nothing for a fetch that starts inside a record batch, instead of the batch
-/// for the client to filter; starting earlier makes the batch that holds the target arrive. It
-/// must cover one producer batch (librdkafka's `batch.num.messages` is 10,000 by default). On a
-/// broker that behaves it only costs reading and discarding a few thousand small messages.
+/// How far before a target offset reading starts. Apache Kafka answers a fetch that starts
+/// inside a record batch with the whole batch and the client drops the records before the
+/// target, so there this costs reading and discarding up to this many small messages once per
+/// (re)start (a few ms). It stays because not every Kafka-API broker does that: tansu 0.6 with
+/// memory storage (`BROKER=tansu`) returns nothing for such a fetch, and the reader would wait
+/// for ever. It must cover one producer record batch (librdkafka's `batch.num.messages` is
+/// 10,000 by default). Correct on any broker: offsets below the target are never handed on.
 const MID_BATCH_LOOKBACK: i64 = 16_384;
+
+/// What the operator is told whenever the log is found lost.
+pub const RECOVERY_HINT: &str = "Every decision committed so far is safe in Postgres, and nothing \
+    will be decided from this log. To go on with the requests log as it is now, run `sequencer \
+    rebase-log` (docs/OPERATIONS.md, \"Lost requests log\"); the sequencers pick the new log \
+    generation up by themselves. To resume the old log instead, restore the broker's data of \
+    that topic.";
 
 pub enum LogEvent {
     Message {
@@ -37,8 +48,20 @@ pub enum LogEvent {
         /// The message's CreateTime (stamped by the ingress's producer), if the broker kept one.
         created_ms: Option<i64>,
     },
-    /// The reader cannot go on; the decide loop must stop with this explanation.
-    Fatal(String),
+    /// The log no longer holds what it must (see [`LogLost`]): the reader has stopped and the
+    /// decide loop must stop with this explanation.
+    Lost(String),
+}
+
+/// The requests log of one generation as Postgres records it (`log_generations`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogIdentity {
+    pub generation: i64,
+    pub topic: String,
+    /// The topic id recorded for this generation (`None`: not recorded, or a broker without ids).
+    pub topic_id: Option<String>,
+    /// The first offset decided in this generation.
+    pub base_offset: i64,
 }
 
 pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> ClientConfig {
@@ -52,11 +75,15 @@ pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> 
         .set("group.id", format!("flash-sequencer-{node_id}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        // Never jump silently to the start or end of the log.
+        // Never jump silently to the start or end of the log: an offset the broker does not have
+        // surfaces as an error (AutoOffsetReset), which the reader turns into a lost log.
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
         .set("fetch.min.bytes", "1")
         .set("queued.max.messages.kbytes", "65536")
+        // Reconnect quickly after a broker restart (librdkafka's defaults back off to 10 s).
+        .set("reconnect.backoff.ms", "50")
+        .set("reconnect.backoff.max.ms", "1000")
         .set("enable.partition.eof", "false");
     config
 }
@@ -74,34 +101,151 @@ pub fn watermarks(
         })
 }
 
-/// The log does not hold the next offset to decide: a condition no retry can fix.
+/// The requests log no longer holds what Postgres has decided, or is not the log Postgres's
+/// offsets refer to: the topic was deleted or recreated, truncated, or expired before being
+/// read. No retry can fix it, and going on would skip or re-decide requests. The sequencer stops
+/// deciding (exit code 4, or it waits, not ready, for `sequencer rebase-log`).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct LogGap(pub String);
+#[error("requests log lost (generation {generation}): {message}")]
+pub struct LogLost {
+    pub generation: i64,
+    pub message: String,
+}
 
-/// Refuses to start when the log does not hold every offset Postgres has decided: the topic was
-/// recreated, truncated or expired. Skipping or re-deciding silently would break exactly-once.
+fn lost(identity: &LogIdentity, message: String) -> anyhow::Error {
+    LogLost {
+        generation: identity.generation,
+        message,
+    }
+    .into()
+}
+
+/// Librdkafka's answers that mean "the broker does not have this offset". With
+/// `auto.offset.reset=error` an out-of-range fetch or a detected truncation arrives as
+/// `AutoOffsetReset`, after which librdkafka stops fetching the partition.
+fn is_offset_lost(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::OffsetOutOfRange
+            | RDKafkaErrorCode::AutoOffsetReset
+            | RDKafkaErrorCode::LogTruncation
+    )
+}
+
+fn is_topic_unknown(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownTopicId
+            | RDKafkaErrorCode::UnknownPartition
+    )
+}
+
+/// Whether the topic is still the one `identity` names: `Some(why)` when it is gone or another
+/// topic now has its name. Asked twice, a moment apart, before saying "gone", so one odd answer
+/// from a broker that is just starting cannot stop the sale. Broker trouble is `None` (unknown).
+fn topic_replaced<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    identity: &LogIdentity,
+) -> Option<String> {
+    let topic = &identity.topic;
+    for attempt in 0..2 {
+        let state = topic::describe(client, topic, Duration::from_secs(2)).ok()?;
+        match (state, &identity.topic_id) {
+            (TopicState::Missing, _) if attempt == 0 => thread::sleep(Duration::from_millis(300)),
+            (TopicState::Missing, _) => {
+                return Some(format!("topic {topic:?} no longer exists (it was deleted)"))
+            }
+            (TopicState::Exists { id: Some(now) }, Some(was)) if now != *was => {
+                return Some(format!(
+                    "topic {topic:?} was deleted and created again: its topic id is {now}, \
+                     but the offsets in Postgres refer to the topic with id {was}"
+                ))
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Refuses to start when the log does not hold every offset Postgres has decided in this
+/// generation, or is not the topic they refer to. Returns the topic id the broker reports, for
+/// the caller to record. Broker trouble (nothing answers) is an ordinary error the caller
+/// retries; only a definitive answer is a [`LogLost`].
 ///
-/// The proof is reading the last decided message itself (offset `next_offset - 1`), not the
-/// broker's reported high watermark, which some brokers report per record batch rather than per
-/// record. Broker trouble (nothing answers) is an ordinary error the caller retries; only a log
-/// that answers "no such offset" is a [`LogGap`].
-pub fn check_log_covers(
+/// The checks, in order: the topic exists and has the recorded topic id (a recreated topic has
+/// another); its first offset is at most `next_offset` (nothing undecided was deleted); its end
+/// is at least `next_offset` (on brokers that report topic ids, whose high watermark is exact);
+/// and the last decided message (`next_offset - 1`) can be read back: the proof on any broker,
+/// including those that report the high watermark per record batch.
+pub fn check_log(
     config: &ClientConfig,
-    topic: &str,
+    identity: &LogIdentity,
     next_offset: i64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<String>> {
+    let topic = identity.topic.as_str();
     let consumer: BaseConsumer = config.create().context("creating the log check consumer")?;
+    let decided_here = next_offset > identity.base_offset;
+    let described = topic::describe(consumer.client(), topic, Duration::from_secs(10))
+        .unwrap_or_else(|e| {
+            // A broker without DescribeTopics, or one not answering: go on without the topic id
+            // (the watermarks below fail if nothing answers; the watcher asks again later).
+            tracing::warn!(error = %e, "could not describe topic {topic:?}; checking without its topic id");
+            TopicState::Exists { id: None }
+        });
+    let topic_id = match described {
+        TopicState::Missing if identity.topic_id.is_some() || decided_here => {
+            return Err(lost(
+                identity,
+                format!(
+                    "topic {topic:?} does not exist, but Postgres has decided its offsets \
+                     {}..{next_offset}. {RECOVERY_HINT}",
+                    identity.base_offset
+                ),
+            ))
+        }
+        TopicState::Missing => {
+            anyhow::bail!(
+                "topic {topic:?} does not exist (yet?): create it (sequencer create-topics)"
+            )
+        }
+        TopicState::Exists { id } => id,
+    };
+    if let (Some(now), Some(was)) = (&topic_id, &identity.topic_id) {
+        if now != was {
+            return Err(lost(
+                identity,
+                format!(
+                    "topic {topic:?} is not the log Postgres's offsets refer to: it was deleted \
+                     and created again (topic id {now}, recorded {was}). {RECOVERY_HINT}"
+                ),
+            ));
+        }
+    }
     let (low, high) = watermarks(&consumer, topic, Duration::from_secs(10))?;
     if low > next_offset {
-        return Err(LogGap(format!(
-            "topic {topic:?} starts at offset {low}, but offsets from {next_offset} were never \
-             decided: retention deleted requests before they were sequenced. Refusing to skip them."
-        ))
-        .into());
+        return Err(lost(
+            identity,
+            format!(
+                "topic {topic:?} starts at offset {low}, but offsets from {next_offset} were never \
+                 decided: retention or a record deletion removed requests before they were \
+                 sequenced. Refusing to skip them. {RECOVERY_HINT}"
+            ),
+        ));
     }
-    if next_offset == 0 {
-        return Ok(());
+    if high < next_offset && topic_id.is_some() {
+        return Err(lost(
+            identity,
+            format!(
+                "topic {topic:?} ends at offset {high}, but Postgres has already decided every \
+                 offset below {next_offset}: the log lost messages (truncated, or the broker lost \
+                 its data). {RECOVERY_HINT}"
+            ),
+        ));
+    }
+    if !decided_here {
+        return Ok(topic_id);
     }
     let last_decided = next_offset - 1;
     let mut assignment = TopicPartitionList::new();
@@ -112,31 +256,33 @@ pub fn check_log_covers(
     let mut last_seen: Option<i64> = None;
     while std::time::Instant::now() < deadline {
         match consumer.poll(POLL_TIMEOUT) {
-            Some(Ok(m)) if m.offset() >= last_decided => return Ok(()),
+            Some(Ok(m)) if m.offset() >= last_decided => return Ok(topic_id),
             Some(Ok(m)) => last_seen = Some(m.offset()),
             None => continue,
-            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
-                return Err(LogGap(format!(
-                    "topic {topic:?} has no offset {last_decided} (it ends near {high}), but \
-                     Postgres has already decided every offset below {next_offset}. The log was \
-                     recreated or truncated (a broker with memory storage loses its topics when \
-                     restarted). Refusing to skip or re-decide anything. To start a new sale log, \
-                     reset the database as well (scripts/down --wipe); to resume, restore the \
-                     topic's data."
+            Some(Err(KafkaError::MessageConsumption(code))) if is_offset_lost(code) => {
+                return Err(lost(
+                    identity,
+                    format!(
+                        "topic {topic:?} has no offset {last_decided} (the broker answered \
+                         {code}; the log ends near {high}), but Postgres has already decided \
+                         every offset below {next_offset}. The log was recreated or truncated. \
+                         Refusing to skip or re-decide anything. {RECOVERY_HINT}"
+                    ),
                 ))
-                .into())
             }
             Some(Err(e)) => tracing::warn!(error = %e, "log check: consumer error"),
         }
     }
     if let Some(seen) = last_seen {
         // The log answered, and it ends before what Postgres has decided.
-        return Err(LogGap(format!(
-            "topic {topic:?} ends at offset {seen}, but Postgres has already decided every offset \
-             below {next_offset}. The log was recreated or truncated. Refusing to skip or \
-             re-decide anything (scripts/down --wipe resets a test stack)."
-        ))
-        .into());
+        return Err(lost(
+            identity,
+            format!(
+                "topic {topic:?} ends at offset {seen}, but Postgres has already decided every \
+                 offset below {next_offset}. The log was recreated or truncated. Refusing to \
+                 skip or re-decide anything. {RECOVERY_HINT}"
+            ),
+        ));
     }
     anyhow::bail!(
         "could not read offset {last_decided} of {topic:?} within 10 s (broker unreachable?)"
@@ -145,56 +291,69 @@ pub fn check_log_covers(
 
 pub struct LogReader {
     pub events: Receiver<LogEvent>,
+    /// Set once, by the reader or the watcher, when the log is found lost; the decide loop and
+    /// the replay check it before every commit and every batch they apply.
+    lost: Arc<OnceLock<String>>,
     stop: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
     watcher: Option<thread::JoinHandle<()>>,
 }
 
 impl LogReader {
-    /// Starts reading `topic` partition 0 at `from_offset`. `log_end` is kept up to date with the
-    /// high watermark so the runtime can report lag cheaply.
+    /// Starts reading the log of `identity`, partition 0, at `from_offset`. `log_end` is kept
+    /// up to date with the high watermark so the runtime can report lag cheaply.
     pub fn start(
         config: &ClientConfig,
-        topic: &str,
+        identity: &LogIdentity,
         from_offset: i64,
         log_end: Arc<AtomicI64>,
     ) -> anyhow::Result<LogReader> {
+        let topic = identity.topic.as_str();
         let consumer: BaseConsumer = config.create().context("creating the requests consumer")?;
-        let (low, _) = watermarks(&consumer, topic, Duration::from_secs(10))?;
+        let (low, high) = watermarks(&consumer, topic, Duration::from_secs(10))?;
+        // A new reader may follow a rebased log: the end of the old one means nothing here.
+        log_end.store(high, Ordering::Relaxed);
         let mut assignment = TopicPartitionList::new();
         let start = (from_offset - MID_BATCH_LOOKBACK).max(low).min(from_offset);
         assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
         consumer.assign(&assignment)?;
         let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_MESSAGES_MAX);
         let stop = Arc::new(AtomicBool::new(false));
-        let stop_reader = stop.clone();
-        let reader_topic = topic.to_owned();
-        let reader_end = log_end.clone();
+        let lost = Arc::new(OnceLock::new());
+        let reader = Reader {
+            identity: identity.clone(),
+            stop: stop.clone(),
+            lost: lost.clone(),
+            log_end: log_end.clone(),
+        };
         let handle = thread::Builder::new()
             .name("log-reader".into())
-            .spawn(move || {
-                read_loop(
-                    consumer,
-                    &reader_topic,
-                    from_offset,
-                    tx,
-                    &stop_reader,
-                    &reader_end,
-                )
-            })?;
+            .spawn(move || reader.read_loop(consumer, from_offset, tx))?;
         // The log end is a synchronous broker round trip (about 10 ms on some brokers): asking it
-        // from the reader thread would stall reading, so a second consumer asks it on its own.
-        let watcher: BaseConsumer = config.create().context("creating the log-end consumer")?;
-        let (stop_watcher, watcher_topic) = (stop.clone(), topic.to_owned());
+        // from the reader thread would stall reading, so a second consumer asks it on its own,
+        // and checks that the topic is still the one Postgres's offsets refer to.
+        let consumer: BaseConsumer = config.create().context("creating the log-end consumer")?;
+        let watcher = Reader {
+            identity: identity.clone(),
+            stop: stop.clone(),
+            lost: lost.clone(),
+            log_end,
+        };
         let watcher = thread::Builder::new()
             .name("log-end".into())
-            .spawn(move || watch_log_end(watcher, &watcher_topic, &stop_watcher, &log_end))?;
+            .spawn(move || watcher.watch(consumer))?;
         Ok(LogReader {
             events: rx,
+            lost,
             stop,
             handle: Some(handle),
             watcher: Some(watcher),
         })
+    }
+
+    /// Why the log is lost, once the reader or the watcher has found it so.
+    pub fn lost(&self) -> Option<&str> {
+        self.lost.get().map(String::as_str)
     }
 }
 
@@ -212,66 +371,106 @@ impl Drop for LogReader {
     }
 }
 
-/// Hands on every message from `from_offset` on, in order and without a hole: messages before
-/// it (the lookback) are dropped, and an offset that jumps ahead is a fatal gap, never a skip.
-fn read_loop(
-    consumer: BaseConsumer,
-    topic: &str,
-    from_offset: i64,
-    tx: Sender<LogEvent>,
-    stop: &AtomicBool,
-    log_end: &AtomicI64,
-) {
-    let mut expected = from_offset;
-    while !stop.load(Ordering::Relaxed) {
-        let event = match consumer.poll(POLL_TIMEOUT) {
-            None => continue,
-            Some(Ok(m)) if m.offset() < expected => continue,
-            Some(Ok(m)) if m.offset() > expected => LogEvent::Fatal(format!(
-                "the broker delivered offset {} of {topic:?} where {expected} was expected: \
-                 offsets {expected}..{} are missing from what it served. Refusing to skip them \
-                 (the requests topic must be neither compacted nor written transactionally)",
-                m.offset(),
-                m.offset()
-            )),
-            Some(Ok(m)) => {
-                expected += 1;
-                log_end.fetch_max(m.offset() + 1, Ordering::Relaxed);
-                LogEvent::Message {
-                    offset: m.offset(),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    created_ms: m.timestamp().to_millis(),
-                }
-            }
-            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
-                LogEvent::Fatal(format!(
-                    "the broker says the next offset of {topic:?} is out of range: the log was \
-                     truncated or recreated under a running sequencer"
-                ))
-            }
-            Some(Err(e)) => {
-                // Transient broker trouble: librdkafka retries by itself; keep polling.
-                tracing::warn!(error = %e, "requests consumer error");
-                continue;
-            }
-        };
-        let fatal = matches!(event, LogEvent::Fatal(_));
-        // Blocks while the decide loop is behind: back-pressure, bounded memory.
-        if !offer(&tx, event, stop) || fatal {
-            return;
-        }
-    }
+/// What the reader and the watcher threads share.
+struct Reader {
+    identity: LogIdentity,
+    stop: Arc<AtomicBool>,
+    lost: Arc<OnceLock<String>>,
+    log_end: Arc<AtomicI64>,
 }
 
-/// How often the log end (for the lag figure) is asked of the broker.
-const LOG_END_POLL: Duration = Duration::from_millis(500);
+/// How often the watcher asks the log end (for the lag figure) and the topic id.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
 
-fn watch_log_end(consumer: BaseConsumer, topic: &str, stop: &AtomicBool, log_end: &AtomicI64) {
-    while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_millis(500)) {
-            log_end.fetch_max(high, Ordering::Relaxed);
+impl Reader {
+    fn set_lost(&self, why: String) -> String {
+        let why = format!("{why}. {RECOVERY_HINT}");
+        tracing::error!(
+            generation = self.identity.generation,
+            topic = %self.identity.topic,
+            "requests log lost: {why}"
+        );
+        self.lost.get_or_init(|| why).clone()
+    }
+
+    /// Hands on every message from `from_offset` on, in order and without a hole: messages
+    /// before it (the lookback) are dropped; an offset that jumps ahead, an offset the broker no
+    /// longer has, or a topic that was deleted or replaced stops the reader with
+    /// [`LogEvent::Lost`], never a skip.
+    fn read_loop(&self, consumer: BaseConsumer, from_offset: i64, tx: Sender<LogEvent>) {
+        let topic = self.identity.topic.as_str();
+        let mut expected = from_offset;
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Some(why) = self.lost.get() {
+                // The watcher found it first.
+                let _ = offer(&tx, LogEvent::Lost(why.clone()), &self.stop);
+                return;
+            }
+            let event = match consumer.poll(POLL_TIMEOUT) {
+                None => continue,
+                Some(Ok(m)) if m.offset() < expected => continue,
+                Some(Ok(m)) if m.offset() > expected => LogEvent::Lost(self.set_lost(format!(
+                    "the broker delivered offset {} of {topic:?} where {expected} was expected: \
+                     offsets {expected}..{} are missing from what it served. Refusing to skip \
+                     them (the requests topic must be neither compacted nor written \
+                     transactionally)",
+                    m.offset(),
+                    m.offset()
+                ))),
+                Some(Ok(m)) => {
+                    expected += 1;
+                    self.log_end.fetch_max(m.offset() + 1, Ordering::Relaxed);
+                    LogEvent::Message {
+                        offset: m.offset(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        created_ms: m.timestamp().to_millis(),
+                    }
+                }
+                Some(Err(KafkaError::MessageConsumption(code))) if is_offset_lost(code) => {
+                    LogEvent::Lost(self.set_lost(format!(
+                        "the broker no longer has offset {expected} of {topic:?} ({code}): the \
+                         log was truncated, expired or recreated under a running sequencer"
+                    )))
+                }
+                Some(Err(KafkaError::MessageConsumption(code))) if is_topic_unknown(code) => {
+                    match topic_replaced(consumer.client(), &self.identity) {
+                        Some(why) => LogEvent::Lost(self.set_lost(why)),
+                        None => {
+                            tracing::warn!(%code, "requests consumer: topic not known right now");
+                            continue;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    // Transient broker trouble (a restart, a connection lost): librdkafka
+                    // reconnects and fetches again from the same offset by itself.
+                    tracing::warn!(error = %e, "requests consumer error");
+                    continue;
+                }
+            };
+            let lost = matches!(event, LogEvent::Lost(_));
+            // Blocks while the decide loop is behind: back-pressure, bounded memory.
+            if !offer(&tx, event, &self.stop) || lost {
+                return;
+            }
         }
-        thread::sleep(LOG_END_POLL);
+    }
+
+    /// Every [`WATCH_EVERY`]: the log end for the lag figure, and whether the topic is still the
+    /// one Postgres's offsets refer to (librdkafka keeps fetching the same offsets from a topic
+    /// created again under the same name, so only its topic id tells).
+    fn watch(&self, consumer: BaseConsumer) {
+        let topic = self.identity.topic.as_str();
+        while !self.stop.load(Ordering::Relaxed) && self.lost.get().is_none() {
+            if let Ok((_, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_millis(500)) {
+                self.log_end.fetch_max(high, Ordering::Relaxed);
+            }
+            if let Some(why) = topic_replaced(consumer.client(), &self.identity) {
+                self.set_lost(why);
+                return;
+            }
+            thread::sleep(WATCH_EVERY);
+        }
     }
 }
 

@@ -1,4 +1,11 @@
-//! `sequencer run` decides (or stands by); `sequencer audit` checks every invariant over Postgres.
+//! `sequencer run` decides (or stands by); `sequencer audit` checks every invariant over Postgres;
+//! `sequencer rebase-log` is the way back from a lost requests log.
+//!
+//! Exit codes of `sequencer run`: 0 stopped on request (SIGTERM, Ctrl-C); 1 could not start or
+//! hit an error that a restart may fix; 2 invalid configuration; 3 deposed: another sequencer
+//! took over (its fence or lease is newer), restart it as a standby; 4 the requests log lost what
+//! Postgres has decided (topic deleted or recreated, truncated, expired): nothing more is decided
+//! until `sequencer rebase-log` (docs/OPERATIONS.md).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -23,6 +30,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Follow the log as a standby and decide when this process holds the lease.
+    ///
+    /// Exit codes: 0 stopped on request; 1 error (a restart may fix it); 2 invalid
+    /// configuration; 3 deposed by another sequencer (restart as standby); 4 the requests log
+    /// lost what Postgres decided (run `sequencer rebase-log`).
     Run(RunArgs),
     /// Check every invariant over Postgres; exit 1 on any violation.
     Audit {
@@ -40,6 +51,40 @@ enum Command {
         #[arg(long, env = "SEQUENCER_PEERS", value_delimiter = ',')]
         peers: Vec<String>,
     },
+    /// After the requests log was lost (topic deleted or recreated, truncated, expired), record
+    /// in Postgres that decisions continue at an offset of a new log generation, keeping every
+    /// committed decision. Refuses while the current log still holds everything decided.
+    RebaseLog {
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// The topic the new generation reads (the configured requests topic).
+        #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
+        requests_topic: String,
+        /// Continue at this offset of the topic. By default: a recreated (or another) topic from
+        /// its first offset, so every request appended since the loss is decided; the same
+        /// topic, truncated or cut short, at the committed offset clamped into what it holds, so
+        /// nothing already decided is decided again.
+        #[arg(long, conflicts_with_all = ["at_start", "at_end"])]
+        offset: Option<i64>,
+        /// Continue at the topic's first offset.
+        #[arg(long, conflicts_with = "at_end")]
+        at_start: bool,
+        /// Continue at the topic's current end: requests appended since the loss are never
+        /// decided (their buyers got 504 and retry with their key).
+        #[arg(long)]
+        at_end: bool,
+        /// Rebase even when the current log looks whole.
+        #[arg(long)]
+        force: bool,
+        /// Check and print what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Why, for the record in log_generations.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Create the requests and outcomes topics (one partition each) if they do not exist.
     CreateTopics {
         #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
@@ -49,7 +94,19 @@ enum Command {
         #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
         outcomes_topic: String,
     },
+    /// Delete topics, and every message in them (wiping a test stack; never in operation).
+    DeleteTopics {
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(required = true)]
+        topics: Vec<String>,
+    },
 }
+
+/// Another sequencer took over: this one wrote nothing after its fence failed.
+const EXIT_DEPOSED: u8 = 3;
+/// The requests log lost what Postgres has decided: run `sequencer rebase-log`.
+const EXIT_LOG_LOST: u8 = 4;
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/flash";
 
@@ -77,10 +134,10 @@ struct RunArgs {
     #[arg(long, env = "LINGER_MS", default_value_t = 1)]
     linger_ms: u64,
     /// The requests consumer's `fetch.wait.max.ms`: how long the broker may hold a fetch when
-    /// there is nothing new. A broker that returns as soon as data arrives (Apache Kafka) is
-    /// fine with more; tansu 0.6 holds every fetch for the whole wait, so each Kafka hop costs
-    /// up to this much latency (docs/BENCHMARKS.md).
-    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 1)]
+    /// there is nothing new. Apache Kafka answers a waiting fetch as soon as data arrives, so
+    /// this costs no latency there and only bounds idle polling. tansu 0.6 (BROKER=tansu) holds
+    /// every fetch for the whole wait: run it with 1 (docs/BENCHMARKS.md).
+    #[arg(long, env = "FETCH_WAIT_MAX_MS", default_value_t = 100)]
     fetch_wait_max_ms: u64,
     /// How long the lease lasts without renewal: the longest a dead leader blocks a takeover.
     #[arg(long, env = "LEASE_MS", default_value_t = 600)]
@@ -108,6 +165,10 @@ struct RunArgs {
     /// about this much of the log after the newest checkpoint.
     #[arg(long, env = "CHECKPOINT_INTERVAL_MS", default_value_t = 5_000)]
     checkpoint_interval_ms: u64,
+    /// When the requests log is lost, exit with code 4 at once instead of staying up, not
+    /// ready, until `sequencer rebase-log` (for supervisors that alert on exits).
+    #[arg(long, env = "EXIT_ON_LOG_LOST")]
+    exit_on_log_lost: bool,
 }
 
 /// glibc's malloc was ~15% of the ingress's CPU under load (perf, 25k requests/s): every request
@@ -126,6 +187,51 @@ fn main() -> ExitCode {
             database_url,
             peers,
         } => status(&database_url, &peers),
+        Command::RebaseLog {
+            database_url,
+            brokers,
+            requests_topic,
+            offset,
+            at_start,
+            at_end,
+            force,
+            dry_run,
+            reason,
+        } => {
+            use sequencer::rebase::Target;
+            let target = match (offset, at_start, at_end) {
+                (Some(x), _, _) => Target::Offset(x),
+                (None, true, _) => Target::Start,
+                (None, _, true) => Target::End,
+                (None, false, false) => Target::Auto,
+            };
+            let args = sequencer::rebase::Args {
+                database_url,
+                brokers,
+                requests_topic,
+                target,
+                force,
+                dry_run,
+                reason,
+            };
+            match sequencer::rebase::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rebase-log: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::DeleteTopics { brokers, topics } => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(admin::delete_topics(&brokers, &topics)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::CreateTopics {
             brokers,
             requests_topic,
@@ -194,6 +300,7 @@ fn run(args: RunArgs) -> ExitCode {
             interval: Duration::from_millis(args.checkpoint_interval_ms),
         },
         status_addr: args.status_addr,
+        exit_on_log_lost: args.exit_on_log_lost,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     let sequencer = match Sequencer::new(config.clone(), shutdown.clone()) {
@@ -245,11 +352,14 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let deposed = e
-                .downcast_ref::<Stop>()
-                .is_some_and(|s| matches!(s, Stop::Deposed(_)));
-            tracing::error!("stopped writing: {e:#}");
-            ExitCode::from(if deposed { 3 } else { 1 })
+            let code = match e.downcast_ref::<Stop>() {
+                Some(Stop::Deposed(_)) => EXIT_DEPOSED,
+                Some(Stop::LogLost(_)) => EXIT_LOG_LOST,
+                _ if e.downcast_ref::<sequencer::log::LogLost>().is_some() => EXIT_LOG_LOST,
+                _ => 1,
+            };
+            tracing::error!(exit_code = code, "stopped writing: {e:#}");
+            ExitCode::from(code)
         }
     }
 }
@@ -278,11 +388,12 @@ fn audit(database_url: &str, json: bool) -> ExitCode {
         );
     } else {
         println!(
-            "audited {} skus, {} reservations, {} batches, committed offset {}, checkpoint {}",
+            "audited {} skus, {} reservations, {} batches, committed offset {} (log generation {}), checkpoint {}",
             report.skus,
             report.reservations,
             report.batches,
             report.committed_offset,
+            report.log_generation,
             report
                 .checkpoint_batch_seq
                 .map_or("none".to_owned(), |b| format!(

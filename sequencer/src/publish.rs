@@ -93,6 +93,10 @@ impl Publisher {
             .set("acks", "all")
             // Outcomes are latency-critical: a reply waits on this message.
             .set("linger.ms", "1")
+            // Through a broker restart librdkafka keeps retrying for message.timeout.ms (5 min
+            // by default); reconnect quickly rather than after a 10 s backoff.
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000")
             .set("queue.buffering.max.messages", "100000")
             .create_with_context(DeliveryLogger)
             .context("creating the outcomes producer")?;

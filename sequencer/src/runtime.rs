@@ -21,14 +21,14 @@ use crossbeam_channel::RecvTimeoutError;
 use persistence::batch::{commit_batch, CommitError};
 use persistence::checkpoint;
 use persistence::snapshot::{self, BatchHeader};
-use persistence::{lease, BatchRecord, DecisionRow, TransitionRow};
+use persistence::{lease, loggen, BatchRecord, DecisionRow, TransitionRow};
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
 use wire::{Command, Request};
 
 use crate::checkpointer::{Cadence, Checkpointer};
 use crate::engine::{BatchOutput, DecisionRef, Engine, Restorer};
-use crate::log::{self, LogEvent, LogReader};
+use crate::log::{self, LogEvent, LogIdentity, LogLost, LogReader};
 use crate::publish::{build_outbox, decode_outbox, Publisher};
 
 #[derive(Debug, Clone)]
@@ -51,6 +51,9 @@ pub struct Config {
     pub status_addr: Option<SocketAddr>,
     /// How often the leader writes a checkpoint of the engine state.
     pub checkpoint: Cadence,
+    /// On a lost requests log, exit (code 4) at once instead of waiting, not ready, for
+    /// `sequencer rebase-log`.
+    pub exit_on_log_lost: bool,
 }
 
 /// Batches read from Postgres per follow step; bounds memory when a standby is far behind.
@@ -68,6 +71,8 @@ pub const ROLE_STARTING: u8 = 0;
 pub const ROLE_STANDBY: u8 = 1;
 pub const ROLE_ACTIVE: u8 = 2;
 pub const ROLE_STOPPED: u8 = 3;
+/// The requests log lost what Postgres decided: nothing is decided until `rebase-log`.
+pub const ROLE_LOG_LOST: u8 = 4;
 
 pub const LOADED_FROM_CHECKPOINT: u8 = 1;
 pub const LOADED_FROM_ROWS: u8 = 2;
@@ -96,6 +101,10 @@ pub struct Status {
     /// a load) and how long it took.
     pub loaded_from: AtomicU8,
     pub load_ms: AtomicU64,
+    /// The generation of the requests log this process reads.
+    pub log_generation: AtomicI64,
+    /// Why the requests log is lost, while it is (role `log_lost`).
+    pub log_lost: std::sync::Mutex<Option<String>>,
 }
 
 impl Status {
@@ -112,6 +121,7 @@ impl Status {
             ROLE_STANDBY => "standby",
             ROLE_ACTIVE => "active",
             ROLE_STOPPED => "stopped",
+            ROLE_LOG_LOST => "log_lost",
             _ => "starting",
         }
     }
@@ -131,6 +141,8 @@ pub enum Stop {
     Shutdown,
     #[error("deposed: {0}")]
     Deposed(String),
+    #[error(transparent)]
+    LogLost(LogLost),
 }
 
 pub struct Sequencer {
@@ -151,6 +163,8 @@ pub struct Sequencer {
 struct Position {
     engine: Engine,
     next_offset: i64,
+    /// The log generation `next_offset` and the reader belong to.
+    log: LogIdentity,
     reader: LogReader,
 }
 
@@ -213,12 +227,20 @@ impl Sequencer {
                             next_offset = p.next_offset, "state loaded; following until the lease is free");
                         position.insert(p)
                     }
-                    Err(e) if e.downcast_ref::<log::LogGap>().is_some() => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(error = format!("{e:#}"), "cannot load state yet; retrying");
-                        std::thread::sleep(RETRY_PAUSE);
-                        continue;
-                    }
+                    Err(e) => match e.downcast::<LogLost>() {
+                        Ok(lost) => {
+                            self.wait_for_rebase(lost)?;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "cannot load state yet; retrying"
+                            );
+                            std::thread::sleep(RETRY_PAUSE);
+                            continue;
+                        }
+                    },
                 },
             };
             let acquired = self.rt.block_on(lease::try_acquire(
@@ -230,6 +252,13 @@ impl Sequencer {
                 Ok(Some(state)) => {
                     let result = self.lead(p, state.epoch, state.batch_seq);
                     self.status.role.store(ROLE_STOPPED, Ordering::Relaxed);
+                    if let Err(Stop::LogLost(lost)) = result {
+                        // Not deposed: the log is gone. Wait for the operator's rebase, then
+                        // start over from Postgres like a fresh process.
+                        position = None;
+                        self.wait_for_rebase(lost)?;
+                        continue;
+                    }
                     return match result {
                         Ok(()) | Err(Stop::Shutdown) => Ok(()),
                         Err(e) => Err(e.into()),
@@ -262,8 +291,10 @@ impl Sequencer {
     }
 
     fn load_position(&self) -> anyhow::Result<Position> {
+        // The generation first: the offsets of the state loaded next belong to it.
+        let generation = self.rt.block_on(loggen::current(&self.pool))?;
         let started = Instant::now();
-        let (engine, next_offset) = self.load_engine()?;
+        let (engine, next_offset) = self.load_engine(&generation)?;
         let load_ms = started.elapsed().as_millis() as u64;
         self.status.load_ms.store(load_ms, Ordering::Relaxed);
         metrics::gauge!("sequencer_state_load_seconds").set(load_ms as f64 / 1000.0);
@@ -272,17 +303,18 @@ impl Sequencer {
             &self.config.node_id,
             self.config.fetch_wait_max_ms,
         );
-        log::check_log_covers(&consumer_config, &self.config.requests_topic, next_offset)?;
+        let log = self.check_log(&consumer_config, generation, next_offset)?;
         self.publish_position(&engine, next_offset);
         let reader = LogReader::start(
             &consumer_config,
-            &self.config.requests_topic,
+            &log,
             next_offset,
             self.status.log_end.clone(),
         )?;
         Ok(Position {
             engine,
             next_offset,
+            log,
             reader,
         })
     }
@@ -291,13 +323,23 @@ impl Sequencer {
     /// one (its batches after it are then replayed by [`Sequencer::follow`]), else from the rows.
     /// A checkpoint that fails its checks is reported and the rows are used instead: they are
     /// the truth, the checkpoint only a faster way to it.
-    fn load_engine(&self) -> anyhow::Result<(Engine, i64)> {
+    fn load_engine(&self, generation: &loggen::LogGeneration) -> anyhow::Result<(Engine, i64)> {
         let started = Instant::now();
         let state = self.rt.block_on(lease::read_state(&self.bulk_pool))?;
         match self
             .rt
             .block_on(checkpoint::latest(&self.bulk_pool, Some(state.batch_seq)))
         {
+            // Its offset is in an older log generation (a `rebase-log` came after it): the
+            // batches after it cannot be replayed from the current log. The next leader writes
+            // a checkpoint of the new generation within CHECKPOINT_INTERVAL_MS.
+            Ok(Some(stored)) if (stored.batch_seq as i64) < generation.first_batch_seq => {
+                tracing::info!(
+                    checkpoint_batch_seq = stored.batch_seq,
+                    generation = generation.generation,
+                    "the newest checkpoint predates the log generation; loading the rows"
+                );
+            }
             Ok(Some(stored)) => match crate::checkpointer::load(&self.rt, &self.bulk_pool, &stored)
             {
                 Ok(engine) => {
@@ -348,6 +390,165 @@ impl Sequencer {
         Ok((engine, state.next_offset))
     }
 
+    /// The log `next_offset` refers to (`generation`, read before the snapshot), checked against
+    /// the broker: [`LogLost`] when it no longer holds what Postgres decided. The first
+    /// sequencer to see a generation's topic records its name and topic id.
+    fn check_log(
+        &self,
+        consumer_config: &rdkafka::ClientConfig,
+        generation: loggen::LogGeneration,
+        next_offset: i64,
+    ) -> anyhow::Result<LogIdentity> {
+        let now = self.rt.block_on(loggen::current(&self.pool))?;
+        if now.generation != generation.generation {
+            bail!("the requests log was rebased while the state was loading; loading again");
+        }
+        let mut identity = LogIdentity {
+            generation: generation.generation,
+            topic: generation
+                .topic
+                .clone()
+                .unwrap_or_else(|| self.config.requests_topic.clone()),
+            topic_id: generation.topic_id.clone(),
+            base_offset: generation.base_offset,
+        };
+        if identity.topic != self.config.requests_topic {
+            return Err(LogLost {
+                generation: identity.generation,
+                message: format!(
+                    "this database's requests log (generation {}) is topic {:?}, but this \
+                     sequencer reads REQUESTS_TOPIC={:?}. Fix the configuration; or, if the log \
+                     really moved to that topic, run `sequencer rebase-log` with \
+                     --requests-topic {:?}",
+                    identity.generation,
+                    identity.topic,
+                    self.config.requests_topic,
+                    self.config.requests_topic
+                ),
+            }
+            .into());
+        }
+        let seen_id = log::check_log(consumer_config, &identity, next_offset)?;
+        if generation.topic.is_none() || (generation.topic_id.is_none() && seen_id.is_some()) {
+            let recorded = self.rt.block_on(loggen::record_topic(
+                &self.pool,
+                identity.generation,
+                &identity.topic,
+                seen_id.as_deref(),
+            ))?;
+            if recorded.topic_id.is_some() && recorded.topic_id != seen_id {
+                return Err(LogLost {
+                    generation: identity.generation,
+                    message: format!(
+                        "topic {:?} has id {seen_id:?}, but id {:?} was recorded for this log \
+                         generation: the topic was recreated. {}",
+                        identity.topic,
+                        recorded.topic_id,
+                        log::RECOVERY_HINT
+                    ),
+                }
+                .into());
+            }
+            identity.topic_id = recorded.topic_id;
+        }
+        self.status
+            .log_generation
+            .store(identity.generation, Ordering::Relaxed);
+        Ok(identity)
+    }
+
+    /// The requests log is lost: decide nothing, say so (role `log_lost`, `/readyz` 503, the
+    /// `sequencer_log_lost` gauge, an error line every 30 s), and wait until either an operator
+    /// has started a new log generation (`sequencer rebase-log`) or the old log is whole again.
+    /// Then the caller loads the state afresh. Err (exit code 4) on shutdown, or at once with
+    /// `exit_on_log_lost`.
+    fn wait_for_rebase(&self, lost: LogLost) -> anyhow::Result<()> {
+        self.status.role.store(ROLE_LOG_LOST, Ordering::Relaxed);
+        *self.status.log_lost.lock().expect("status lock") = Some(lost.message.clone());
+        metrics::gauge!("sequencer_log_lost").set(1.0);
+        tracing::error!(
+            generation = lost.generation,
+            "{lost}; deciding nothing until `sequencer rebase-log` starts a new log generation"
+        );
+        if self.config.exit_on_log_lost {
+            return Err(lost.into());
+        }
+        let (mut reminded, mut rechecked) = (Instant::now(), Instant::now());
+        loop {
+            if self.shutdown.load(Ordering::Relaxed) {
+                return Err(lost.into());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+            let recovered = match self.rt.block_on(loggen::current(&self.pool)) {
+                Ok(g) if g.generation > lost.generation => {
+                    tracing::info!(
+                        generation = g.generation,
+                        topic = g.topic.as_deref().unwrap_or("?"),
+                        base_offset = g.base_offset,
+                        "the requests log was rebased to a new generation; loading the state"
+                    );
+                    true
+                }
+                Ok(g) if rechecked.elapsed() >= Duration::from_secs(5) => {
+                    rechecked = Instant::now();
+                    self.log_whole_again(g)
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the log generation (Postgres?)");
+                    false
+                }
+            };
+            if recovered {
+                *self.status.log_lost.lock().expect("status lock") = None;
+                metrics::gauge!("sequencer_log_lost").set(0.0);
+                self.status.role.store(ROLE_STANDBY, Ordering::Relaxed);
+                return Ok(());
+            }
+            if reminded.elapsed() >= Duration::from_secs(30) {
+                reminded = Instant::now();
+                tracing::error!(generation = lost.generation, "still waiting: {lost}");
+            }
+        }
+    }
+
+    /// Whether the log of `generation` holds what Postgres decided again (its topic restored,
+    /// or a detection that a broker's later answers contradict).
+    fn log_whole_again(&self, generation: loggen::LogGeneration) -> bool {
+        if generation
+            .topic
+            .as_ref()
+            .is_some_and(|t| *t != self.config.requests_topic)
+        {
+            return false; // a configuration to fix (or a rebase onto the configured topic)
+        }
+        let Ok(state) = self.rt.block_on(lease::read_state(&self.pool)) else {
+            return false;
+        };
+        let identity = LogIdentity {
+            generation: generation.generation,
+            topic: generation
+                .topic
+                .unwrap_or_else(|| self.config.requests_topic.clone()),
+            topic_id: generation.topic_id,
+            base_offset: generation.base_offset,
+        };
+        let config = log::consumer_config(
+            &self.config.brokers,
+            &self.config.node_id,
+            self.config.fetch_wait_max_ms,
+        );
+        match log::check_log(&config, &identity, state.next_offset) {
+            Ok(_) => {
+                tracing::info!(
+                    "the requests log holds every decided offset again; loading the state"
+                );
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     fn publish_position(&self, engine: &Engine, next_offset: i64) {
         self.status
             .applied_batch_seq
@@ -366,6 +567,9 @@ impl Sequencer {
                 position.engine.batch_seq(),
                 FOLLOW_BATCHES_MAX,
             ))?;
+            // After the headers: a batch of a newer generation is only committed after its
+            // rebase, so if the generation is still ours, every header read is of our log.
+            self.check_generation(position)?;
             if headers.is_empty() {
                 if let Some(target) = until {
                     if position.engine.batch_seq() < target {
@@ -381,6 +585,27 @@ impl Sequencer {
                 return Ok(());
             }
         }
+    }
+
+    /// Fails when this replica's log is lost or no longer the current generation (a rebase):
+    /// the caller then reloads the state from Postgres, which positions it on the new log.
+    fn check_generation(&self, position: &Position) -> anyhow::Result<()> {
+        if let Some(why) = position.reader.lost() {
+            return Err(LogLost {
+                generation: position.log.generation,
+                message: why.to_owned(),
+            }
+            .into());
+        }
+        let current = self.rt.block_on(loggen::current(&self.pool))?;
+        if current.generation != position.log.generation {
+            bail!(
+                "the requests log was rebased to generation {} (this replica read generation {})",
+                current.generation,
+                position.log.generation
+            );
+        }
+        Ok(())
     }
 
     fn replay(&self, position: &mut Position, header: &BatchHeader) -> anyhow::Result<()> {
@@ -439,7 +664,12 @@ impl Sequencer {
         let renewer = AbortOnDrop(renewer);
         if let Err(e) = self.follow(position, Some(committed_batch_seq)) {
             tracing::warn!(error = %e, "catch-up by replay failed; reloading state from Postgres");
-            *position = self.load_position().map_err(deposed)?;
+            *position = self
+                .load_position()
+                .map_err(|e| match e.downcast::<LogLost>() {
+                    Ok(lost) => Stop::LogLost(lost),
+                    Err(e) => deposed(e),
+                })?;
             self.follow(position, Some(committed_batch_seq))
                 .map_err(deposed)?;
         }
@@ -523,6 +753,7 @@ impl Sequencer {
             if self.shutdown.load(Ordering::Relaxed) {
                 return Err(Stop::Shutdown);
             }
+            check_log_whole(position)?;
             messages.clear();
             let wait = match position.engine.next_expiry_ms() {
                 Some(at) => Duration::from_millis(
@@ -532,7 +763,7 @@ impl Sequencer {
             };
             match position.reader.events.recv_timeout(wait) {
                 Ok(event) => {
-                    take(event, &mut messages)?;
+                    take(event, &mut messages, &position.log)?;
                     self.fill_batch(position, &mut messages)?;
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -548,6 +779,7 @@ impl Sequencer {
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
+                    check_log_whole(position)?;
                     return Err(Stop::Deposed("the log reader stopped".into()));
                 }
             }
@@ -572,9 +804,9 @@ impl Sequencer {
         };
         while messages.len() < limit {
             match position.reader.events.try_recv() {
-                Ok(event) => take(event, messages)?,
+                Ok(event) => take(event, messages, &position.log)?,
                 Err(_) => match position.reader.events.recv_deadline(deadline) {
-                    Ok(event) => take(event, messages)?,
+                    Ok(event) => take(event, messages, &position.log)?,
                     Err(_) => break,
                 },
             }
@@ -621,6 +853,8 @@ impl Sequencer {
         let _in_batch = span.enter();
         let started = Instant::now();
         let decide = started - deciding;
+        // The watcher may have found the topic replaced while this batch was read from it.
+        check_log_whole(position)?;
         self.commit_with_retry(conn, &record)?;
         self.status.commit_failing.store(false, Ordering::Relaxed);
         let commit_us = started.elapsed().as_micros() as u64;
@@ -729,7 +963,11 @@ fn is_integrity_violation(e: &sqlx::Error) -> bool {
 /// Moves a message into the batch being filled, and records how long it took to get here: from
 /// the ingress handing it to its producer to the decide loop taking it (the append, the fetch,
 /// and the wait in the read-ahead queue behind the batch being committed).
-fn take(event: LogEvent, messages: &mut Vec<(i64, Vec<u8>)>) -> Result<(), Stop> {
+fn take(
+    event: LogEvent,
+    messages: &mut Vec<(i64, Vec<u8>)>,
+    log: &LogIdentity,
+) -> Result<(), Stop> {
     match event {
         LogEvent::Message {
             offset,
@@ -744,7 +982,20 @@ fn take(event: LogEvent, messages: &mut Vec<(i64, Vec<u8>)>) -> Result<(), Stop>
             messages.push((offset, payload));
             Ok(())
         }
-        LogEvent::Fatal(why) => Err(Stop::Deposed(why)),
+        LogEvent::Lost(message) => Err(Stop::LogLost(LogLost {
+            generation: log.generation,
+            message,
+        })),
+    }
+}
+
+fn check_log_whole(position: &Position) -> Result<(), Stop> {
+    match position.reader.lost() {
+        Some(why) => Err(Stop::LogLost(LogLost {
+            generation: position.log.generation,
+            message: why.to_owned(),
+        })),
+        None => Ok(()),
     }
 }
 
@@ -789,7 +1040,7 @@ fn read_range(
                 last = offset;
                 messages.push((offset, payload));
             }
-            Ok(LogEvent::Fatal(why)) => return Err(anyhow!(why)),
+            Ok(LogEvent::Lost(why)) => return Err(anyhow!(why)),
             Err(_) => bail!("timed out reading offsets [{first}, {next}) from the log"),
         }
     }

@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use wire::{Outcome, Reject};
 
-use crate::runtime::{now_ms, Status, ROLE_ACTIVE, ROLE_STANDBY};
+use crate::runtime::{now_ms, Status, ROLE_ACTIVE, ROLE_LOG_LOST, ROLE_STANDBY};
 
 #[derive(Serialize)]
 pub struct StatusDoc {
@@ -37,6 +37,11 @@ pub struct StatusDoc {
     pub load_ms: u64,
     /// Newest batch this process wrote a checkpoint for (0: none yet).
     pub checkpoint_batch_seq: u64,
+    /// The generation of the requests log this process reads.
+    pub log_generation: i64,
+    /// Why the requests log is lost (role `log_lost`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_lost: Option<String>,
 }
 
 #[derive(Clone)]
@@ -155,6 +160,8 @@ pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
         loaded_from: s.loaded_from_name(),
         load_ms: s.load_ms.load(Ordering::Relaxed),
         checkpoint_batch_seq: s.checkpoint_batch_seq.load(Ordering::Relaxed),
+        log_generation: s.log_generation.load(Ordering::Relaxed),
+        log_lost: s.log_lost.lock().expect("status lock").clone(),
     }
 }
 
@@ -191,6 +198,8 @@ async fn metrics_text(State(ctx): State<Ctx>) -> String {
     metrics::gauge!("sequencer_log_end_offset").set(d.log_end_offset as f64);
     metrics::gauge!("sequencer_lag").set(d.lag as f64);
     metrics::gauge!("sequencer_batch_seq").set(d.batch_seq as f64);
+    metrics::gauge!("sequencer_log_generation").set(d.log_generation as f64);
+    metrics::gauge!("sequencer_log_lost").set(if role == ROLE_LOG_LOST { 1.0 } else { 0.0 });
     metrics::gauge!("sequencer_last_batch_age_seconds")
         .set(d.last_batch_age_ms.map_or(-1.0, |ms| ms as f64 / 1000.0));
     ctx.metrics.render()
@@ -201,24 +210,33 @@ async fn status_doc(State(ctx): State<Ctx>) -> Json<StatusDoc> {
 }
 
 /// Ready when deciding and committing (active), or following the leader's batches (standby):
-/// an active stuck retrying a commit, or a standby that has not followed for 5 s, is not.
-async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, &'static str) {
+/// an active stuck retrying a commit, or a standby that has not followed for 5 s, is not; nor is
+/// a sequencer whose requests log is lost (the answer says why and what to do).
+async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, String) {
     let s = &ctx.status;
-    match s.role.load(Ordering::Relaxed) {
-        ROLE_ACTIVE if !s.commit_failing.load(Ordering::Relaxed) => (StatusCode::OK, "active\n"),
+    let (code, text): (StatusCode, &str) = match s.role.load(Ordering::Relaxed) {
+        ROLE_ACTIVE if !s.commit_failing.load(Ordering::Relaxed) => (StatusCode::OK, "active"),
         ROLE_ACTIVE => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "active, but commits are failing\n",
+            "active, but commits are failing",
         ),
         ROLE_STANDBY if now_ms() - s.last_follow_ms.load(Ordering::Relaxed) < 5_000 => {
-            (StatusCode::OK, "standby\n")
+            (StatusCode::OK, "standby")
         }
         ROLE_STANDBY => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "standby, but not following\n",
+            "standby, but not following",
         ),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-    }
+        ROLE_LOG_LOST => {
+            let why = s.log_lost.lock().expect("status lock").clone();
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("requests log lost: {}\n", why.unwrap_or_default()),
+            );
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+    };
+    (code, format!("{text}\n"))
 }
 
 /// Every `every`, one log line with the same figures as `/status`, so the logs alone tell an

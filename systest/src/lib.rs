@@ -3,6 +3,7 @@
 //!
 //! Needs `FLASH_BIN_DIR` (where the built binaries are) and `FLASH_PG_ADMIN_URL` (a superuser
 //! connection to create databases); `scripts/test` sets both and starts Postgres and the broker.
+//! Tests that kill the broker run their own ([`kafka::KafkaBroker`], from `FLASH_KAFKA_LIBS`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod kafka;
 pub mod load;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -30,7 +32,8 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-fn brokers() -> String {
+/// The shared broker every test uses unless it brings its own (`Options::brokers`).
+pub fn shared_brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
@@ -41,7 +44,7 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn log_dir() -> PathBuf {
+pub(crate) fn log_dir() -> PathBuf {
     let dir = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../target/systest-logs"
@@ -59,6 +62,8 @@ pub struct Options {
     pub renew_ms: u64,
     pub outcome_timeout_ms: u64,
     pub extra_ingress_env: Vec<(String, String)>,
+    /// The broker to use (`host:port`); the shared one when `None`.
+    pub brokers: Option<String>,
 }
 
 impl Default for Options {
@@ -71,6 +76,7 @@ impl Default for Options {
             renew_ms: 150,
             outcome_timeout_ms: 5_000,
             extra_ingress_env: Vec::new(),
+            brokers: None,
         }
     }
 }
@@ -88,6 +94,8 @@ pub struct Stack {
     pub database_url: String,
     pub requests_topic: String,
     pub outcomes_topic: String,
+    /// The broker this stack's processes talk to.
+    pub brokers: String,
     pub pool: PgPool,
     pub http: reqwest::Client,
     pub base: String,
@@ -116,22 +124,8 @@ impl Stack {
         );
         let requests_topic = format!("req-{suffix}");
         let outcomes_topic = format!("out-{suffix}");
-        let status = Command::new(bin_dir().join("sequencer"))
-            .args([
-                "create-topics",
-                "--brokers",
-                &brokers(),
-                "--requests-topic",
-                &requests_topic,
-                "--outcomes-topic",
-                &outcomes_topic,
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .context("running sequencer create-topics")?;
-        if !status.success() {
-            bail!("create-topics failed (is the broker up on {}?)", brokers());
-        }
+        let brokers = options.brokers.clone().unwrap_or_else(shared_brokers);
+        create_topics(&brokers, &[&requests_topic, &outcomes_topic])?;
         let pool = persistence::connect(&database_url, 4).await?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(512)
@@ -143,6 +137,7 @@ impl Stack {
             database_url,
             requests_topic,
             outcomes_topic,
+            brokers,
             pool,
             http,
             base: String::new(),
@@ -177,7 +172,7 @@ impl Stack {
         let child = Command::new(bin_dir().join("sequencer"))
             .arg("run")
             .env("DATABASE_URL", &self.database_url)
-            .env("KAFKA_BROKERS", brokers())
+            .env("KAFKA_BROKERS", &self.brokers)
             .env("REQUESTS_TOPIC", &self.requests_topic)
             .env("OUTCOMES_TOPIC", &self.outcomes_topic)
             .env("NODE_ID", &s.node_id)
@@ -203,7 +198,7 @@ impl Stack {
         let mut cmd = Command::new(bin_dir().join("ingress"));
         cmd.env("LISTEN_ADDR", format!("127.0.0.1:{}", self.ingress_port))
             .env("DATABASE_URL", &self.database_url)
-            .env("KAFKA_BROKERS", brokers())
+            .env("KAFKA_BROKERS", &self.brokers)
             .env("REQUESTS_TOPIC", &self.requests_topic)
             .env("OUTCOMES_TOPIC", &self.outcomes_topic)
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
@@ -404,7 +399,7 @@ impl Stack {
     pub fn produce_requests(&self, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
         use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
         let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", "20")
             .set("batch.num.messages", "10000")
@@ -504,6 +499,54 @@ impl Drop for Stack {
                 .status();
         }
     }
+}
+
+/// `sequencer create-topics`, retried for up to 30 s: a broker that has just opened its port may
+/// still be electing its controller.
+pub fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(bin_dir().join("sequencer"))
+            .args([
+                "create-topics",
+                "--brokers",
+                brokers,
+                "--requests-topic",
+                topics[0],
+            ])
+            .args([
+                "--outcomes-topic",
+                topics.get(1).copied().unwrap_or(topics[0]),
+            ])
+            .output()
+            .context("running sequencer create-topics")?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "create-topics failed (is the broker up on {brokers}?): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `sequencer delete-topics`: deletes topics and every message in them.
+pub fn delete_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(bin_dir().join("sequencer"))
+        .args(["delete-topics", "--brokers", brokers])
+        .args(topics)
+        .output()
+        .context("running sequencer delete-topics")?;
+    if !out.status.success() {
+        bail!(
+            "delete-topics failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 pub fn rand32() -> u32 {

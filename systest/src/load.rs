@@ -117,9 +117,20 @@ pub struct Verdict {
 
 /// Checks every answer against Postgres: a 201 or 409 is recorded exactly once with the same
 /// outcome; a 504 retried with the same key gets a definitive answer, and the original
-/// reservation if there was one; every request ends with exactly one decision row. Then the
-/// audit must be clean.
+/// reservation if there was one; every request ends with exactly one decision row; a request
+/// that reached the log was the one decided. Then the audit must be clean.
 pub async fn verify(stack: &Stack, sku: &str, answers: &[Answer]) -> anyhow::Result<Verdict> {
+    verify_with(stack, sku, answers, true).await
+}
+
+/// [`verify`]; with `log_kept` false (the requests log was lost), a 504'd request may have been
+/// lost with the log before it was decided, so its retry may be the one decided.
+pub async fn verify_with(
+    stack: &Stack,
+    sku: &str,
+    answers: &[Answer],
+    log_kept: bool,
+) -> anyhow::Result<Verdict> {
     let mut v = Verdict::default();
     let mut unknown = Vec::new();
     for a in answers {
@@ -193,9 +204,10 @@ pub async fn verify(stack: &Stack, sku: &str, answers: &[Answer]) -> anyhow::Res
         }
         // The original request was appended to the log, so it must be the one decided: a
         // decision under the retry's id means the original message was skipped, never decided.
-        let appended = !a.body["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("append failed"));
+        let appended = log_kept
+            && !a.body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("append failed"));
         if let (true, Some(original)) = (appended, &a.request_id) {
             let decided: Option<String> = sqlx::query_scalar(
                 "SELECT reservation_id::text FROM reservations

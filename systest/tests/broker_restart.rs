@@ -1,0 +1,117 @@
+//! The broker killed under load and started again. This test runs its own Apache Kafka broker
+//! (free ports, its own log directory), so killing it disturbs no other test.
+
+use std::time::{Duration, Instant};
+
+use systest::kafka::KafkaBroker;
+use systest::load::{now_ms, under_load, verify, Load};
+use systest::{Options, Stack};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_broker_under_load_loses_nothing_and_needs_no_operator() {
+    let mut broker = KafkaBroker::start("broker_restart").unwrap();
+    let mut stack = Stack::start(
+        "broker_restart",
+        Options {
+            sequencers: 2,
+            outcome_timeout_ms: 4_000,
+            brokers: Some(broker.address()),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let active = stack
+        .wait_for_active(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let epoch_before = stack.sequencer_status(active).await.unwrap()["epoch"].clone();
+
+    // 3,000 buyers for 2,000 units; the broker dies once 300 are decided, and stays down for 2 s
+    // (plus its own start-up): long enough that appends and outcomes in flight time out.
+    let under = under_load(&stack, "hot", 2_000, 3_000, 32, 300)
+        .await
+        .unwrap();
+    let answered_before = under
+        .load
+        .answered
+        .load(std::sync::atomic::Ordering::Relaxed);
+    broker.kill().unwrap();
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.restart().unwrap();
+    let restarted_at = now_ms();
+    println!(
+        "broker killed after {answered_before} answers, serving again after {:?}",
+        killed_at.elapsed()
+    );
+    // Deciding again, by itself: the first batch committed after the broker came back.
+    let first_batch_ms = loop {
+        let last: Option<f64> = sqlx::query_scalar(
+            "SELECT (EXTRACT(EPOCH FROM max(decided_at)) * 1000)::float8 FROM batches",
+        )
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+        if let Some(at) = last.filter(|&at| at as i64 > restarted_at) {
+            break at as i64 - restarted_at;
+        }
+        assert!(
+            now_ms() - restarted_at < 30_000,
+            "no batch within 30 s of the broker's return"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    println!("first batch committed {first_batch_ms} ms after the broker accepted connections");
+    let answers = under.load.wait().await;
+    assert!(
+        answered_before < answers.len() as u64,
+        "the load must span the outage"
+    );
+
+    // Nobody restarted anything: every process is the one started before the fault.
+    for (i, s) in stack.sequencers.iter_mut().enumerate() {
+        let child = s.child.as_mut().unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "sequencer {i} exited during the broker outage"
+        );
+    }
+    stack.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let active_after = stack
+        .wait_for_active(Duration::from_secs(30))
+        .await
+        .unwrap();
+    stack
+        .wait_role(1 - active_after, "standby", Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Every definitive answer stored exactly once, every 504 retried to its original outcome,
+    // every request decided once, the audit clean.
+    let verdict = verify(&stack, "hot", &answers).await.unwrap();
+    println!("broker restart under load: {verdict:?}");
+    let row = stack.sku_row("hot").await.unwrap();
+    assert_eq!(row["held"], 2_000, "all units held, none oversold");
+
+    // New writes are decided without any operator action.
+    stack.put_sku("after", 100, 1, 300.0).await.unwrap();
+    let after = Load::start(&stack, "after", "after", 50, 8, Duration::from_secs(30))
+        .wait()
+        .await;
+    assert!(
+        after.iter().all(|a| a.status == 201),
+        "writes after the restart: {:?}",
+        after
+            .iter()
+            .filter(|a| a.status != 201)
+            .map(|a| (a.status, a.body.clone()))
+            .collect::<Vec<_>>()
+    );
+    let verdict = verify(&stack, "after", &after).await.unwrap();
+    assert_eq!(verdict.held, 50);
+    println!(
+        "epoch before {epoch_before}, after {}",
+        stack.sequencer_status(active_after).await.unwrap()["epoch"]
+    );
+}
