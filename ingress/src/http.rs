@@ -668,6 +668,12 @@ pub(crate) async fn upsert_sku(
         starts_at_ms,
         ends_at_ms,
     };
+    if !config.is_valid() {
+        // What is left after the checks above: a sale window before 1970.
+        return Err(ApiError::Invalid(
+            "starts_at and ends_at must lie between 1970 and 9999".into(),
+        ));
+    }
     admin_call(&app, Command::UpsertSku { sku, config }).await
 }
 
@@ -1052,12 +1058,8 @@ async fn parse_json<T: DeserializeOwned>(
 
 /// SKU names appear in URLs and logs: letters, digits and `._:-` only.
 fn validate_name(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= max
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
-    if ok {
+    debug_assert_eq!(max, wire::limits::SKU_BYTES_MAX);
+    if wire::limits::sku_name_ok(value) {
         Ok(())
     } else {
         Err(ApiError::Invalid(format!(
@@ -1068,7 +1070,7 @@ fn validate_name(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 
 /// User ids and keys: any printable UTF-8 (no control characters), bounded in bytes.
 fn validate_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    if value.is_empty() || value.len() > max || value.chars().any(char::is_control) {
+    if !wire::limits::text_ok(value, max) {
         return Err(ApiError::Invalid(format!(
             "{field} must be 1 to {max} bytes of printable text"
         )));

@@ -34,6 +34,78 @@ pub mod limits {
     pub const SKU_BYTES_MAX: usize = 64;
     pub const USER_ID_BYTES_MAX: usize = 128;
     pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+    /// Sale windows lie between 1970 and the end of year 9999 (Unix milliseconds): inside what
+    /// Postgres `timestamptz` and RFC 3339 can say, and far from `i64` overflow.
+    pub const TIME_MS_MAX: i64 = 253_402_300_799_999;
+
+    /// A SKU name appears in URLs and logs: 1 to [`SKU_BYTES_MAX`] of `A-Z a-z 0-9 . _ : -`.
+    pub fn sku_name_ok(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= SKU_BYTES_MAX
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+    }
+
+    /// User ids and idempotency keys: 1 to `max` bytes of printable UTF-8 (no control
+    /// characters: a NUL byte cannot even be stored in Postgres `text`).
+    pub fn text_ok(text: &str, max: usize) -> bool {
+        if text.is_empty() || text.len() > max {
+            return false;
+        }
+        // ASCII (nearly every id) is checked byte by byte; anything else char by char (C1
+        // controls are two-byte characters).
+        if text.is_ascii() {
+            text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        } else {
+            !text.chars().any(char::is_control)
+        }
+    }
+}
+
+impl SkuConfig {
+    /// Every field in range: stock, per-user limit, hold TTL, and a sale window that is ordered
+    /// and between 1970 and 9999. Checked by the ingress (422) and again by the engine (a foreign
+    /// producer gets `InvalidCommand`).
+    pub fn is_valid(&self) -> bool {
+        let time_ok = |t: Option<i64>| t.is_none_or(|t| (0..=limits::TIME_MS_MAX).contains(&t));
+        self.total_stock <= limits::STOCK_MAX
+            && (1..=limits::QUANTITY_MAX).contains(&self.per_user_limit)
+            && (1..=limits::HOLD_TTL_MS_MAX).contains(&self.hold_ttl_ms)
+            && time_ok(self.starts_at_ms)
+            && time_ok(self.ends_at_ms)
+            && match (self.starts_at_ms, self.ends_at_ms) {
+                (Some(s), Some(e)) => s < e,
+                _ => true,
+            }
+    }
+}
+
+impl Command {
+    /// Whether every string and number of the command is one the system can store and act on.
+    /// The ingress only produces valid commands; this is what protects the single writer from
+    /// any other producer of the requests topic (a poison message is decided `InvalidCommand`,
+    /// never a panic or a commit that fails forever).
+    pub fn fields_ok(&self) -> bool {
+        use limits::{sku_name_ok, text_ok, IDEMPOTENCY_KEY_BYTES_MAX, USER_ID_BYTES_MAX};
+        match self {
+            Command::Reserve {
+                sku,
+                user_id,
+                idempotency_key,
+                ..
+            } => {
+                sku_name_ok(sku)
+                    && text_ok(user_id, USER_ID_BYTES_MAX)
+                    && text_ok(idempotency_key, IDEMPOTENCY_KEY_BYTES_MAX)
+            }
+            Command::UpsertSku { sku, config } => sku_name_ok(sku) && config.is_valid(),
+            Command::Restock { sku, .. } | Command::Pause { sku } | Command::Resume { sku } => {
+                sku_name_ok(sku)
+            }
+            Command::Confirm { .. } | Command::Cancel { .. } | Command::PauseAll => true,
+        }
+    }
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]

@@ -624,6 +624,11 @@ impl Engine {
         out: &mut BatchOutput,
     ) -> Outcome {
         let now = self.clock_ms;
+        if !request.command.fields_ok() {
+            // A poison message from a foreign producer: an answer about the input, recorded
+            // in the batch's outbox, never a panic or a row Postgres cannot store.
+            return Outcome::Rejected(Reject::InvalidCommand);
+        }
         match &request.command {
             Command::Reserve {
                 sku,
@@ -865,7 +870,7 @@ impl Engine {
     }
 
     fn upsert_sku(&mut self, name: &str, config: &SkuConfig) -> Outcome {
-        if !config_is_valid(config) {
+        if !config.is_valid() {
             return Outcome::Rejected(Reject::InvalidCommand);
         }
         let batch_seq = self.batch_seq;
@@ -1143,15 +1148,6 @@ impl Engine {
     }
 }
 
-pub fn config_is_valid(config: &SkuConfig) -> bool {
-    config.total_stock <= STOCK_MAX
-        && (1..=QUANTITY_MAX).contains(&config.per_user_limit)
-        && (1..=HOLD_TTL_MS_MAX).contains(&config.hold_ttl_ms)
-        && match (config.starts_at_ms, config.ends_at_ms) {
-            (Some(s), Some(e)) => s < e,
-            _ => true,
-        }
-}
 
 /// The index on its own, with the cases the engine's tests hardly reach: equal 32-bit hashes
 /// for different keys, probes that wrap around the end of the table, and growth.

@@ -2164,14 +2164,14 @@ fn edge_case_strings_are_distinct_keys() {
     let long_user = "u".repeat(128);
     let long_key = "k".repeat(128);
     let wide = "é".repeat(64); // 128 bytes, not ASCII
+    // Pairs whose concatenations collide ("a" + "bc" = "ab" + "c"): a refusal keeps its user id
+    // and key as one text, so the boundary between them must be kept exactly.
     let pairs: Vec<(String, String)> = vec![
-        (String::new(), String::new()),
-        (String::new(), "a".into()),
-        ("a".into(), String::new()),
+        ("a".into(), "bcd".into()),
+        ("ab".into(), "cd".into()),
+        ("abc".into(), "d".into()),
         ("a".into(), "bc".into()),
         ("ab".into(), "c".into()),
-        ("abc".into(), String::new()),
-        ("a\0".into(), "bc".into()),
         (long_user.clone(), long_key.clone()),
         (long_user.clone(), format!("{}j", "k".repeat(127))),
         (format!("{}v", "u".repeat(127)), long_key.clone()),
@@ -2179,29 +2179,90 @@ fn edge_case_strings_are_distinct_keys() {
         ("用户".into(), "キー".into()),
         ("ü".into(), "u".into()),
     ];
-    let mut reqs = Reqs::new();
-    let mut batches = vec![(T0, vec![reqs.upsert("tv", config(1_000, 10, 60_000))])];
-    // Each pair twice in one batch (the second a repeat), different quantities per pair so that
-    // mixing two pairs up would show as a key reuse.
-    let batch: Vec<Request> = pairs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, (u, k))| {
-            let q = 1 + (i % 3) as u32;
-            [reqs.reserve("tv", u, q, k), reqs.reserve("tv", u, q, k)]
-        })
-        .collect();
-    batches.push((T0, batch));
-    let (engine, outs) = agree_with_model(&batches);
-    let outcomes = &outs[1].outcomes;
-    for (i, (u, _)) in pairs.iter().enumerate() {
-        let (first, again) = (&outcomes[2 * i], &outcomes[2 * i + 1]);
-        let Outcome::Held { reservation_id, .. } = first else {
-            panic!("pair {i} not held: {first:?}");
-        };
-        assert_eq!(first, again);
-        assert_eq!(&engine.reservation(*reservation_id).unwrap().user_id, u);
+    // Once granted, once refused (a paused SKU): each pair twice in one batch (the second a
+    // repeat), different quantities per pair so that mixing two pairs up would show as a key
+    // reuse.
+    for refused in [false, true] {
+        let mut reqs = Reqs::new();
+        let mut setup = vec![reqs.upsert("tv", config(1_000, 10, 60_000))];
+        if refused {
+            setup.push(reqs.with(Command::Pause { sku: "tv".into() }));
+        }
+        let mut batches = vec![(T0, setup)];
+        let batch: Vec<Request> = pairs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (u, k))| {
+                let q = 1 + (i % 3) as u32;
+                [reqs.reserve("tv", u, q, k), reqs.reserve("tv", u, q, k)]
+            })
+            .collect();
+        batches.push((T0, batch));
+        let (engine, outs) = agree_with_model(&batches);
+        let outcomes = &outs[1].outcomes;
+        for (i, (u, _)) in pairs.iter().enumerate() {
+            let (first, again) = (&outcomes[2 * i], &outcomes[2 * i + 1]);
+            assert_eq!(first, again, "pair {i}");
+            if refused {
+                assert_eq!(*first, rejected(Reject::SalePaused), "pair {i}");
+                continue;
+            }
+            let Outcome::Held { reservation_id, .. } = first else {
+                panic!("pair {i} not held: {first:?}");
+            };
+            assert_eq!(&engine.reservation(*reservation_id).unwrap().user_id, u);
+        }
     }
+}
+
+/// Strings no ingress would send (empty, control characters, too long) from a foreign producer:
+/// decided `InvalidCommand`, recorded nowhere, and the engine goes on.
+#[test]
+fn commands_with_strings_the_system_cannot_store_are_invalid_commands() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
+    let bad: Vec<(&str, String, String)> = vec![
+        ("tv", String::new(), "k".into()),
+        ("tv", "u".into(), String::new()),
+        ("tv", "a\0".into(), "k".into()),
+        ("tv", "u".into(), "k\u{7f}".into()),
+        ("tv", "\u{85}u".into(), "k".into()),
+        ("tv", "u".repeat(129), "k".into()),
+        ("tv", "u".into(), "k".repeat(129)),
+        ("t v", "u".into(), "k".into()),
+        ("", "u".into(), "k".into()),
+    ];
+    let requests: Vec<Request> = bad
+        .iter()
+        .map(|(sku, u, k)| sale.reqs.reserve(sku, u, 1, k))
+        .collect();
+    let out = sale.batch(T0, requests);
+    assert!(out
+        .outcomes
+        .iter()
+        .all(|o| *o == rejected(Reject::InvalidCommand)));
+    assert!(out.decisions.is_empty());
+    let far = SkuConfig {
+        starts_at_ms: Some(i64::MAX),
+        ..config(10, 5, 60_000)
+    };
+    let before = SkuConfig {
+        starts_at_ms: Some(-1),
+        ..config(10, 5, 60_000)
+    };
+    let upserts = vec![
+        sale.reqs.upsert("far", far),
+        sale.reqs.upsert("old", before),
+    ];
+    let out = sale.batch(T0 + 1, upserts);
+    assert_eq!(
+        out.outcomes,
+        vec![
+            rejected(Reject::InvalidCommand),
+            rejected(Reject::InvalidCommand)
+        ]
+    );
+    assert!(sale.engine.sku("far").is_none() && sale.engine.sku("old").is_none());
+    sale.engine.check_invariants();
 }
 
 #[test]
