@@ -49,11 +49,8 @@ pub struct Args {
 /// Runs the command: Ok when a new generation was recorded (or, dry run, would be).
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let pool = rt.block_on(async {
-        let pool = persistence::connect(&args.database_url, 2).await?;
-        persistence::migrate(&pool).await?;
-        anyhow::Ok(pool)
-    })?;
+    // No migration here: the sequencers of this version have applied it (log_generations).
+    let pool = rt.block_on(persistence::connect(&args.database_url, 2))?;
     let state = rt.block_on(lease::read_state(&pool))?;
     let generation = rt.block_on(loggen::current(&pool))?;
     let identity = LogIdentity {
