@@ -238,7 +238,8 @@ wait_http() {
 }
 
 # Runs "$@" in the background under a restart loop (a crashed or deposed sequencer comes back as
-# a standby), logging to $RUN_DIR/$name.log; records the loop's pid in $RUN_DIR/$name.pid.
+# a standby; one that exits 5, fatal, stays down for an operator), logging to $RUN_DIR/$name.log;
+# records the loop's pid in $RUN_DIR/$name.pid.
 supervise() {
   local name="$1"; shift
   nohup bash -c '
@@ -246,6 +247,12 @@ supervise() {
     while true; do
       "$@" & child=$!; echo $child > "'"$RUN_DIR/$name"'.child"
       wait $child; code=$?
+      if [ "$code" -eq 5 ]; then
+        # Exit code 5: Postgres and the engine disagree about an invariant. Restarting into the
+        # same state would not help; an operator audits first (docs/OPERATIONS.md).
+        echo "[supervisor] '"$name"' exited with 5 (FATAL): not restarting; run sequencer audit"
+        exit 5
+      fi
       echo "[supervisor] '"$name"' exited with $code; restarting in 0.5s"
       sleep 0.5
     done' supervise "$@" >>"$RUN_DIR/$name.log" 2>&1 &

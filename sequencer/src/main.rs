@@ -5,7 +5,9 @@
 //! hit an error that a restart may fix; 2 invalid configuration; 3 deposed: another sequencer
 //! took over (its fence or lease is newer), restart it as a standby; 4 the requests log lost what
 //! Postgres has decided (topic deleted or recreated, truncated, expired): nothing more is decided
-//! until `sequencer rebase-log` (docs/OPERATIONS.md).
+//! until `sequencer rebase-log` (docs/OPERATIONS.md); 5 fatal: Postgres and the engine disagree
+//! about an invariant (a batch violated a constraint, the stored rows do not add up, an engine
+//! assertion failed): do not restart blindly, audit first.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -107,6 +109,9 @@ enum Command {
 const EXIT_DEPOSED: u8 = 3;
 /// The requests log lost what Postgres has decided: run `sequencer rebase-log`.
 const EXIT_LOG_LOST: u8 = 4;
+/// Postgres and the engine disagree about an invariant (a constraint violated by a batch, rows
+/// that do not add up, a broken assertion): do not restart blindly; audit first.
+const EXIT_FATAL: u8 = 5;
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/flash";
 
@@ -266,6 +271,17 @@ fn init_tracing(json: bool) {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    // The engine asserts its invariants and runs on this thread: a failed assertion there means
+    // the state is not what it must be. Exit with the fatal code (not Rust's 101) so that a
+    // supervisor does not restart into the same state.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        if std::thread::current().name() == Some("main") {
+            tracing::error!(exit_code = EXIT_FATAL, "FATAL: {info}; not safe to restart blindly, run `sequencer audit` (docs/OPERATIONS.md, exit code 5)");
+            std::process::exit(i32::from(EXIT_FATAL));
+        }
+    }));
     if args.batch_size_max == 0
         || args.batch_size_backlog_max < args.batch_size_max
         || args.renew_ms * 2 > args.lease_ms
@@ -354,11 +370,20 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             let code = match e.downcast_ref::<Stop>() {
                 Some(Stop::Deposed(_)) => EXIT_DEPOSED,
+                Some(Stop::Fatal(_)) => EXIT_FATAL,
                 Some(Stop::LogLost(_)) => EXIT_LOG_LOST,
                 _ if e.downcast_ref::<sequencer::log::LogLost>().is_some() => EXIT_LOG_LOST,
                 _ => 1,
             };
-            tracing::error!(exit_code = code, "stopped writing: {e:#}");
+            if code == EXIT_FATAL {
+                tracing::error!(
+                    exit_code = code,
+                    "FATAL, not safe to restart blindly: {e:#}. Freeze the sale if it runs \
+                     elsewhere, run `sequencer audit`, and see docs/OPERATIONS.md (exit code 5)"
+                );
+            } else {
+                tracing::error!(exit_code = code, "stopped writing: {e:#}");
+            }
             ExitCode::from(code)
         }
     }

@@ -27,7 +27,7 @@ use tokio::runtime::Runtime;
 use wire::{Command, Request};
 
 use crate::checkpointer::{Cadence, Checkpointer};
-use crate::engine::{BatchOutput, DecisionRef, Engine, Restorer};
+use crate::engine::{BatchOutput, DecisionRef, Engine, RestoreError, Restorer};
 use crate::log::{self, LogEvent, LogIdentity, LogLost, LogReader};
 use crate::publish::{build_outbox, decode_outbox, Publisher};
 
@@ -139,8 +139,19 @@ pub fn now_ms() -> i64 {
 pub enum Stop {
     #[error("shut down on request")]
     Shutdown,
+    /// Another sequencer holds a newer epoch: this one's fence failed or its lease was taken,
+    /// and it wrote nothing after that. Safe to restart as a standby (exit code 3).
     #[error("deposed: {0}")]
     Deposed(String),
+    /// Cannot go on now, nothing is wrong with the data: Postgres or the broker unreachable, the
+    /// log reader died. A restart (as a standby) may fix it (exit code 1).
+    #[error("failed: {0}")]
+    Failed(String),
+    /// Postgres and the engine disagree about an invariant (a CHECK or UNIQUE violated by a
+    /// batch, rows that do not add up): restarting blindly would meet the same state. Stop and
+    /// audit (exit code 5).
+    #[error("FATAL: {0}")]
+    Fatal(String),
     #[error(transparent)]
     LogLost(LogLost),
 }
@@ -231,6 +242,10 @@ impl Sequencer {
                         Ok(lost) => {
                             self.wait_for_rebase(lost)?;
                             continue;
+                        }
+                        Err(e) if e.downcast_ref::<RestoreError>().is_some() => {
+                            // Rows that do not add up: another try reads the same rows.
+                            return Err(Stop::Fatal(format!("{e:#}")).into());
                         }
                         Err(e) => {
                             tracing::warn!(
@@ -647,7 +662,7 @@ impl Sequencer {
         epoch: u64,
         committed_batch_seq: u64,
     ) -> Result<(), Stop> {
-        let deposed = |e: anyhow::Error| Stop::Deposed(format!("{e:#}"));
+        let failed = |e: anyhow::Error| Stop::Failed(format!("{e:#}"));
         self.status.epoch.store(epoch, Ordering::Relaxed);
         tracing::info!(epoch, "lease taken; catching up before deciding");
         let took_over_at = Instant::now();
@@ -668,14 +683,17 @@ impl Sequencer {
                 .load_position()
                 .map_err(|e| match e.downcast::<LogLost>() {
                     Ok(lost) => Stop::LogLost(lost),
-                    Err(e) => deposed(e),
+                    Err(e) if e.downcast_ref::<RestoreError>().is_some() => {
+                        Stop::Fatal(format!("{e:#}"))
+                    }
+                    Err(e) => failed(e),
                 })?;
             self.follow(position, Some(committed_batch_seq))
-                .map_err(deposed)?;
+                .map_err(failed)?;
         }
         let publisher =
-            Publisher::new(&self.config.brokers, &self.config.outcomes_topic).map_err(deposed)?;
-        self.republish_recent(&publisher).map_err(deposed)?;
+            Publisher::new(&self.config.brokers, &self.config.outcomes_topic).map_err(failed)?;
+        self.republish_recent(&publisher).map_err(failed)?;
         let mut checkpointer = Checkpointer::start(
             self.config.checkpoint,
             self.bulk_pool.clone(),
@@ -741,7 +759,7 @@ impl Sequencer {
         let mut conn = self
             .rt
             .block_on(self.pool.acquire())
-            .map_err(|e| Stop::Deposed(format!("no database connection: {e}")))?;
+            .map_err(|e| Stop::Failed(format!("no database connection: {e}")))?;
         let mut messages: Vec<(i64, Vec<u8>)> =
             Vec::with_capacity(self.config.batch_size_backlog_max);
         loop {
@@ -780,7 +798,7 @@ impl Sequencer {
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     check_log_whole(position)?;
-                    return Err(Stop::Deposed("the log reader stopped".into()));
+                    return Err(Stop::Failed("the log reader stopped".into()));
                 }
             }
             self.decide_and_commit(position, epoch, &messages, publisher, &mut conn)?;
@@ -899,12 +917,12 @@ impl Sequencer {
                 Ok(()) => return Ok(()),
                 Err(CommitError::Fenced(f)) => return Err(Stop::Deposed(f.to_string())),
                 Err(CommitError::Inconsistent { batch_seq, what }) => {
-                    return Err(Stop::Deposed(format!("batch {batch_seq} refused: {what}")))
+                    return Err(Stop::Fatal(format!("batch {batch_seq} refused: {what}")))
                 }
                 Err(CommitError::Database(e)) if is_integrity_violation(&e) => {
                     // A CHECK or UNIQUE failed: the engine and the database disagree about an
                     // invariant. Never retry that; stop and let an operator audit.
-                    return Err(Stop::Deposed(format!(
+                    return Err(Stop::Fatal(format!(
                         "batch {} violates a database constraint: {e}",
                         record.batch_seq
                     )));
@@ -917,7 +935,7 @@ impl Sequencer {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(COMMIT_BACKOFF_MAX);
             if self.shutdown.load(Ordering::Relaxed) && backoff >= COMMIT_BACKOFF_MAX {
-                return Err(Stop::Deposed(
+                return Err(Stop::Failed(
                     "shut down while the database was unreachable".into(),
                 ));
             }

@@ -1148,7 +1148,6 @@ impl Engine {
     }
 }
 
-
 /// The index on its own, with the cases the engine's tests hardly reach: equal 32-bit hashes
 /// for different keys, probes that wrap around the end of the table, and growth.
 #[cfg(test)]

@@ -2164,8 +2164,8 @@ fn edge_case_strings_are_distinct_keys() {
     let long_user = "u".repeat(128);
     let long_key = "k".repeat(128);
     let wide = "é".repeat(64); // 128 bytes, not ASCII
-    // Pairs whose concatenations collide ("a" + "bc" = "ab" + "c"): a refusal keeps its user id
-    // and key as one text, so the boundary between them must be kept exactly.
+                               // Pairs whose concatenations collide ("a" + "bc" = "ab" + "c"): a refusal keeps its user id
+                               // and key as one text, so the boundary between them must be kept exactly.
     let pairs: Vec<(String, String)> = vec![
         ("a".into(), "bcd".into()),
         ("ab".into(), "cd".into()),
