@@ -93,3 +93,12 @@ pub async fn release(pool: &PgPool, epoch: u64) -> Result<bool, sqlx::Error> {
     .rows_affected();
     Ok(released == 1)
 }
+
+/// Postgres's clock now, in Unix milliseconds (`clock_timestamp()`: the time of the call, not
+/// of the transaction). Every sequencer decides with this clock, not its own (see
+/// `sequencer::clock`).
+pub async fn database_clock_ms(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8")
+        .fetch_one(pool)
+        .await
+}

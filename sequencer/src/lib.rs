@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod audit;
 pub mod checkpointer;
+pub mod clock;
 pub mod engine;
 pub mod log;
 pub mod publish;

@@ -27,6 +27,7 @@ use tokio::runtime::Runtime;
 use wire::{Command, Request};
 
 use crate::checkpointer::{Cadence, Checkpointer};
+use crate::clock::DatabaseClock;
 use crate::engine::{BatchOutput, DecisionRef, Engine, RestoreError, Restorer};
 use crate::log::{self, LogEvent, LogIdentity, LogLost, LogReader};
 use crate::publish::{build_outbox, decode_outbox, Publisher};
@@ -64,6 +65,8 @@ const REPUBLISH_BATCHES_MAX: i64 = 2_000;
 const COMMIT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Pause before retrying after Postgres or the broker could not be reached.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// The leader re-measures its offset to the database clock every this many lease renewals.
+const CLOCK_MEASURE_EVERY_RENEWALS: u64 = 8;
 /// Longest idle wait: how late at most an expiry batch is cut when no traffic arrives.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 
@@ -165,6 +168,8 @@ pub struct Sequencer {
     /// Loading state and writing checkpoints: long reads and writes that must not run under
     /// the writer's timeouts, and must not take the writer's connections.
     bulk_pool: PgPool,
+    /// The batch clock: the database's (see `clock.rs`).
+    clock: DatabaseClock,
     pub status: Arc<Status>,
     shutdown: Arc<AtomicBool>,
 }
@@ -196,6 +201,7 @@ impl Sequencer {
             rt,
             pool,
             bulk_pool,
+            clock: DatabaseClock::default(),
             status: Arc::new(Status::default()),
             shutdown,
         })
@@ -669,12 +675,17 @@ impl Sequencer {
         // Renew from the start: a catch-up (or a reload) can take longer than a lease, and a
         // leader deposed while catching up would only have cost the sale a second takeover.
         let lease_lost = Arc::new(AtomicBool::new(false));
+        let clock = self.clock.clone();
+        self.rt
+            .block_on(clock.measure(&self.pool))
+            .map_err(|e| Stop::Failed(format!("reading the database clock: {e}")))?;
         let renewer = self.rt.spawn(renew_lease(
             self.pool.clone(),
             epoch,
             self.config.lease,
             self.config.renew_every,
             lease_lost.clone(),
+            clock.clone(),
         ));
         let renewer = AbortOnDrop(renewer);
         if let Err(e) = self.follow(position, Some(committed_batch_seq)) {
@@ -775,7 +786,7 @@ impl Sequencer {
             messages.clear();
             let wait = match position.engine.next_expiry_ms() {
                 Some(at) => Duration::from_millis(
-                    (at - now_ms()).clamp(0, IDLE_TICK.as_millis() as i64) as u64,
+                    (at - self.clock.now_ms()).clamp(0, IDLE_TICK.as_millis() as i64) as u64,
                 ),
                 None => IDLE_TICK,
             };
@@ -788,7 +799,7 @@ impl Sequencer {
                     let due = position
                         .engine
                         .next_expiry_ms()
-                        .is_some_and(|at| at <= now_ms());
+                        .is_some_and(|at| at <= self.clock.now_ms());
                     if !due {
                         // Quiet: a good moment for a checkpoint of the last batches of a burst,
                         // which no later commit would otherwise trigger.
@@ -848,7 +859,8 @@ impl Sequencer {
             .map_or(first_offset, |(o, _)| (o + 1).max(first_offset));
         // Only reached with messages or a due expiry; every applied batch must commit, since
         // the engine's batch_seq has moved and the fence expects the next one.
-        let out = position.engine.apply_batch(now_ms(), &requests);
+        // The database's time, whatever this host's clock says (clock.rs).
+        let out = position.engine.apply_batch(self.clock.now_ms(), &requests);
         let outbox = build_outbox(epoch, &out, &requests);
         let record = batch_record(
             epoch,
@@ -1128,13 +1140,21 @@ async fn renew_lease(
     lease_len: Duration,
     every: Duration,
     lost: Arc<AtomicBool>,
+    clock: DatabaseClock,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for renewal in 0u64.. {
         tick.tick().await;
         match lease::renew(&pool, epoch, lease_len).await {
-            Ok(true) => {}
+            Ok(true) => {
+                // Clocks drift slowly: re-measure the offset every few renewals.
+                if renewal % CLOCK_MEASURE_EVERY_RENEWALS == 0 {
+                    if let Err(e) = clock.measure(&pool).await {
+                        tracing::warn!(error = %e, "database clock not read; keeping the last offset");
+                    }
+                }
+            }
             Ok(false) => {
                 tracing::error!(epoch, "lease lost: another sequencer holds a newer epoch");
                 lost.store(true, Ordering::Relaxed);

@@ -62,6 +62,8 @@ pub struct Options {
     pub renew_ms: u64,
     pub outcome_timeout_ms: u64,
     pub extra_ingress_env: Vec<(String, String)>,
+    /// Extra environment of sequencer `i`: `(i, name, value)`.
+    pub sequencer_env: Vec<(usize, String, String)>,
     /// The broker to use (`host:port`); the shared one when `None`.
     pub brokers: Option<String>,
 }
@@ -76,6 +78,7 @@ impl Default for Options {
             renew_ms: 150,
             outcome_timeout_ms: 5_000,
             extra_ingress_env: Vec::new(),
+            sequencer_env: Vec::new(),
             brokers: None,
         }
     }
@@ -169,7 +172,11 @@ impl Stack {
         let log = File::create(
             log_dir().join(format!("{}-{}-{}.log", self.name, s.node_id, s.restarts)),
         )?;
-        let child = Command::new(bin_dir().join("sequencer"))
+        let mut cmd = Command::new(bin_dir().join("sequencer"));
+        for (_, k, v) in self.options.sequencer_env.iter().filter(|(j, ..)| *j == i) {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .arg("run")
             .env("DATABASE_URL", &self.database_url)
             .env("KAFKA_BROKERS", &self.brokers)
