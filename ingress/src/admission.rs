@@ -1,10 +1,11 @@
 //! Admission control: refuse at once the work this ingress could not finish in time.
 //!
-//! Three bounds, each checked with a few atomic loads before anything is appended:
+//! Four bounds, each checked with a few atomic loads before anything is appended:
 //! - writes waiting for an outcome on this ingress (IN_FLIGHT_MAX, in [`crate::http`]);
 //! - sequencer lag, `end of the requests log - offset committed in Postgres`, measured by a
 //!   background task every LAG_POLL_MS and never on the request path ([`LagMonitor`]);
-//! - a per-user token bucket ([`UserLimiter`], governor's keyed limiter).
+//! - a per-user token bucket ([`UserLimiter`], governor's keyed limiter);
+//! - no sequencer committing for STALL_MAX_MS while requests wait ([`LagMonitor::stalled_for`]).
 
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
@@ -34,6 +35,10 @@ pub struct LagMonitor {
     pub measured_ms: AtomicI64,
     /// When the producer's client last completed a round trip to the broker, unix ms; 0 = never.
     pub broker_ok_ms: AtomicI64,
+    /// When the sequencer last showed progress, unix ms: the committed offset moved, or nothing
+    /// was waiting (lag 0). 0 = never measured. A quiet sale keeps this fresh, so it is never
+    /// mistaken for a stall.
+    pub progress_ms: AtomicI64,
 }
 
 impl LagMonitor {
@@ -42,6 +47,20 @@ impl LagMonitor {
         let measured = self.measured_ms.load(Ordering::Relaxed);
         (measured > 0 && now_ms - measured <= LAG_SIGNAL_STALE_MS)
             .then(|| self.lag.load(Ordering::Relaxed))
+    }
+
+    /// How long no sequencer has committed anything while requests wait in the log, when that
+    /// is longer than `stall_max_ms` and the measurement is fresh; `None` otherwise (also when
+    /// `stall_max_ms` is 0, the check turned off). Waiting requests of any ingress count: the
+    /// log is shared, so every ingress sees the same stall.
+    pub fn stalled_for(&self, now_ms: i64, stall_max_ms: i64) -> Option<i64> {
+        if stall_max_ms <= 0 {
+            return None;
+        }
+        let lag = self.current_lag(now_ms)?;
+        let since = self.progress_ms.load(Ordering::Relaxed);
+        let stalled = now_ms - since;
+        (lag > 0 && since > 0 && stalled > stall_max_ms).then_some(stalled)
     }
 
     /// Polls the requests topic's end (through the producer's own client, so a success also
@@ -56,6 +75,8 @@ impl LagMonitor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned_db = false;
         let mut warned_broker = false;
+        let mut last_committed: Option<i64> = None;
+        let mut warned_stall = false;
         loop {
             tick.tick().await;
             let probe = probe.clone();
@@ -101,8 +122,25 @@ impl LagMonitor {
                 self.high_watermark.store(h, Ordering::Relaxed);
                 // Below zero only when the log is shorter than what was decided (the topic was
                 // recreated or truncated); the sequencer stops then, and says why.
-                self.lag.store((h - c).max(0), Ordering::Relaxed);
-                self.measured_ms.store(now_ms(), Ordering::Relaxed);
+                let lag = (h - c).max(0);
+                let now = now_ms();
+                self.lag.store(lag, Ordering::Relaxed);
+                if lag == 0 || last_committed != Some(c) {
+                    self.progress_ms.store(now, Ordering::Relaxed);
+                    if warned_stall {
+                        tracing::info!(committed_offset = c, "the sequencer commits again");
+                        warned_stall = false;
+                    }
+                } else if !warned_stall && now - self.progress_ms.load(Ordering::Relaxed) > 1_000 {
+                    tracing::warn!(
+                        committed_offset = c,
+                        lag,
+                        "no sequencer has committed for over 1 s while requests wait in the log"
+                    );
+                    warned_stall = true;
+                }
+                last_committed = Some(c);
+                self.measured_ms.store(now, Ordering::Relaxed);
             }
         }
     }
@@ -224,5 +262,34 @@ mod tests {
         m.measured_ms.store(now_ms(), Ordering::Relaxed);
         assert_eq!(m.current_lag(now_ms()), Some(7));
         assert_eq!(m.current_lag(now_ms() + LAG_SIGNAL_STALE_MS + 1), None);
+    }
+
+    #[test]
+    fn a_stall_is_waiting_requests_without_progress() {
+        let m = LagMonitor::default();
+        let now = now_ms();
+        assert_eq!(m.stalled_for(now, 1_000), None, "never measured");
+        m.measured_ms.store(now, Ordering::Relaxed);
+        m.progress_ms.store(now - 3_000, Ordering::Relaxed);
+        assert_eq!(
+            m.stalled_for(now, 1_000),
+            None,
+            "a quiet log (lag 0) is no stall"
+        );
+        m.lag.store(5, Ordering::Relaxed);
+        assert_eq!(m.stalled_for(now, 1_000), Some(3_000));
+        assert_eq!(
+            m.stalled_for(now, 5_000),
+            None,
+            "not for longer than the bound"
+        );
+        assert_eq!(m.stalled_for(now, 0), None, "0 turns it off");
+        m.measured_ms
+            .store(now - LAG_SIGNAL_STALE_MS - 1, Ordering::Relaxed);
+        assert_eq!(
+            m.stalled_for(now, 1_000),
+            None,
+            "a stale measurement is not acted on"
+        );
     }
 }

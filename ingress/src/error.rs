@@ -39,6 +39,16 @@ pub enum ApiError {
         retry_after_s: u64,
         detail: String,
     },
+    /// 503: refused at once because no sequencer has committed anything for STALL_MAX_MS
+    /// while requests wait in the log (both paused, deposed, stuck); nothing was appended.
+    NoSequencer {
+        retry_after_s: u64,
+        detail: String,
+    },
+    /// 408: the body did not arrive within BODY_READ_TIMEOUT_MS; the connection is closed.
+    RequestTimeout {
+        timeout_ms: u64,
+    },
     /// 504: appended or maybe appended, outcome not known in time; retry with the same key.
     OutcomeUnknown {
         idempotency_key: Option<String>,
@@ -70,7 +80,8 @@ pub fn reject_status(r: Reject) -> StatusCode {
 /// The body of every error answer. `error` is the stable code; `detail` is for humans.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody<'a> {
-    /// Stable code, e.g. sold_out, invalid_request, overloaded, rate_limited, unauthorized.
+    /// Stable code, e.g. sold_out, invalid_request, overloaded, no_sequencer, rate_limited,
+    /// unauthorized.
     #[schema(example = "sold_out")]
     pub error: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -149,6 +160,26 @@ impl IntoResponse for ApiError {
                 body("overloaded", Some(detail.into())),
                 Some(retry_after_s),
             ),
+            ApiError::NoSequencer {
+                retry_after_s,
+                detail,
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                body("no_sequencer", Some(detail.into())),
+                Some(retry_after_s),
+            ),
+            ApiError::RequestTimeout { timeout_ms } => {
+                let detail = format!("the body did not arrive within {timeout_ms} ms");
+                let mut r = (
+                    StatusCode::REQUEST_TIMEOUT,
+                    Json(body("request_timeout", Some(detail.into()))),
+                )
+                    .into_response();
+                // The rest of the body may still come: never read it as the next request.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
             ApiError::OutcomeUnknown {
                 idempotency_key,
                 detail,

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -44,6 +44,11 @@ pub struct AppConfig {
     pub lag_max: u64,
     /// `/readyz` fails when the producer has not reached the broker for this long.
     pub ready_broker_max_age_ms: i64,
+    /// Buyers' writes get 503 `no_sequencer` (and `/readyz` fails) when no sequencer has
+    /// committed anything for this long while requests wait in the log; 0 turns it off.
+    pub stall_max_ms: i64,
+    /// Longest a request body may take to arrive, in total (408 and the connection closed).
+    pub body_read_timeout: Duration,
 }
 
 pub struct App {
@@ -286,6 +291,8 @@ pub struct ReadyChecks {
     outcomes_reader: &'static str,
     /// The producer reached the broker recently.
     broker: &'static str,
+    /// Some sequencer committed within STALL_MAX_MS, or nothing waits: ok, or stalled.
+    sequencer: &'static str,
 }
 
 // ---- reservations -------------------------------------------------------------------------
@@ -321,7 +328,7 @@ pub(crate) async fn create_reservation(
         Some(jwt) => Some(jwt.subject(&headers)?),
         None => None,
     };
-    let b: ReserveBody = parse_json(&headers, body, app.config.body_bytes_max).await?;
+    let b: ReserveBody = parse_json(&headers, body, &app.config).await?;
     validate_name("sku", &b.sku, SKU_BYTES_MAX)?;
     let user_id = match (subject, b.user_id) {
         (Some(sub), Some(claimed)) if claimed != sub => {
@@ -628,7 +635,7 @@ pub(crate) async fn upsert_sku(
 ) -> Result<Response, ApiError> {
     require_admin(&app.config.admin_token, &headers)?;
     validate_name("sku", &sku, SKU_BYTES_MAX)?;
-    let b: UpsertBody = parse_json(&headers, body, app.config.body_bytes_max).await?;
+    let b: UpsertBody = parse_json(&headers, body, &app.config).await?;
     if !(0..=STOCK_MAX as i64).contains(&b.total_stock) {
         return Err(ApiError::Invalid(format!(
             "total_stock must be from 0 to {STOCK_MAX}"
@@ -704,7 +711,7 @@ pub(crate) async fn restock_sku(
 ) -> Result<Response, ApiError> {
     require_admin(&app.config.admin_token, &headers)?;
     validate_name("sku", &sku, SKU_BYTES_MAX)?;
-    let b: RestockBody = parse_json(&headers, body, app.config.body_bytes_max).await?;
+    let b: RestockBody = parse_json(&headers, body, &app.config).await?;
     if !(1..=STOCK_MAX as i64).contains(&b.quantity) {
         return Err(ApiError::Invalid(format!(
             "quantity must be from 1 to {STOCK_MAX}"
@@ -824,6 +831,7 @@ pub(crate) async fn readyz(State(app): State<Arc<App>>) -> Response {
         health.last_poll_ms.load(Ordering::Relaxed),
         app.lag.broker_ok_ms.load(Ordering::Relaxed),
         app.config.ready_broker_max_age_ms,
+        app.lag.stalled_for(now_ms(), app.config.stall_max_ms),
     );
     let status = if ready {
         StatusCode::OK
@@ -841,14 +849,17 @@ fn readiness(
     last_poll_ms: i64,
     broker_ok_ms: i64,
     broker_max_age_ms: i64,
+    stalled_for_ms: Option<i64>,
 ) -> (bool, ReadyOut) {
     let reader_ok = listening && now - last_poll_ms < 2_000;
     let broker_ok = broker_ok_ms > 0 && now - broker_ok_ms <= broker_max_age_ms;
+    let sequencer_ok = stalled_for_ms.is_none();
     let checks = ReadyChecks {
         outcomes_reader: if reader_ok { "ok" } else { "not_polling" },
         broker: if broker_ok { "ok" } else { "unreachable" },
+        sequencer: if sequencer_ok { "ok" } else { "stalled" },
     };
-    if reader_ok && broker_ok {
+    if reader_ok && broker_ok && sequencer_ok {
         let body = ReadyOut {
             status: "ready",
             checks,
@@ -869,6 +880,11 @@ fn readiness(
                 now - broker_ok_ms
             )
         });
+    }
+    if let Some(ms) = stalled_for_ms {
+        problems.push(format!(
+            "no sequencer has committed anything for {ms} ms while requests wait in the log"
+        ));
     }
     let body = ReadyOut {
         status: "not_ready",
@@ -952,7 +968,8 @@ enum Class {
 }
 
 /// Refuses at once (503 with Retry-After, nothing appended) what this ingress cannot finish:
-/// more writes in flight than IN_FLIGHT_MAX, or a sequencer more than LAG_MAX messages behind.
+/// more writes in flight than IN_FLIGHT_MAX, a sequencer more than LAG_MAX messages behind, or
+/// no sequencer committing for STALL_MAX_MS while requests wait.
 /// A few atomic loads; the lag is measured in the background.
 fn admit(app: &App, class: Class) -> Result<(), ApiError> {
     if class == Class::Buyer && app.bus.in_flight() >= app.config.in_flight_max {
@@ -977,6 +994,19 @@ fn admit(app: &App, class: Class) -> Result<(), ApiError> {
                     ),
                 });
             }
+        }
+    }
+    if class == Class::Buyer {
+        if let Some(stalled) = app.lag.stalled_for(now_ms(), app.config.stall_max_ms) {
+            app.metrics.refused(Refusal::NoSequencer);
+            return Err(ApiError::NoSequencer {
+                retry_after_s: 1,
+                detail: format!(
+                    "no sequencer has committed anything for {stalled} ms while {} requests \
+                     wait in the log; nothing was appended",
+                    app.lag.lag.load(Ordering::Relaxed)
+                ),
+            });
         }
     }
     Ok(())
@@ -1030,8 +1060,9 @@ fn db_unavailable(e: sqlx::Error) -> ApiError {
 async fn parse_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
+    config: &AppConfig,
 ) -> Result<T, ApiError> {
+    let limit = config.body_bytes_max;
     // One body, one type: a second Content-Type is a smuggling attempt or a broken client.
     if headers
         .get_all(header::CONTENT_TYPE)
@@ -1047,8 +1078,13 @@ async fn parse_json<T: DeserializeOwned>(
             return Err(ApiError::UnsupportedMediaType);
         }
     }
-    let bytes = axum::body::to_bytes(body, limit)
+    // One deadline for the whole body (not per chunk): a client trickling a byte at a time
+    // cannot hold the connection and this handler longer than BODY_READ_TIMEOUT_MS.
+    let bytes = tokio::time::timeout(config.body_read_timeout, axum::body::to_bytes(body, limit))
         .await
+        .map_err(|_| ApiError::RequestTimeout {
+            timeout_ms: config.body_read_timeout.as_millis() as u64,
+        })?
         .map_err(|_| ApiError::PayloadTooLarge { limit })?;
     serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
@@ -1101,25 +1137,29 @@ mod tests {
     #[test]
     fn readiness_needs_a_polling_reader_and_a_recent_broker_round_trip() {
         let now = 1_000_000;
-        let (ok, body) = readiness(now, true, now - 100, now - 500, 3_000);
+        let (ok, body) = readiness(now, true, now - 100, now - 500, 3_000, None);
         assert!(ok);
         assert_eq!(
             serde_json::to_value(&body).unwrap(),
-            serde_json::json!({"status": "ready", "checks": {"outcomes_reader": "ok", "broker": "ok"}})
+            serde_json::json!({"status": "ready", "checks": {"outcomes_reader": "ok", "broker": "ok", "sequencer": "ok"}})
         );
-        let (ok, body) = readiness(now, true, now - 100, now - 3_001, 3_000);
+        let (ok, body) = readiness(now, true, now - 100, now - 3_001, 3_000, None);
         assert!(!ok);
         assert_eq!(body.checks.broker, "unreachable");
         assert_eq!(body.checks.outcomes_reader, "ok");
         assert!(body.detail.unwrap().contains("3001 ms"));
-        let (ok, body) = readiness(now, true, now - 100, 0, 3_000);
+        let (ok, body) = readiness(now, true, now - 100, 0, 3_000, None);
         assert!(!ok);
         assert!(body.detail.unwrap().contains("not reached the broker yet"));
-        let (ok, body) = readiness(now, true, now - 2_500, now, 3_000);
+        let (ok, body) = readiness(now, true, now - 2_500, now, 3_000, None);
         assert!(!ok);
         assert_eq!(body.checks.outcomes_reader, "not_polling");
-        let (ok, _) = readiness(now, false, now, now, 3_000);
+        let (ok, _) = readiness(now, false, now, now, 3_000, None);
         assert!(!ok);
+        let (ok, body) = readiness(now, true, now, now, 3_000, Some(4_200));
+        assert!(!ok);
+        assert_eq!(body.checks.sequencer, "stalled");
+        assert!(body.detail.unwrap().contains("4200 ms"));
     }
 
     #[test]

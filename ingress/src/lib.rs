@@ -4,7 +4,8 @@
 //! outcomes; [`error`] is every answer that is not a success, with its stable code;
 //! [`admission`] refuses what cannot be finished (in-flight and lag bounds, per-user rate limit);
 //! [`auth`] is the admin token and the optional buyer JWT; [`metrics`] is `/metrics`;
-//! [`openapi`] is `/openapi.json`.
+//! [`openapi`] is `/openapi.json`; [`server`] is the accept loop with the connection and header
+//! limits.
 
 pub mod admission;
 pub mod auth;
@@ -13,3 +14,4 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod server;

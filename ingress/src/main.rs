@@ -11,6 +11,7 @@ use ingress::auth::{JwtConfig, JwtVerifier};
 use ingress::bus::Bus;
 use ingress::http::{route_table, router, App, AppConfig};
 use ingress::metrics::Metrics;
+use ingress::server::{self, ServerLimits};
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +92,20 @@ struct Args {
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     #[arg(long, env = "JWT_LEEWAY_S", default_value_t = 30)]
     jwt_leeway_s: u64,
+    /// Buyers' writes get 503 `no_sequencer` (and `/readyz` fails) when no sequencer has
+    /// committed anything for this long while requests wait in the log; 0 turns it off.
+    #[arg(long, env = "STALL_MAX_MS", default_value_t = 3_000)]
+    stall_max_ms: i64,
+    /// A connection whose request header is not complete within this long is closed.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
+    /// A request body that has not fully arrived within this long gets 408 and the connection
+    /// is closed.
+    #[arg(long, env = "BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    body_read_timeout_ms: u64,
+    /// Most open HTTP connections; one more gets a short 503 and is closed at once.
+    #[arg(long, env = "CONNECTIONS_MAX", default_value_t = 10_000)]
+    connections_max: usize,
     #[arg(long, env = "LOG_JSON")]
     log_json: bool,
 }
@@ -177,6 +192,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             in_flight_max: args.in_flight_max,
             lag_max: args.lag_max,
             ready_broker_max_age_ms: args.ready_broker_max_age_ms,
+            stall_max_ms: args.stall_max_ms,
+            body_read_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
         },
         metrics,
         lag,
@@ -185,8 +202,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(args.listen_addr).await?;
     tracing::info!(addr = %args.listen_addr, "ingress listening");
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async {
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        connections_max: args.connections_max.max(1),
+        drain_timeout: Duration::from_millis(args.outcome_timeout_ms) + Duration::from_secs(1),
+    };
+    let (refused, open) = (app.metrics.clone(), app.metrics.clone());
+    server::serve(
+        listener,
+        router(app),
+        limits,
+        async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("installing the SIGTERM handler");
@@ -195,8 +221,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await?;
+        },
+        move || refused.connection_refused(),
+        move |n| open.connections_open.set(n as f64),
+    )
+    .await?;
     Ok(())
 }
 

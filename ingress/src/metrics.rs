@@ -45,10 +45,18 @@ pub enum Refusal {
     RateLimited = 2,
     /// librdkafka's local queue is full.
     QueueFull = 3,
+    /// No sequencer has committed for STALL_MAX_MS while requests wait.
+    NoSequencer = 4,
 }
 
 impl Refusal {
-    const LABELS: [&'static str; 4] = ["in_flight", "lag", "rate_limited", "queue_full"];
+    const LABELS: [&'static str; 5] = [
+        "in_flight",
+        "lag",
+        "rate_limited",
+        "queue_full",
+        "no_sequencer",
+    ];
 }
 
 struct RouteSeries {
@@ -65,7 +73,7 @@ pub struct Metrics {
     /// Requests that matched no route (404) or no method (405), by status.
     unmatched: Mutex<FxHashMap<u16, Counter>>,
     http_in_flight: Gauge,
-    refusals: [Counter; 4],
+    refusals: [Counter; 5],
     pub writes_in_flight: Gauge,
     pub producer_queue_depth: Gauge,
     pub outcome_messages: Counter,
@@ -75,6 +83,9 @@ pub struct Metrics {
     pub lag_signal_age: Gauge,
     pub broker_ok_age: Gauge,
     pub rate_limiter_keys: Gauge,
+    /// Open HTTP connections (bounded by CONNECTIONS_MAX).
+    pub connections_open: Gauge,
+    connections_refused: Counter,
     /// The two Kafka hops a write's latency is made of, seen from the ingress (handed to the bus).
     pub hops: HopTimers,
 }
@@ -226,6 +237,8 @@ impl Metrics {
             lag_signal_age: gauge("ingress_lag_signal_age_seconds"),
             broker_ok_age: gauge("ingress_broker_last_ok_age_seconds"),
             rate_limiter_keys: gauge("ingress_rate_limiter_keys"),
+            connections_open: gauge("ingress_http_connections_open"),
+            connections_refused: counter("ingress_http_connections_refused_total", vec![]),
             hops: HopTimers {
                 append: recorder.register_histogram(&Key::from_static_name(APPEND_DURATION), &META),
                 outcome_delay: recorder
@@ -262,6 +275,11 @@ impl Metrics {
         map.entry(status)
             .or_insert_with(|| self.status_counter("any", "unmatched", status))
             .increment(1);
+    }
+
+    /// A connection over CONNECTIONS_MAX was refused.
+    pub fn connection_refused(&self) {
+        self.connections_refused.increment(1);
     }
 
     pub fn refused(&self, why: Refusal) {

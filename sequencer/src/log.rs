@@ -34,6 +34,25 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// 10,000 by default). Correct on any broker: offsets below the target are never handed on.
 const MID_BATCH_LOOKBACK: i64 = 16_384;
 
+/// When the log reader thread last made progress (a poll returned, or it handed a message on or
+/// waited on a full channel), unix ms; 0 = no reader yet. One reader per process at a time.
+pub static READER_ALIVE_MS: AtomicI64 = AtomicI64::new(0);
+
+/// A reader that has made no progress for this long is stalled (stopped, or stuck in a call):
+/// the sequencer is then not ready. Fifty poll timeouts: never reached by a healthy reader, even
+/// while the broker is away (a poll still returns every POLL_TIMEOUT then).
+pub const READER_STALL_MAX_MS: i64 = 5_000;
+
+/// How long the reader has made no progress, when that is more than [`READER_STALL_MAX_MS`].
+pub fn reader_stalled_for(now_ms: i64, alive_ms: i64) -> Option<i64> {
+    let age = now_ms - alive_ms;
+    (alive_ms == 0 || age > READER_STALL_MAX_MS).then_some(age)
+}
+
+fn reader_alive() {
+    READER_ALIVE_MS.store(crate::runtime::now_ms(), Ordering::Relaxed);
+}
+
 /// What the operator is told whenever the log is found lost.
 pub const RECOVERY_HINT: &str = "Every decision committed so far is safe in Postgres, and nothing \
     will be decided from this log. To go on with the requests log as it is now, run `sequencer \
@@ -313,6 +332,7 @@ impl LogReader {
         let (low, high) = watermarks(&consumer, topic, Duration::from_secs(10))?;
         // A new reader may follow a rebased log: the end of the old one means nothing here.
         log_end.store(high, Ordering::Relaxed);
+        reader_alive();
         let mut assignment = TopicPartitionList::new();
         let start = (from_offset - MID_BATCH_LOOKBACK).max(low).min(from_offset);
         assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
@@ -406,7 +426,9 @@ impl Reader {
                 let _ = offer(&tx, LogEvent::Lost(why.clone()), &self.stop);
                 return;
             }
-            let event = match consumer.poll(POLL_TIMEOUT) {
+            let polled = consumer.poll(POLL_TIMEOUT);
+            reader_alive();
+            let event = match polled {
                 None => continue,
                 Some(Ok(m)) if m.offset() < expected => continue,
                 Some(Ok(m)) if m.offset() > expected => LogEvent::Lost(self.set_lost(format!(
@@ -480,6 +502,8 @@ fn offer(tx: &Sender<LogEvent>, mut event: LogEvent, stop: &AtomicBool) -> bool 
         match tx.send_timeout(event, POLL_TIMEOUT) {
             Ok(()) => return true,
             Err(crossbeam_channel::SendTimeoutError::Timeout(e)) => {
+                // Waiting for the decide loop (back-pressure) is not a stalled reader.
+                reader_alive();
                 if stop.load(Ordering::Relaxed) {
                     return false;
                 }
@@ -487,5 +511,22 @@ fn offer(tx: &Sender<LogEvent>, mut event: LogEvent, stop: &AtomicBool) -> bool 
             }
             Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod reader_stall_tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_without_progress_for_the_bound_is_stalled() {
+        let now = 1_000_000;
+        assert_eq!(reader_stalled_for(now, now - 100), None);
+        assert_eq!(reader_stalled_for(now, now - READER_STALL_MAX_MS), None);
+        assert_eq!(
+            reader_stalled_for(now, now - READER_STALL_MAX_MS - 1),
+            Some(READER_STALL_MAX_MS + 1)
+        );
+        assert!(reader_stalled_for(now, 0).is_some(), "no reader started");
     }
 }

@@ -42,6 +42,12 @@ pub struct StatusDoc {
     /// Why the requests log is lost (role `log_lost`); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_lost: Option<String>,
+    /// Since the log reader last made progress (a poll returned); absent before it started.
+    pub reader_poll_age_ms: Option<i64>,
+    /// Whether `/readyz` answers 200, and why not (the same text it answers).
+    pub ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
 }
 
 #[derive(Clone)]
@@ -142,6 +148,8 @@ pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
     let committed = s.committed_offset.load(Ordering::Relaxed);
     let log_end = s.log_end.load(Ordering::Relaxed);
     let last = s.last_batch_ms.load(Ordering::Relaxed);
+    let alive = crate::log::READER_ALIVE_MS.load(Ordering::Relaxed);
+    let (ready, why) = readiness(s, now_ms());
     StatusDoc {
         node_id: node_id.to_owned(),
         role: s.role_name(),
@@ -162,6 +170,9 @@ pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
         checkpoint_batch_seq: s.checkpoint_batch_seq.load(Ordering::Relaxed),
         log_generation: s.log_generation.load(Ordering::Relaxed),
         log_lost: s.log_lost.lock().expect("status lock").clone(),
+        reader_poll_age_ms: (alive > 0).then(|| now_ms() - alive),
+        ready,
+        not_ready: (!ready).then_some(why),
     }
 }
 
@@ -211,32 +222,47 @@ async fn status_doc(State(ctx): State<Ctx>) -> Json<StatusDoc> {
 
 /// Ready when deciding and committing (active), or following the leader's batches (standby):
 /// an active stuck retrying a commit, or a standby that has not followed for 5 s, is not; nor is
-/// a sequencer whose requests log is lost (the answer says why and what to do).
+/// one whose log reader has stalled (no poll for READER_STALL_MAX_MS: it would never see a new
+/// request), nor one whose requests log is lost (the answer says why and what to do).
 async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, String) {
-    let s = &ctx.status;
-    let (code, text): (StatusCode, &str) = match s.role.load(Ordering::Relaxed) {
-        ROLE_ACTIVE if !s.commit_failing.load(Ordering::Relaxed) => (StatusCode::OK, "active"),
-        ROLE_ACTIVE => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "active, but commits are failing",
-        ),
-        ROLE_STANDBY if now_ms() - s.last_follow_ms.load(Ordering::Relaxed) < 5_000 => {
-            (StatusCode::OK, "standby")
-        }
-        ROLE_STANDBY => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "standby, but not following",
-        ),
-        ROLE_LOG_LOST => {
-            let why = s.log_lost.lock().expect("status lock").clone();
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("requests log lost: {}\n", why.unwrap_or_default()),
-            );
-        }
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+    let (ready, text) = readiness(&ctx.status, now_ms());
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
     (code, format!("{text}\n"))
+}
+
+/// `(ready, what /readyz says)`.
+fn readiness(s: &Status, now: i64) -> (bool, String) {
+    let role = s.role.load(Ordering::Relaxed);
+    if role == ROLE_LOG_LOST {
+        let why = s.log_lost.lock().expect("status lock").clone();
+        return (
+            false,
+            format!("requests log lost: {}", why.unwrap_or_default()),
+        );
+    }
+    let reader =
+        crate::log::reader_stalled_for(now, crate::log::READER_ALIVE_MS.load(Ordering::Relaxed));
+    let (ready, text) = match role {
+        ROLE_ACTIVE if !s.commit_failing.load(Ordering::Relaxed) => (true, "active"),
+        ROLE_ACTIVE => (false, "active, but commits are failing"),
+        ROLE_STANDBY if now - s.last_follow_ms.load(Ordering::Relaxed) < 5_000 => (true, "standby"),
+        ROLE_STANDBY => (false, "standby, but not following"),
+        _ => return (false, "not ready".into()),
+    };
+    match reader {
+        Some(ms) if ready => (
+            false,
+            format!(
+                "{text}, but the log reader has made no progress for {ms} ms (stalled: \
+                 restart this sequencer)"
+            ),
+        ),
+        _ => (ready, text.into()),
+    }
 }
 
 /// Every `every`, one log line with the same figures as `/status`, so the logs alone tell an

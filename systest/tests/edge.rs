@@ -39,13 +39,16 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A sequencer that can be stopped for a few seconds without its lease lapsing.
+/// A sequencer that can be stopped for a few seconds without its lease lapsing (nor the
+/// ingress calling it stalled: STALL_MAX_MS is a minute unless `extra` says otherwise).
 fn patient(extra: &[(&str, &str)]) -> Options {
+    let mut ingress_env = env(&[("STALL_MAX_MS", "60000")]);
+    ingress_env.extend(env(extra));
     Options {
         lease_ms: 30_000,
         renew_ms: 1_000,
         outcome_timeout_ms: 20_000,
-        extra_ingress_env: env(extra),
+        extra_ingress_env: ingress_env,
         ..Options::default()
     }
 }
@@ -251,7 +254,13 @@ async fn metrics_expose_requests_latency_in_flight_queue_depth_outcomes_and_lag(
     assert!(count("ingress_sequencer_lag_messages") >= 0.0);
     assert!(count("ingress_lag_signal_age_seconds") < 5.0);
     assert!(count("ingress_broker_last_ok_age_seconds") < 3.0);
-    for reason in ["in_flight", "lag", "rate_limited", "queue_full"] {
+    for reason in [
+        "in_flight",
+        "lag",
+        "rate_limited",
+        "queue_full",
+        "no_sequencer",
+    ] {
         assert_eq!(
             count(&format!(
                 "ingress_admission_refused_total{{reason=\"{reason}\"}}"
@@ -266,8 +275,10 @@ async fn metrics_expose_requests_latency_in_flight_queue_depth_outcomes_and_lag(
     assert_eq!(s, 200);
     assert_eq!(
         ready["checks"],
-        json!({"outcomes_reader": "ok", "broker": "ok"})
+        json!({"outcomes_reader": "ok", "broker": "ok", "sequencer": "ok"})
     );
+    assert!(count("ingress_http_connections_open") >= 1.0);
+    assert_eq!(count("ingress_http_connections_refused_total"), 0.0);
 
     // The lag settles at 0 once the sequencer has committed everything.
     wait_for_sample(&stack, "ingress_sequencer_lag_messages", |v| v == 0.0).await;
