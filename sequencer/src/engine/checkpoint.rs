@@ -240,14 +240,8 @@ impl CheckpointLoader {
         for _ in 0..span(from.users, to.users)? {
             let len = r.u32()?;
             let at = (name_at - from.name_bytes) as usize;
-            if names
-                .get(at..at + len as usize)
-                .is_none_or(|n| std::str::from_utf8(n).is_err())
-            {
-                return Err(malformed(
-                    "delta",
-                    "a user id does not lie on character boundaries",
-                ));
+            if !text_at(names, at, len as usize) {
+                return Err(malformed("delta", "a user id is not whole characters"));
             }
             e.users.push(User {
                 name: Span {
@@ -285,24 +279,15 @@ impl CheckpointLoader {
             let key_start = (key_at - from.key_bytes) as usize;
             let user_ok = match refusal_user_len(user) {
                 Some(len) => {
-                    status.is_err()
-                        && len <= key_len as usize
-                        && keys.len() >= key_start + key_len as usize
-                        && std::str::from_utf8(&keys[key_start..key_start + len]).is_ok()
+                    status.is_err() && len <= key_len as usize && text_at(keys, key_start, len)
                 }
                 None => status.is_ok() && u64::from(user) < to.users,
             };
             if !user_ok {
                 return Err(malformed("delta", format!("row names user {user:#x}")));
             }
-            if keys
-                .get(key_start..key_start + key_len as usize)
-                .is_none_or(|k| std::str::from_utf8(k).is_err())
-            {
-                return Err(malformed(
-                    "delta",
-                    "a key does not lie on character boundaries",
-                ));
+            if !text_at(keys, key_start, key_len as usize) {
+                return Err(malformed("delta", "a key is not whole characters"));
             }
             e.decisions.push(Reservation {
                 request_id,
@@ -474,6 +459,14 @@ fn reject_index(r: Reject) -> u8 {
         .iter()
         .position(|x| *x == r)
         .expect("every reason is listed") as u8
+}
+
+/// Whether `len` bytes at `at` exist and are whole UTF-8 characters, so that slicing the arena
+/// there can never panic.
+fn text_at(bytes: &[u8], at: usize, len: usize) -> bool {
+    bytes
+        .get(at..at.saturating_add(len))
+        .is_some_and(|t| std::str::from_utf8(t).is_ok())
 }
 
 fn put_cursor(out: &mut Vec<u8>, c: &CheckpointCursor) {
