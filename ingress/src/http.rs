@@ -1,4 +1,4 @@
-//! The v1 HTTP contract (see PRODUCT.md). Writes become commands appended to the requests topic
+//! The v1 HTTP contract (the README's API table). Writes become commands appended to the requests topic
 //! and wait for their outcome; reads come straight from Postgres, the system of record.
 //!
 //! [`routes`] is the one list of routes: the router, the per-route metrics and the OpenAPI test

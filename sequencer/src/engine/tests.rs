@@ -1862,6 +1862,24 @@ fn snapshot_of(engine: &Engine, history: &[(Vec<Request>, BatchOutput)]) -> Snap
     }
 }
 
+/// Applies `batches` to `engine`, keeping each batch's requests with what it decided.
+fn record_batches(
+    engine: &mut Engine,
+    batches: &[(i64, Vec<Request>)],
+) -> Vec<(Vec<Request>, BatchOutput)> {
+    batches
+        .iter()
+        .map(|(now, requests)| (requests.clone(), engine.apply_batch(*now, requests)))
+        .collect()
+}
+
+/// A new engine that has applied `batches`, and its history (see [`record_batches`]).
+fn run_recording(batches: &[(i64, Vec<Request>)]) -> (Engine, Vec<(Vec<Request>, BatchOutput)>) {
+    let mut engine = Engine::new();
+    let history = record_batches(&mut engine, batches);
+    (engine, history)
+}
+
 fn proptest_config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
@@ -1922,12 +1940,7 @@ proptest! {
         first_part.extend(script.batches(&before));
         let second_part = script.batches(&after);
 
-        let mut original = Engine::new();
-        let mut history = Vec::new();
-        for (now, requests) in first_part.iter().cloned() {
-            let out = original.apply_batch(now, &requests);
-            history.push((requests, out));
-        }
+        let (mut original, history) = run_recording(&first_part);
         let snapshot = snapshot_of(&original, &history);
         let mut restored = Engine::restore(snapshot).expect("a real snapshot restores");
         restored.check_invariants();
@@ -2653,18 +2666,10 @@ proptest! {
         let middle_part = script.batches(&middle);
         let second_part = script.batches(&after);
 
-        let mut original = Engine::new();
-        let mut history = Vec::new();
-        for (now, requests) in first_part.iter().cloned() {
-            let out = original.apply_batch(now, &requests);
-            history.push((requests, out));
-        }
+        let (mut original, mut history) = run_recording(&first_part);
         let mut chain = Vec::new();
         let old_end = cut(&original, &mut chain, CheckpointCursor::default());
-        for (now, requests) in middle_part.iter().cloned() {
-            let out = original.apply_batch(now, &requests);
-            history.push((requests, out));
-        }
+        history.extend(record_batches(&mut original, &middle_part));
         let restored = Engine::restore(snapshot_of(&original, &history)).expect("restores");
         let continues = restored.can_continue_chain(&old_end);
         let head = restored.encode_head();
