@@ -116,7 +116,7 @@ impl Bus {
         hops: HopTimers,
     ) -> anyhow::Result<Bus> {
         let ingress_id: IngressId = rand_u64();
-        let producer: FutureProducer = ClientConfig::new()
+        let producer: FutureProducer = kafka_config()
             .set("bootstrap.servers", brokers)
             // librdkafka leaves Nagle on by default: small requests then wait for delayed
             // ACKs (tens of ms on loopback), and every request waits on this hop.
@@ -141,7 +141,7 @@ impl Bus {
             .context("creating the requests producer")?;
         let pending = Arc::new(Pending::new());
         let health = Arc::new(BusHealth::default());
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: BaseConsumer = kafka_config()
             .set("bootstrap.servers", brokers)
             .set("socket.nagle.disable", "true")
             .set("group.id", format!("flash-ingress-{ingress_id:016x}"))
@@ -276,6 +276,16 @@ impl BrokerProbe {
         )?;
         Ok(high)
     }
+}
+
+/// A client configuration with librdkafka's own debug contexts when `KAFKA_DEBUG` names them
+/// (for example `eos,broker,protocol`): its log lines go to this process's log.
+fn kafka_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    if let Ok(contexts) = std::env::var("KAFKA_DEBUG") {
+        config.set("debug", contexts);
+    }
+    config
 }
 
 fn listen(

@@ -5,7 +5,9 @@
 //! lock, so a second writer blocks behind it and then fails its own fence; a deposed writer fails
 //! at once. Then decisions are inserted with `UNNEST` (one statement for the whole batch, not one
 //! per row), transitions applied, counters upserted and the batch row with its outbox written.
-//! Any CHECK violation (an oversell) aborts the whole batch.
+//! Any CHECK violation (an oversell) aborts the whole batch. The fence statement and the last
+//! statement both extend the writer's lease, so a batch held up inside its transaction never
+//! lets the lease lapse while it holds the state row's lock.
 
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
@@ -41,6 +43,10 @@ pub struct BatchRecord<'a> {
     pub first_offset: i64,
     pub next_offset: i64,
     pub batch_time_ms: i64,
+    /// The writer's lease length: committing a batch extends the lease to at least this long
+    /// after the commit, so a commit slowed by a lock cannot let the lease lapse behind it
+    /// (renewals queue behind the batch's lock on the state row).
+    pub lease: std::time::Duration,
     pub decisions: Vec<DecisionRow<'a>>,
     pub transitions: Vec<TransitionRow>,
     pub skus: Vec<SkuView>,
@@ -77,7 +83,9 @@ pub async fn commit_batch(
     let mut tx: Transaction<'_, Postgres> = sqlx::Connection::begin(conn).await?;
     let moved = sqlx::query(
         "UPDATE sequencer_state
-            SET next_offset = $1, batch_seq = $2, clock_ms = $3
+            SET next_offset = $1, batch_seq = $2, clock_ms = $3,
+                lease_expires_at = GREATEST(lease_expires_at,
+                                            clock_timestamp() + make_interval(secs => $6))
           WHERE id = 1 AND epoch = $4 AND next_offset = $5 AND batch_seq = $2 - 1",
     )
     .bind(batch.next_offset)
@@ -85,6 +93,7 @@ pub async fn commit_batch(
     .bind(batch.batch_time_ms)
     .bind(batch.epoch as i64)
     .bind(batch.first_offset)
+    .bind(batch.lease.as_secs_f64())
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -99,8 +108,16 @@ pub async fn commit_batch(
     insert_decisions(&mut tx, batch).await?;
     apply_transitions(&mut tx, batch).await?;
     upsert_skus(&mut tx, batch).await?;
+    // The last statement extends the lease again, in the same round trip: whatever waited in
+    // between (a lock on a table, a slow disk), the lease runs from just before the commit.
+    // The state row is already locked by this transaction, so this never waits.
     sqlx::query(
-        "INSERT INTO batches (batch_seq, epoch, first_offset, next_offset, decided_at, commands,
+        "WITH lease AS (
+           UPDATE sequencer_state
+              SET lease_expires_at = GREATEST(lease_expires_at,
+                                              clock_timestamp() + make_interval(secs => $10))
+            WHERE id = 1 AND epoch = $2)
+         INSERT INTO batches (batch_seq, epoch, first_offset, next_offset, decided_at, commands,
                               decisions, transitions, outbox)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
@@ -113,6 +130,7 @@ pub async fn commit_batch(
     .bind(batch.decisions.len() as i32)
     .bind(batch.transitions.len() as i32)
     .bind(&batch.outbox)
+    .bind(batch.lease.as_secs_f64())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

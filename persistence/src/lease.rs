@@ -67,10 +67,14 @@ pub async fn try_acquire(
     row.as_ref().map(state_from_row).transpose()
 }
 
-/// Extends the lease of `epoch`. `Ok(false)` means the lease was lost: stop writing.
+/// Extends the lease of `epoch`. `Ok(false)` means the lease was lost: stop writing. Never
+/// shortens it: a renewal that queued behind a batch's commit (which extended the lease from
+/// its own, later time) leaves the later expiry in place.
 pub async fn renew(pool: &PgPool, epoch: u64, lease: Duration) -> Result<bool, sqlx::Error> {
     let renewed = sqlx::query(
-        "UPDATE sequencer_state SET lease_expires_at = now() + make_interval(secs => $2)
+        "UPDATE sequencer_state
+            SET lease_expires_at = GREATEST(lease_expires_at,
+                                            clock_timestamp() + make_interval(secs => $2))
           WHERE id = 1 AND epoch = $1",
     )
     .bind(epoch as i64)

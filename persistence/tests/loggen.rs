@@ -19,6 +19,7 @@ fn batch(epoch: u64, seq: u64, first: i64, next: i64) -> BatchRecord<'static> {
         first_offset: first,
         next_offset: next,
         batch_time_ms: 1_700_000_000_000 + seq as i64,
+        lease: LEASE,
         decisions: vec![],
         transitions: vec![],
         skus: vec![],

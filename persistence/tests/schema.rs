@@ -50,6 +50,7 @@ fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> Ba
         first_offset: seq as i64 - 1,
         next_offset: seq as i64,
         batch_time_ms: 1_700_000_000_000 + seq as i64,
+        lease: LEASE,
         decisions: vec![d],
         transitions: vec![],
         skus,
@@ -134,5 +135,69 @@ async fn a_refusal_decided_twice_is_reported_by_the_audit() {
             .any(|v| v.contains("user buyer-1 key k decided 2 times")),
         "{:?}",
         report.violations
+    );
+}
+
+/// A batch held up inside its transaction (here by a lock on `reservations`, as a slow migration
+/// or a long `VACUUM FULL` would) keeps its lease: the standby that tries to take the lapsed
+/// lease meanwhile waits on the state row the batch has locked, and then finds the lease
+/// extended by the commit. A renewal that queued behind the batch does not shorten it.
+#[tokio::test]
+async fn a_batch_held_up_by_a_lock_keeps_the_lease_and_the_standby_waits() {
+    let (pool, epoch) = writer("lease_through_lock").await;
+    let short = Duration::from_millis(800);
+    // The lease as the last renewal left it: 800 ms from now.
+    sqlx::query(
+        "UPDATE sequencer_state SET lease_expires_at = clock_timestamp() + interval '800 ms'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // The locker and the standby on connections of their own (the writer's pool has two).
+    let other = PgPool::connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let mut locker = other.begin().await.unwrap();
+    sqlx::query("LOCK TABLE reservations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let writing = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut record = batch(
+                epoch,
+                1,
+                decision(1, "k", 0, Ok(1_700_000_060_000)),
+                vec![sku(1)],
+            );
+            record.lease = short;
+            commit_batch(&mut conn, &record).await
+        }
+    });
+    // Past the lease as it stood, a standby tries to take it; it queues on the state row.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let standby = tokio::spawn({
+        let other = other.clone();
+        async move { lease::try_acquire(&other, "standby", short).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!writing.is_finished(), "the batch waits for the lock");
+    locker.commit().await.unwrap();
+    writing.await.unwrap().expect("the held-up batch commits");
+    assert!(
+        standby.await.unwrap().unwrap().is_none(),
+        "the standby must find the lease extended by the commit, not lapsed"
+    );
+    assert!(lease::renew(&pool, epoch, Duration::from_millis(1))
+        .await
+        .unwrap());
+    let state = lease::read_state(&pool).await.unwrap();
+    assert_eq!((state.epoch, state.batch_seq), (epoch, 1));
+    assert!(
+        state.lease_remaining_ms > 300,
+        "a short renewal queued behind the batch must not shorten its lease: {} ms left",
+        state.lease_remaining_ms
     );
 }

@@ -104,7 +104,16 @@ pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> 
         .set("reconnect.backoff.ms", "50")
         .set("reconnect.backoff.max.ms", "1000")
         .set("enable.partition.eof", "false");
+    debug_contexts(&mut config);
     config
+}
+
+/// librdkafka's own debug contexts when `KAFKA_DEBUG` names them (for example `eos,broker`);
+/// its lines go to this process's log at debug level (`RUST_LOG=info,librdkafka=debug`).
+pub fn debug_contexts(config: &mut ClientConfig) {
+    if let Ok(contexts) = std::env::var("KAFKA_DEBUG") {
+        config.set("debug", contexts);
+    }
 }
 
 /// The low and high watermarks of partition 0, with a clear error when the topic is missing.

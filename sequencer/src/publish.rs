@@ -85,7 +85,9 @@ const QUEUE_FULL_WAIT_MAX: Duration = Duration::from_secs(5);
 
 impl Publisher {
     pub fn new(brokers: &str, topic: &str) -> anyhow::Result<Publisher> {
-        let producer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        crate::log::debug_contexts(&mut config);
+        let producer = config
             .set("bootstrap.servers", brokers)
             // Nagle off: see log::consumer_config.
             .set("socket.nagle.disable", "true")

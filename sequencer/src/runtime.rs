@@ -864,8 +864,8 @@ impl Sequencer {
         let outbox = build_outbox(epoch, &out, &requests);
         let record = batch_record(
             epoch,
-            first_offset,
-            next_offset,
+            self.config.lease,
+            first_offset..next_offset,
             &out,
             &requests,
             &offsets,
@@ -1079,8 +1079,8 @@ fn read_range(
 
 fn batch_record<'a>(
     epoch: u64,
-    first_offset: i64,
-    next_offset: i64,
+    lease: Duration,
+    decided: std::ops::Range<i64>,
     out: &BatchOutput,
     requests: &'a [Request],
     offsets: &[i64],
@@ -1123,9 +1123,10 @@ fn batch_record<'a>(
     BatchRecord {
         epoch,
         batch_seq: out.batch_seq,
-        first_offset,
-        next_offset,
+        first_offset: decided.start,
+        next_offset: decided.end,
         batch_time_ms: out.batch_time_ms,
+        lease,
         decisions,
         transitions,
         skus: out.skus.clone(),

@@ -44,6 +44,12 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The processes' log filter: `info`, or FLASH_RUST_LOG (for example
+/// `info,librdkafka=debug` with KAFKA_DEBUG=eos,broker to see the Kafka clients' own lines).
+fn log_filter() -> String {
+    std::env::var("FLASH_RUST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 pub(crate) fn log_dir() -> PathBuf {
     let dir = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -191,7 +197,7 @@ impl Stack {
             )
             .env("LEASE_MS", self.options.lease_ms.to_string())
             .env("RENEW_MS", self.options.renew_ms.to_string())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -213,7 +219,7 @@ impl Stack {
                 "OUTCOME_TIMEOUT_MS",
                 self.options.outcome_timeout_ms.to_string(),
             )
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", log_filter());
         for (k, v) in &self.options.extra_ingress_env {
             cmd.env(k, v);
         }
