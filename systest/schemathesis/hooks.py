@@ -1,0 +1,53 @@
+"""Schemathesis hooks of systest/tests/schemathesis.rs.
+
+- One constraint of the API that JSON Schema cannot state: a sale window's `starts_at` must be
+  before its `ends_at` (the document says so in both fields' descriptions). Generated bodies that
+  break it are put in order (the earlier time becomes `starts_at`) instead of being sent.
+- One check: a 503 must be one of the refusals the document declares as legitimate (admission's
+  `overloaded` or `no_sequencer`, with Retry-After), never another server failure.
+"""
+
+import re
+from datetime import datetime
+
+import schemathesis
+
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def _unix_ms(text):
+    """Milliseconds since 1970 of an RFC 3339 timestamp, truncated as the server does."""
+    match = _FRACTION.search(text)
+    digits = match.group(1) if match else ""
+    whole = _FRACTION.sub("", text, count=1).replace("Z", "+00:00")
+    seconds = datetime.fromisoformat(whole).timestamp()
+    return int(round(seconds)) * 1000 + int((digits + "000")[:3])
+
+
+@schemathesis.hook("map_body")
+def sale_window_in_order(ctx, body):
+    if not isinstance(body, dict):
+        return body
+    starts, ends = body.get("starts_at"), body.get("ends_at")
+    if isinstance(starts, str) and isinstance(ends, str):
+        try:
+            a, b = _unix_ms(starts), _unix_ms(ends)
+        except ValueError:
+            return body  # not a timestamp: negative data, the server must refuse it
+        if a > b:
+            body["starts_at"], body["ends_at"] = ends, starts
+        elif a == b:
+            del body["ends_at"]
+    return body
+
+
+@schemathesis.check
+def only_admission_refusals_are_503(ctx, response, case):
+    if response.status_code != 503 or case.path == "/readyz":
+        return None
+    body = response.json()
+    if body.get("error") not in ("overloaded", "no_sequencer"):
+        raise AssertionError(f"503 that is not an admission refusal: {body}")
+    if "Retry-After" not in response.headers:
+        raise AssertionError("503 without Retry-After")
+    return None
