@@ -9,7 +9,7 @@ use uuid::Uuid;
 use wire::{ReservationView, SkuView};
 
 use super::limits;
-use super::validate::rfc3339;
+use super::validate::{integral, rfc3339};
 use crate::bus::now_ms;
 
 /// A reservation request. With JWT verification on, `user_id` may be left out (the token's
@@ -23,6 +23,7 @@ pub struct ReserveBody {
     /// From 1 to the SKU's per-user limit (at most 1,000,000; above the SKU's limit the answer
     /// is 409 `limit_exceeded`).
     #[schema(schema_with = limits::quantity)]
+    #[serde(deserialize_with = "integral")]
     pub quantity: i64,
     #[schema(schema_with = limits::idempotency_key)]
     pub idempotency_key: Option<String>,
@@ -114,9 +115,11 @@ pub struct FreezeOut {
 #[derive(Deserialize, ToSchema)]
 pub struct UpsertBody {
     #[schema(schema_with = limits::total_stock)]
+    #[serde(deserialize_with = "integral")]
     pub total_stock: i64,
     /// Units one buyer may hold or have bought: 1 to 1,000,000.
     #[schema(schema_with = limits::quantity)]
+    #[serde(deserialize_with = "integral")]
     pub per_user_limit: i64,
     #[schema(schema_with = limits::hold_ttl_seconds)]
     pub hold_ttl_seconds: f64,
@@ -129,6 +132,7 @@ pub struct UpsertBody {
 #[derive(Deserialize, ToSchema)]
 pub struct RestockBody {
     #[schema(schema_with = limits::restock_quantity)]
+    #[serde(deserialize_with = "integral")]
     pub quantity: i64,
 }
 

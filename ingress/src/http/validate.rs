@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use uuid::Uuid;
 use wire::limits::{sku_name_ok, text_ok, SKU_BYTES_MAX};
 
@@ -82,6 +83,24 @@ pub(super) fn integer(field: &str, value: i64, min: i64, max: i64) -> Result<(),
     }
 }
 
+/// Deserialises an integer field from any JSON number with no fractional part (`3` or `3.0`):
+/// JSON Schema's `integer` is such a number, so a request the document allows is not refused for
+/// writing one as `3.0`. Fractions and numbers beyond `i64` are refused (422).
+pub(super) fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(i) = n.as_i64() {
+        return Ok(i);
+    }
+    match n.as_f64() {
+        // Beyond ±2^63 a float no longer converts exactly; every limit is far below.
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.2e18 => Ok(f as i64),
+        _ => Err(D::Error::custom(format!(
+            "invalid value: {n}, expected an integer"
+        ))),
+    }
+}
+
 /// The idempotency key of a reservation: the body's or the `Idempotency-Key` header's (equal
 /// when both are sent), `None` when neither is.
 pub(super) fn idempotency_key(
@@ -131,4 +150,30 @@ pub(super) fn rfc3339(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(serde::Deserialize)]
+    struct N {
+        #[serde(deserialize_with = "super::integral")]
+        n: i64,
+    }
+
+    fn parse(json: &str) -> Result<i64, String> {
+        serde_json::from_str::<N>(json)
+            .map(|v| v.n)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn integers_may_be_written_with_a_zero_fraction() {
+        assert_eq!(parse(r#"{"n": 510510}"#), Ok(510510));
+        assert_eq!(parse(r#"{"n": 510510.0}"#), Ok(510510));
+        assert_eq!(parse(r#"{"n": -2.0}"#), Ok(-2));
+        assert_eq!(parse(r#"{"n": 1e12}"#), Ok(1_000_000_000_000));
+        assert!(parse(r#"{"n": 1.5}"#).is_err());
+        assert!(parse(r#"{"n": 1e30}"#).is_err());
+        assert!(parse(r#"{"n": "1"}"#).is_err());
+    }
 }
