@@ -6,6 +6,9 @@
   phases that do not run `map_body` (coverage) may still send one, and its 422 `starts_at must be
   before ends_at` is then not counted as a schema-valid request refused (only that answer to only
   such a body).
+- A 422 `idempotency_key_reused` answers the state, not the request's shape: the same key was
+  used before with another SKU or quantity (the document's example key is shared by every
+  generated body that keeps it). Like a 409, it is not counted as a schema-valid request refused.
 - One check: a 503 must be one of the refusals the document declares as legitimate (admission's
   `overloaded` or `no_sequencer`, with Retry-After), never another server failure.
 """
@@ -50,16 +53,20 @@ def _window_out_of_order(body):
 
 
 @schemathesis.hook("filter_failure")
-def window_order_is_not_a_schema_refusal(ctx, failure, case, response):
-    """Keeps every failure but the 422 to a sale window out of order (see the module's note)."""
+def state_refusals_are_not_schema_refusals(ctx, failure, case, response):
+    """Keeps every failure but a reused key's 422 and the 422 to a sale window out of order
+    (see the module's note)."""
+    if response.status_code != 422:
+        return True
     try:
-        detail = response.json().get("detail")
+        body = response.json()
     except ValueError:
         return True
+    error, detail = body.get("error"), body.get("detail")
+    if error == "idempotency_key_reused":
+        return False
     return not (
-        response.status_code == 422
-        and detail == "starts_at must be before ends_at"
-        and _window_out_of_order(case.body)
+        detail == "starts_at must be before ends_at" and _window_out_of_order(case.body)
     )
 
 
