@@ -101,6 +101,28 @@ ensure_kafka_libs() {
   rm -rf "$KAFKA_LIBS"; mv "$tmp" "$KAFKA_LIBS"
 }
 
+# --- schemathesis ------------------------------------------------------------------------------
+# The API fuzzer of systest/tests/schemathesis.rs, pinned, in a venv in the shared cache folder
+# (keyed by the version, so a new pin installs beside the old one). Exports FLASH_SCHEMATHESIS.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV="${SCHEMATHESIS_VENV:-$KAFKA_CACHE/schemathesis-$SCHEMATHESIS_VERSION}"
+ensure_schemathesis() {
+  if [ ! -f "$SCHEMATHESIS_VENV/.complete" ]; then
+    command -v python3 >/dev/null || apt_ensure python3
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_ensure python3-venv
+    log "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+    # Installed in place (a venv's scripts name their interpreter by absolute path, so it cannot
+    # be moved); `.complete` marks a finished install, anything else is started over.
+    rm -rf "$SCHEMATHESIS_VENV"; mkdir -p "$(dirname "$SCHEMATHESIS_VENV")"
+    python3 -m venv "$SCHEMATHESIS_VENV"
+    "$SCHEMATHESIS_VENV/bin/pip" install -q --disable-pip-version-check \
+      "schemathesis==$SCHEMATHESIS_VERSION" \
+      || die "could not install schemathesis $SCHEMATHESIS_VERSION with pip (output above)"
+    touch "$SCHEMATHESIS_VENV/.complete"
+  fi
+  export FLASH_SCHEMATHESIS="$SCHEMATHESIS_VENV/bin/schemathesis"
+}
+
 kafka_tool() { java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.yaml" "$@"; }
 
 # Starts Apache Kafka on 127.0.0.1:$BROKER_PORT unless something already answers there. The

@@ -1,7 +1,8 @@
 //! Admission control: refuse at once the work this ingress could not finish in time.
 //!
-//! Four bounds, each checked with a few atomic loads before anything is appended:
-//! - writes waiting for an outcome on this ingress (IN_FLIGHT_MAX, in [`crate::http`]);
+//! [`Admission::admit`] is the whole decision, in the order a `POST /v1/reservations` meets it;
+//! four bounds, each checked with a few atomic loads before anything is appended:
+//! - writes waiting for an outcome on this ingress (IN_FLIGHT_MAX);
 //! - sequencer lag, `end of the requests log - offset committed in Postgres`, measured by a
 //!   background task every LAG_POLL_MS and never on the request path ([`LagMonitor`]);
 //! - a per-user token bucket ([`UserLimiter`], governor's keyed limiter);
@@ -18,6 +19,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sqlx::PgPool;
 
 use crate::bus::{now_ms, BrokerProbe};
+use crate::error::ApiError;
+use crate::metrics::{Metrics, Refusal};
 
 /// A lag measurement older than this is not trusted for admission (the in-flight bound still
 /// holds); readiness reports the broker separately.
@@ -202,6 +205,132 @@ impl UserLimiter {
     }
 }
 
+/// The bounds of [`Admission`], from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct AdmissionLimits {
+    /// Writes that may wait for their outcome on this ingress at once.
+    pub in_flight_max: usize,
+    /// Most messages the sequencer may be behind the requests log before buyers' writes are
+    /// refused with 503; 0 turns the bound off.
+    pub lag_max: u64,
+    /// Buyers' writes get 503 `no_sequencer` (and `/readyz` fails) when no sequencer has
+    /// committed anything for this long while requests wait in the log; 0 turns it off.
+    pub stall_max_ms: i64,
+}
+
+/// What asks to be admitted. Buyers' writes obey every bound; admin commands (rare,
+/// authenticated) obey none, so that pausing or the emergency freeze works even when this
+/// ingress is saturated or the sequencer is behind.
+#[derive(Clone, Copy, Debug)]
+pub enum Write<'a> {
+    /// `POST /v1/reservations` by this user: every bound, then the user's token bucket.
+    Reserve { user_id: &'a str },
+    /// Confirm or cancel: every bound except the token bucket.
+    Settle,
+    /// An admin command: no bound.
+    Admin,
+}
+
+/// Admission control: refuses at once (503 or 429 with Retry-After, nothing appended) what this
+/// ingress cannot finish, and counts every refusal by reason.
+pub struct Admission {
+    pub limits: AdmissionLimits,
+    pub lag: Arc<LagMonitor>,
+    /// Per-user token buckets of `POST /v1/reservations`; `None` when rate limiting is off.
+    pub limiter: Option<Arc<UserLimiter>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    pub fn new(
+        limits: AdmissionLimits,
+        lag: Arc<LagMonitor>,
+        limiter: Option<Arc<UserLimiter>>,
+        metrics: Arc<Metrics>,
+    ) -> Admission {
+        Admission {
+            limits,
+            lag,
+            limiter,
+            metrics,
+        }
+    }
+
+    /// Admits `write` while `in_flight` writes already wait on this ingress, or says why not:
+    /// more writes in flight than IN_FLIGHT_MAX, a sequencer more than LAG_MAX messages behind,
+    /// no sequencer committing for STALL_MAX_MS while requests wait (503), the user's token
+    /// bucket empty (429). The bounds come before the token bucket, so that a 503 does not cost
+    /// the buyer a token.
+    pub fn admit(&self, write: Write<'_>, in_flight: usize) -> Result<(), ApiError> {
+        if let Write::Admin = write {
+            return Ok(());
+        }
+        let now = now_ms();
+        let limits = &self.limits;
+        if in_flight >= limits.in_flight_max {
+            return Err(self.overloaded(
+                Refusal::InFlight,
+                format!(
+                    "this ingress already waits on {} requests",
+                    limits.in_flight_max
+                ),
+            ));
+        }
+        if limits.lag_max > 0 {
+            if let Some(lag) = self.lag.current_lag(now) {
+                if lag > limits.lag_max as i64 {
+                    return Err(self.overloaded(
+                        Refusal::Lag,
+                        format!(
+                            "the sequencer is {lag} requests behind (more than {})",
+                            limits.lag_max
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(stalled) = self.stalled_for(now) {
+            self.metrics.refused(Refusal::NoSequencer);
+            return Err(ApiError::NoSequencer {
+                retry_after_s: 1,
+                detail: format!(
+                    "no sequencer has committed anything for {stalled} ms while {} requests \
+                     wait in the log; nothing was appended",
+                    self.lag.lag.load(Ordering::Relaxed)
+                ),
+            });
+        }
+        if let (Write::Reserve { user_id }, Some(limiter)) = (write, &self.limiter) {
+            if let Err(wait) = limiter.check(user_id) {
+                self.metrics.refused(Refusal::RateLimited);
+                return Err(ApiError::RateLimited {
+                    retry_after_s: retry_after_secs(wait),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The producer's local queue was full: the write was not appended.
+    pub fn queue_full(&self) -> ApiError {
+        self.overloaded(Refusal::QueueFull, "the request queue is full".into())
+    }
+
+    /// How long no sequencer has committed while requests wait, past STALL_MAX_MS (see
+    /// [`LagMonitor::stalled_for`]).
+    pub fn stalled_for(&self, now_ms: i64) -> Option<i64> {
+        self.lag.stalled_for(now_ms, self.limits.stall_max_ms)
+    }
+
+    fn overloaded(&self, why: Refusal, detail: String) -> ApiError {
+        self.metrics.refused(why);
+        ApiError::Overloaded {
+            retry_after_s: 1,
+            detail,
+        }
+    }
+}
+
 /// Seconds for a `Retry-After` header: the wait rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -252,6 +381,67 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
         assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    fn admission(in_flight_max: usize, lag: i64, limiter: Option<UserLimiter>) -> Admission {
+        let monitor = LagMonitor::default();
+        let now = now_ms();
+        monitor.lag.store(lag, Ordering::Relaxed);
+        monitor.measured_ms.store(now, Ordering::Relaxed);
+        monitor.progress_ms.store(now, Ordering::Relaxed);
+        let limits = AdmissionLimits {
+            in_flight_max,
+            lag_max: 10,
+            stall_max_ms: 3_000,
+        };
+        let metrics = Arc::new(Metrics::new(&[]));
+        Admission::new(limits, Arc::new(monitor), limiter.map(Arc::new), metrics)
+    }
+
+    fn refusal(result: Result<(), ApiError>) -> String {
+        match result {
+            Ok(()) => "admitted".into(),
+            Err(ApiError::Overloaded { detail, .. }) => format!("overloaded: {detail}"),
+            Err(ApiError::NoSequencer { .. }) => "no_sequencer".into(),
+            Err(ApiError::RateLimited { .. }) => "rate_limited".into(),
+            Err(other) => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn buyers_meet_every_bound_and_admin_commands_none() {
+        let a = admission(5, 0, None);
+        assert_eq!(refusal(a.admit(Write::Settle, 4)), "admitted");
+        assert!(refusal(a.admit(Write::Settle, 5)).contains("waits on 5"));
+        let user = Write::Reserve { user_id: "alice" };
+        assert!(refusal(a.admit(user, 5)).contains("waits on 5"));
+        assert_eq!(refusal(a.admit(Write::Admin, 5)), "admitted");
+        let behind = admission(5, 11, None);
+        assert!(refusal(behind.admit(user, 0)).contains("11 requests behind"));
+        assert_eq!(refusal(behind.admit(Write::Admin, 0)), "admitted");
+        let stalled = admission(5, 3, None);
+        stalled
+            .lag
+            .progress_ms
+            .store(now_ms() - 4_000, Ordering::Relaxed);
+        assert_eq!(refusal(stalled.admit(Write::Settle, 0)), "no_sequencer");
+        assert_eq!(refusal(stalled.admit(Write::Admin, 0)), "admitted");
+    }
+
+    #[test]
+    fn only_reservations_take_a_token_and_only_after_the_bounds() {
+        let a = admission(5, 0, UserLimiter::new(0.001, 1).unwrap());
+        let user = Write::Reserve { user_id: "alice" };
+        // Refused by a bound: the token is not spent.
+        assert!(refusal(a.admit(user, 5)).starts_with("overloaded"));
+        assert_eq!(refusal(a.admit(Write::Settle, 0)), "admitted");
+        assert_eq!(refusal(a.admit(user, 0)), "admitted");
+        assert_eq!(refusal(a.admit(user, 0)), "rate_limited");
+        assert_eq!(refusal(a.admit(Write::Settle, 0)), "admitted");
+        assert_eq!(
+            refusal(a.admit(Write::Reserve { user_id: "bob" }, 0)),
+            "admitted"
+        );
     }
 
     #[test]

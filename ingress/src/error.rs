@@ -207,3 +207,73 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_keep_their_stable_shapes() {
+        use axum::body::to_bytes;
+        let render = |e: ApiError| async move {
+            let r = e.into_response();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: serde_json::Value =
+                serde_json::from_slice(&to_bytes(r.into_body(), 1 << 16).await.unwrap()).unwrap();
+            (status, retry, body)
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(
+                render(ApiError::Rejected(wire::Reject::SoldOut)).await,
+                (409, None, serde_json::json!({"error": "sold_out"}))
+            );
+            assert_eq!(
+                render(ApiError::NotFound("not_found")).await,
+                (404, None, serde_json::json!({"error": "not_found"}))
+            );
+            let (s, r, b) = render(ApiError::RateLimited { retry_after_s: 2 }).await;
+            assert_eq!(
+                (s, r.as_deref(), &b["error"]),
+                (429, Some("2"), &serde_json::json!("rate_limited"))
+            );
+            let (s, _, b) = render(ApiError::OutcomeUnknown {
+                idempotency_key: None,
+                detail: "late".into(),
+            })
+            .await;
+            assert_eq!(s, 504);
+            assert_eq!(b["error"], "outcome_unknown");
+            assert!(
+                b.as_object().unwrap().contains_key("idempotency_key"),
+                "{b}"
+            );
+            assert!(b["idempotency_key"].is_null());
+            let (_, _, b) = render(ApiError::OutcomeUnknown {
+                idempotency_key: Some("k1".into()),
+                detail: "late".into(),
+            })
+            .await;
+            assert_eq!(b["idempotency_key"], "k1");
+            let (s, r, b) = render(ApiError::Overloaded {
+                retry_after_s: 1,
+                detail: "busy".into(),
+            })
+            .await;
+            assert_eq!(
+                (s, r.as_deref(), b),
+                (
+                    503,
+                    Some("1"),
+                    serde_json::json!({"error": "overloaded", "detail": "busy"})
+                )
+            );
+        });
+    }
+}

@@ -4,7 +4,7 @@
 //! outcomes; [`error`] is every answer that is not a success, with its stable code;
 //! [`admission`] refuses what cannot be finished (in-flight and lag bounds, per-user rate limit);
 //! [`auth`] is the admin token and the optional buyer JWT; [`metrics`] is `/metrics`;
-//! [`openapi`] is `/openapi.json`; [`server`] is the accept loop with the connection and header
+//! [`http::openapi`] is `/openapi.json`; [`server`] is the accept loop with the connection and header
 //! limits.
 
 pub mod admission;
@@ -13,5 +13,4 @@ pub mod bus;
 pub mod error;
 pub mod http;
 pub mod metrics;
-pub mod openapi;
 pub mod server;

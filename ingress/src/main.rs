@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ingress::admission::{LagMonitor, UserLimiter};
+use ingress::admission::{Admission, AdmissionLimits, LagMonitor, UserLimiter};
 use ingress::auth::{JwtConfig, JwtVerifier};
 use ingress::bus::Bus;
 use ingress::http::{route_table, router, App, AppConfig};
@@ -183,21 +183,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Duration::from_millis(args.lag_poll_ms.max(10)),
     ));
     tokio::spawn(housekeeping(metrics.clone(), limiter.clone()));
+    let limits = AdmissionLimits {
+        in_flight_max: args.in_flight_max,
+        lag_max: args.lag_max,
+        stall_max_ms: args.stall_max_ms,
+    };
     let app = Arc::new(App {
         bus,
         pool,
         config: AppConfig {
             admin_token: args.admin_token,
             body_bytes_max: args.body_bytes_max,
-            in_flight_max: args.in_flight_max,
-            lag_max: args.lag_max,
             ready_broker_max_age_ms: args.ready_broker_max_age_ms,
-            stall_max_ms: args.stall_max_ms,
             body_read_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
         },
+        admission: Admission::new(limits, lag, limiter, metrics.clone()),
         metrics,
-        lag,
-        limiter,
         jwt,
     });
     let listener = tokio::net::TcpListener::bind(args.listen_addr).await?;

@@ -1,0 +1,178 @@
+//! Operators' commands (`Authorization: Bearer <ADMIN_TOKEN>`): create or update a SKU, restock,
+//! pause, resume, and the emergency freeze. They pass no admission bound (see
+//! [`crate::admission::Write::Admin`]), so they go through even when buyers are refused.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use wire::limits::{HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
+use wire::{Command, Outcome, SkuConfig};
+
+use serde::de::DeserializeOwned;
+
+use super::answers::{AdminErrors, SkuBodyAnswers, SkuSwitchAnswers};
+use super::command::{submit, unexpected};
+use super::dto::{FreezeOut, RestockBody, SkuOut, SkuPath, UpsertBody};
+use super::state::App;
+use super::validate::{self, parse_json};
+use crate::admission::Write;
+use crate::auth::require_admin;
+use crate::error::{ApiError, ErrorBody};
+
+#[utoipa::path(
+    put, path = "/v1/admin/skus/{sku}", tag = "admin",
+    summary = "Create or update a SKU",
+    params(SkuPath),
+    request_body(content = UpsertBody, content_type = "application/json"),
+    security(("admin_token" = [])),
+    responses(
+        SkuBodyAnswers,
+        (status = 409, description = "stock_below_committed", body = ErrorBody),
+    )
+)]
+pub(crate) async fn upsert_sku(
+    State(app): State<Arc<App>>,
+    Path(SkuPath { sku }): Path<SkuPath>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let b: UpsertBody = admit_sku_body(&app, &headers, &sku, body).await?;
+    validate::integer("total_stock", b.total_stock, 0, STOCK_MAX as i64)?;
+    validate::integer(
+        "per_user_limit",
+        b.per_user_limit,
+        1,
+        i64::from(QUANTITY_MAX),
+    )?;
+    let ttl_ms = b.hold_ttl_seconds * 1000.0;
+    if !(ttl_ms.is_finite() && ttl_ms >= 1.0 && ttl_ms <= HOLD_TTL_MS_MAX as f64) {
+        return Err(ApiError::Invalid(format!(
+            "hold_ttl_seconds must be from 0.001 to {}",
+            HOLD_TTL_MS_MAX / 1000
+        )));
+    }
+    let starts_at_ms = validate::time("starts_at", b.starts_at.as_deref())?;
+    let ends_at_ms = validate::time("ends_at", b.ends_at.as_deref())?;
+    if let (Some(s), Some(e)) = (starts_at_ms, ends_at_ms) {
+        if s >= e {
+            return Err(ApiError::Invalid("starts_at must be before ends_at".into()));
+        }
+    }
+    let config = SkuConfig {
+        total_stock: b.total_stock as u64,
+        per_user_limit: b.per_user_limit as u32,
+        hold_ttl_ms: ttl_ms as u64,
+        starts_at_ms,
+        ends_at_ms,
+    };
+    if !config.is_valid() {
+        // What is left after the checks above: a sale window outside 1970 to 9999.
+        return Err(ApiError::Invalid(
+            "starts_at and ends_at must lie between 1970 and 9999".into(),
+        ));
+    }
+    admin_call(&app, Command::UpsertSku { sku, config }).await
+}
+
+#[utoipa::path(
+    post, path = "/v1/admin/skus/{sku}/restock", tag = "admin",
+    summary = "Add units to a SKU",
+    params(SkuPath),
+    request_body(content = RestockBody, content_type = "application/json"),
+    security(("admin_token" = [])),
+    responses(
+        SkuBodyAnswers,
+        (status = 404, description = "unknown_sku", body = ErrorBody),
+        (status = 409, description = "stock_overflow: the total would pass 10^12", body = ErrorBody),
+    )
+)]
+pub(crate) async fn restock_sku(
+    State(app): State<Arc<App>>,
+    Path(SkuPath { sku }): Path<SkuPath>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let b: RestockBody = admit_sku_body(&app, &headers, &sku, body).await?;
+    validate::integer("quantity", b.quantity, 1, STOCK_MAX as i64)?;
+    let quantity = b.quantity as u64;
+    admin_call(&app, Command::Restock { sku, quantity }).await
+}
+
+#[utoipa::path(
+    post, path = "/v1/admin/skus/{sku}/pause", tag = "admin",
+    summary = "Stop new reservations of a SKU (confirm and cancel still work)",
+    params(SkuPath),
+    security(("admin_token" = [])),
+    responses(SkuSwitchAnswers)
+)]
+pub(crate) async fn pause_sku(
+    State(app): State<Arc<App>>,
+    Path(SkuPath { sku }): Path<SkuPath>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admit_sku(&app, &headers, &sku)?;
+    admin_call(&app, Command::Pause { sku }).await
+}
+
+#[utoipa::path(
+    post, path = "/v1/admin/skus/{sku}/resume", tag = "admin",
+    summary = "Resume reservations of a paused SKU",
+    params(SkuPath),
+    security(("admin_token" = [])),
+    responses(SkuSwitchAnswers)
+)]
+pub(crate) async fn resume_sku(
+    State(app): State<Arc<App>>,
+    Path(SkuPath { sku }): Path<SkuPath>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admit_sku(&app, &headers, &sku)?;
+    admin_call(&app, Command::Resume { sku }).await
+}
+
+/// The emergency freeze: every SKU paused by one command, decided in log order like any other.
+#[utoipa::path(
+    post, path = "/v1/admin/freeze", tag = "admin",
+    summary = "Emergency freeze: pause every SKU with one command",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "how many SKUs were paused", body = FreezeOut),
+        AdminErrors,
+    )
+)]
+pub(crate) async fn freeze_all(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app.config.admin_token, &headers)?;
+    admin_call(&app, Command::PauseAll).await
+}
+
+/// The admin token first (401), then the SKU name of the path (422).
+fn admit_sku(app: &App, headers: &HeaderMap, sku: &str) -> Result<(), ApiError> {
+    require_admin(&app.config.admin_token, headers)?;
+    validate::sku_name(sku)
+}
+
+/// [`admit_sku`], then the JSON body.
+async fn admit_sku_body<T: DeserializeOwned>(
+    app: &App,
+    headers: &HeaderMap,
+    sku: &str,
+    body: Body,
+) -> Result<T, ApiError> {
+    admit_sku(app, headers, sku)?;
+    parse_json(headers, body, &app.config).await
+}
+
+async fn admin_call(app: &App, command: Command) -> Result<Response, ApiError> {
+    match submit(app, Write::Admin, command, None).await? {
+        Outcome::Sku(view) => Ok(Json(SkuOut::from(view)).into_response()),
+        Outcome::Frozen { skus_paused } => Ok(Json(FreezeOut { skus_paused }).into_response()),
+        other => Err(unexpected(other)),
+    }
+}

@@ -1,0 +1,181 @@
+//! The error answers the operations share, declared once each for the OpenAPI document (every
+//! one is JSON [`ErrorBody`]; 429 and 503 carry `Retry-After`). A handler's `responses(...)`
+//! lists its successes and its own errors, then the sets that apply to it.
+
+use std::collections::BTreeMap;
+
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::IntoResponses;
+
+#[allow(unused_imports)] // named in the documentation above
+use crate::error::ErrorBody;
+
+type Answers = BTreeMap<String, RefOr<Response>>;
+
+/// A 200 answer with the JSON body of the component schema `schema`.
+fn ok(description: &str, schema: &str) -> Answers {
+    let answer = ResponseBuilder::new().description(description).content(
+        "application/json",
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name(schema)))
+            .build(),
+    );
+    Answers::from([("200".to_owned(), answer.build().into())])
+}
+
+/// `(status, description)` pairs as error answers with the [`ErrorBody`] schema.
+fn errors(list: &[(u16, &str)]) -> Answers {
+    list.iter()
+        .map(|&(status, description)| {
+            let mut answer = ResponseBuilder::new().description(description).content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            );
+            if status == 429 || status == 503 {
+                answer = answer.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(
+                            ObjectBuilder::new()
+                                .schema_type(Type::Integer)
+                                .minimum(Some(1)),
+                        )
+                        .description(Some("seconds to wait before trying again"))
+                        .build(),
+                );
+            }
+            (status.to_string(), answer.build().into())
+        })
+        .collect()
+}
+
+/// A JSON body was read: it can be too slow, too large, not JSON, or out of the limits.
+pub struct BodyErrors;
+
+impl IntoResponses for BodyErrors {
+    fn responses() -> Answers {
+        errors(&[
+            (400, "invalid_request: the body is not JSON"),
+            (
+                408,
+                "request_timeout: the body did not arrive in time; the connection is closed",
+            ),
+            (413, "payload_too_large"),
+            (
+                415,
+                "unsupported_media_type: send Content-Type: application/json",
+            ),
+            (422, "invalid_request, with detail"),
+        ])
+    }
+}
+
+/// A buyer's write: admission may refuse it, and its outcome may not arrive in time.
+pub struct BuyerWriteErrors;
+
+impl IntoResponses for BuyerWriteErrors {
+    fn responses() -> Answers {
+        errors(&[
+            (
+                503,
+                "overloaded or no_sequencer, with Retry-After: refused by admission, nothing was \
+                 appended",
+            ),
+            (
+                504,
+                "outcome_unknown: retrying (with the same idempotency key) is safe",
+            ),
+        ])
+    }
+}
+
+/// An admin command: the admin token, no admission bound but a full producer queue.
+pub struct AdminErrors;
+
+impl IntoResponses for AdminErrors {
+    fn responses() -> Answers {
+        errors(&[
+            (401, "unauthorized: missing or wrong admin token"),
+            (
+                503,
+                "overloaded, with Retry-After: the request queue is full, nothing was appended",
+            ),
+            (504, "outcome_unknown: retrying is safe"),
+        ])
+    }
+}
+
+/// A reservation named by its id, in JWT mode only its owner's.
+pub struct OwnerErrors;
+
+impl IntoResponses for OwnerErrors {
+    fn responses() -> Answers {
+        errors(&[
+            (
+                401,
+                "unauthorized (JWT mode): token missing, forged or expired",
+            ),
+            (403, "forbidden (JWT mode): another user's reservation"),
+            (404, "unknown_reservation"),
+            (
+                503,
+                "unavailable: Postgres did not answer, with Retry-After",
+            ),
+        ])
+    }
+}
+
+/// A read from Postgres.
+pub struct ReadErrors;
+
+impl IntoResponses for ReadErrors {
+    fn responses() -> Answers {
+        errors(&[(
+            503,
+            "unavailable: Postgres did not answer, with Retry-After",
+        )])
+    }
+}
+
+/// Confirm or cancel: the reservation afterwards, or why not (409s are the operation's own).
+pub struct SettleAnswers;
+
+impl IntoResponses for SettleAnswers {
+    fn responses() -> Answers {
+        let mut answers = ok("the reservation afterwards", "ReservationOut");
+        answers.extend(OwnerErrors::responses());
+        answers.extend(BuyerWriteErrors::responses());
+        answers
+    }
+}
+
+/// Pause or resume a SKU: the SKU afterwards, or why not.
+pub struct SkuSwitchAnswers;
+
+impl IntoResponses for SkuSwitchAnswers {
+    fn responses() -> Answers {
+        let mut answers = ok("the SKU", "SkuOut");
+        answers.extend(AdminErrors::responses());
+        answers.extend(errors(&[
+            (404, "unknown_sku"),
+            (422, "invalid_request: not a SKU name"),
+        ]));
+        answers
+    }
+}
+
+/// Create, update or restock a SKU from a JSON body: the SKU afterwards, or why not.
+pub struct SkuBodyAnswers;
+
+impl IntoResponses for SkuBodyAnswers {
+    fn responses() -> Answers {
+        let mut answers = ok("the SKU", "SkuOut");
+        answers.extend(BodyErrors::responses());
+        answers.extend(AdminErrors::responses());
+        answers
+    }
+}
