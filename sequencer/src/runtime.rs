@@ -130,11 +130,22 @@ impl Status {
     }
 }
 
+/// This host's clock, in ms since 1970. `FAULT_HOST_CLOCK_SKEW_MS` (fault drills and tests only)
+/// adds a constant, as a host whose clock is that far off would read; decisions must not notice
+/// (clock.rs).
 pub fn now_ms() -> i64 {
+    static SKEW_MS: OnceLock<i64> = OnceLock::new();
+    let skew = *SKEW_MS.get_or_init(|| {
+        std::env::var("FAULT_HOST_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_millis() as i64
+        + skew
 }
 
 /// Why the process stopped leading.
