@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use crate::runtime::now_ms;
+use wire::now_ms;
 
 /// Beyond this offset a warning is logged: decisions stay correct (they use the database's
 /// time), but a host clock this far off is worth fixing.
