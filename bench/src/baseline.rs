@@ -25,12 +25,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::{PgPool, Row};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use uuid::Uuid;
+use wire::{now_ms, rfc3339};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServerArgs {
@@ -153,16 +153,6 @@ struct UpsertBody {
     hold_ttl_seconds: f64,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
-
 fn held(id: Uuid, sku: &str, user: &str, q: i64, expires_ms: i64) -> Response {
     (
         StatusCode::CREATED,
@@ -239,23 +229,21 @@ async fn get_sku(State(app): State<Arc<App>>, Path(sku): Path<String>) -> Respon
             }
             Backend::Redis(r) => {
                 let key = format!("{}:sku:{sku}", app.namespace);
-                let v = r
-                    .call(&[
-                        b"HMGET",
-                        key.as_bytes(),
-                        b"total",
-                        b"available",
-                        b"held",
-                        b"sold",
-                    ])
+                let f: Vec<Option<i64>> = r
+                    .query(redis::cmd("HMGET").arg(key).arg(&[
+                        "total",
+                        "available",
+                        "held",
+                        "sold",
+                    ]))
                     .await
                     .map_err(internal)?;
-                let f = v.ints();
-                if f.len() != 4 || f.iter().any(Option::is_none) {
-                    return Err(err(StatusCode::NOT_FOUND, "unknown_sku"));
+                match f[..] {
+                    [Some(total), Some(available), Some(held), Some(sold)] => {
+                        Ok(sku_json(&sku, total, available, held, sold))
+                    }
+                    _ => Err(err(StatusCode::NOT_FOUND, "unknown_sku")),
                 }
-                let f: Vec<i64> = f.into_iter().map(|x| x.unwrap_or(0)).collect();
-                Ok(sku_json(&sku, f[0], f[1], f[2], f[3]))
             }
         }
     }
@@ -300,23 +288,22 @@ async fn upsert_sku(
                 Ok(sku_json(&sku, row.get(0), row.get(1), row.get(2), row.get(3)))
             }
             Backend::Redis(r) => {
-                let v = r
+                let text = r
                     .evalsha(
                         &r.upsert_sha,
                         &[
-                            app.namespace.as_bytes(),
-                            sku.as_bytes(),
-                            b.total_stock.to_string().as_bytes(),
-                            b.per_user_limit.to_string().as_bytes(),
-                            ttl_ms.to_string().as_bytes(),
+                            app.namespace.clone(),
+                            sku.clone(),
+                            b.total_stock.to_string(),
+                            b.per_user_limit.to_string(),
+                            ttl_ms.to_string(),
                         ],
                     )
                     .await
                     .map_err(internal)?;
-                match v.text().as_deref() {
-                    Some("OK") => Ok(sku_json(&sku, b.total_stock, b.total_stock, 0, 0)),
-                    Some(e) => Err(err(StatusCode::CONFLICT, e.trim_start_matches("E:"))),
-                    None => Err(internal("bad script reply")),
+                match text.as_str() {
+                    "OK" => Ok(sku_json(&sku, b.total_stock, b.total_stock, 0, 0)),
+                    e => Err(err(StatusCode::CONFLICT, e.trim_start_matches("E:"))),
                 }
             }
         }
@@ -562,22 +549,21 @@ return 'OK'
 async fn redis_reserve(r: &RedisPool, ns: &str, b: &ReserveBody) -> Ans {
     let id = Uuid::now_v7();
     let rid = id.simple().to_string();
-    let v = r
+    let text = r
         .evalsha(
             &r.reserve_sha,
             &[
-                ns.as_bytes(),
-                b.sku.as_bytes(),
-                b.user_id.as_bytes(),
-                b.idempotency_key.as_bytes(),
-                b.quantity.to_string().as_bytes(),
-                rid.as_bytes(),
-                now_ms().to_string().as_bytes(),
+                ns.to_owned(),
+                b.sku.clone(),
+                b.user_id.clone(),
+                b.idempotency_key.clone(),
+                b.quantity.to_string(),
+                rid,
+                now_ms().to_string(),
             ],
         )
         .await
         .map_err(internal)?;
-    let text = v.text().ok_or_else(|| internal("bad script reply"))?;
     if let Some(code) = text.strip_prefix("E:") {
         let status = if code == "unknown_sku" {
             StatusCode::NOT_FOUND
@@ -612,14 +598,10 @@ async fn redis_reserve(r: &RedisPool, ns: &str, b: &ReserveBody) -> Ans {
 
 async fn redis_settle(r: &RedisPool, ns: &str, id: Uuid, to: &str) -> Ans {
     let rid = id.simple().to_string();
-    let v = r
-        .evalsha(
-            &r.settle_sha,
-            &[ns.as_bytes(), rid.as_bytes(), to.as_bytes()],
-        )
+    let text = r
+        .evalsha(&r.settle_sha, &[ns.to_owned(), rid, to.to_owned()])
         .await
         .map_err(internal)?;
-    let text = v.text().ok_or_else(|| internal("bad script reply"))?;
     match text.strip_prefix("E:") {
         Some("unknown_reservation") => Err(err(StatusCode::NOT_FOUND, "unknown_reservation")),
         Some(code) => Err(err(StatusCode::CONFLICT, code)),
@@ -627,143 +609,36 @@ async fn redis_settle(r: &RedisPool, ns: &str, id: Uuid, to: &str) -> Ans {
     }
 }
 
-/// A RESP reply.
-#[derive(Debug)]
-pub enum RValue {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Vec<RValue>),
-}
-
-impl RValue {
-    fn text(&self) -> Option<String> {
-        match self {
-            RValue::Simple(s) => Some(s.clone()),
-            RValue::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        }
-    }
-
-    fn ints(&self) -> Vec<Option<i64>> {
-        match self {
-            RValue::Array(a) => a
-                .iter()
-                .map(|v| match v {
-                    RValue::Int(i) => Some(*i),
-                    other => other.text().and_then(|t| t.parse().ok()),
-                })
-                .collect(),
-            _ => Vec::new(),
-        }
-    }
-}
-
-/// Parses one reply from the front of `buf`: `None` when more bytes are needed.
-fn parse_resp(buf: &[u8]) -> anyhow::Result<Option<(RValue, usize)>> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-        return Ok(None);
-    };
-    let line = std::str::from_utf8(&buf[1..end])?;
-    let after = end + 2;
-    Ok(Some(match buf.first() {
-        Some(b'+') => (RValue::Simple(line.to_owned()), after),
-        Some(b'-') => (RValue::Error(line.to_owned()), after),
-        Some(b':') => (RValue::Int(line.parse()?), after),
-        Some(b'$') => {
-            let n: i64 = line.parse()?;
-            if n < 0 {
-                (RValue::Bulk(None), after)
-            } else {
-                let n = n as usize;
-                if buf.len() < after + n + 2 {
-                    return Ok(None);
-                }
-                (
-                    RValue::Bulk(Some(buf[after..after + n].to_vec())),
-                    after + n + 2,
-                )
-            }
-        }
-        Some(b'*') => {
-            let n: i64 = line.parse()?;
-            let mut items = Vec::new();
-            let mut pos = after;
-            for _ in 0..n.max(0) {
-                match parse_resp(&buf[pos..])? {
-                    Some((v, used)) => {
-                        items.push(v);
-                        pos += used;
-                    }
-                    None => return Ok(None),
-                }
-            }
-            (RValue::Array(items), pos)
-        }
-        other => bail!("unexpected RESP type byte {other:?}"),
-    }))
-}
-
-struct RedisConn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    out: Vec<u8>,
-}
-
-impl RedisConn {
-    async fn call(&mut self, args: &[&[u8]]) -> anyhow::Result<RValue> {
-        self.out.clear();
-        self.out
-            .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            self.out
-                .extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            self.out.extend_from_slice(a);
-            self.out.extend_from_slice(b"\r\n");
-        }
-        self.stream.write_all(&self.out).await?;
-        loop {
-            if let Some((v, used)) = parse_resp(&self.buf)? {
-                self.buf.drain(..used);
-                return match v {
-                    RValue::Error(e) => bail!("redis: {e}"),
-                    v => Ok(v),
-                };
-            }
-            self.buf.reserve(4096);
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                bail!("redis closed the connection");
-            }
-        }
-    }
-}
-
+/// Connections to one Redis (multiplexed: each carries the commands of many requests at once),
+/// used in turn, and the SHA1 of each script loaded on it.
 pub struct RedisPool {
-    conns: Vec<tokio::sync::Mutex<RedisConn>>,
+    conns: Vec<MultiplexedConnection>,
     next: AtomicUsize,
     reserve_sha: String,
     settle_sha: String,
     upsert_sha: String,
 }
 
+/// The client of a loopback Redis on `addr` (`IP:PORT`); refuses any other host.
+fn loopback_client(addr: &str) -> anyhow::Result<redis::Client> {
+    let addr: SocketAddr = addr.parse()?;
+    if !addr.ip().is_loopback() {
+        bail!("the redis baseline only talks to a loopback Redis");
+    }
+    Ok(redis::Client::open(format!("redis://{addr}/"))?)
+}
+
 impl RedisPool {
     pub async fn connect(addr: &str, n: usize) -> anyhow::Result<RedisPool> {
-        let addr: SocketAddr = addr.parse()?;
-        if !addr.ip().is_loopback() {
-            bail!("the redis baseline only talks to a loopback Redis");
-        }
+        let client = loopback_client(addr)?;
         let mut conns = Vec::new();
         for _ in 0..n.max(1) {
-            let stream = TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("connecting to Redis on {addr}"))?;
-            stream.set_nodelay(true)?;
-            conns.push(tokio::sync::Mutex::new(RedisConn {
-                stream,
-                buf: Vec::with_capacity(4096),
-                out: Vec::with_capacity(512),
-            }));
+            conns.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .with_context(|| format!("connecting to Redis on {addr}"))?,
+            );
         }
         let mut pool = RedisPool {
             conns,
@@ -772,103 +647,66 @@ impl RedisPool {
             settle_sha: String::new(),
             upsert_sha: String::new(),
         };
-        let load = |v: RValue| v.text().context("SCRIPT LOAD reply");
-        pool.reserve_sha = load(
-            pool.call(&[b"SCRIPT", b"LOAD", RESERVE_LUA.as_bytes()])
-                .await?,
-        )?;
-        pool.settle_sha = load(
-            pool.call(&[b"SCRIPT", b"LOAD", SETTLE_LUA.as_bytes()])
-                .await?,
-        )?;
-        pool.upsert_sha = load(
-            pool.call(&[b"SCRIPT", b"LOAD", UPSERT_LUA.as_bytes()])
-                .await?,
-        )?;
+        let load = |script: &str| {
+            let mut cmd = redis::cmd("SCRIPT");
+            cmd.arg("LOAD").arg(script);
+            cmd
+        };
+        pool.reserve_sha = pool.query(&load(RESERVE_LUA)).await?;
+        pool.settle_sha = pool.query(&load(SETTLE_LUA)).await?;
+        pool.upsert_sha = pool.query(&load(UPSERT_LUA)).await?;
         Ok(pool)
     }
 
-    pub async fn call(&self, args: &[&[u8]]) -> anyhow::Result<RValue> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        // Prefer an idle connection; otherwise queue on one in round-robin order.
-        for i in 0..self.conns.len().min(4) {
-            if let Ok(mut c) = self.conns[(start + i) % self.conns.len()].try_lock() {
-                return c.call(args).await;
-            }
-        }
-        self.conns[start % self.conns.len()]
-            .lock()
-            .await
-            .call(args)
-            .await
+    /// Runs one command on the next connection in turn.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> anyhow::Result<T> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let mut conn = self.conns[i].clone();
+        Ok(cmd.query_async(&mut conn).await?)
     }
 
-    async fn evalsha(&self, sha: &str, argv: &[&[u8]]) -> anyhow::Result<RValue> {
-        let mut args: Vec<&[u8]> = vec![b"EVALSHA", sha.as_bytes(), b"0"];
-        args.extend_from_slice(argv);
-        self.call(&args).await
+    /// Runs a loaded script with no keys and `argv`; its reply is text.
+    async fn evalsha(&self, sha: &str, argv: &[String]) -> anyhow::Result<String> {
+        self.query(redis::cmd("EVALSHA").arg(sha).arg(0).arg(argv))
+            .await
     }
 
     /// Deletes every key of the namespace (SCAN + UNLINK); returns how many.
     pub async fn delete_namespace(&self, ns: &str) -> anyhow::Result<u64> {
         let pattern = format!("{ns}:*");
-        let mut cursor = "0".to_owned();
+        let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
-            let v = self
-                .call(&[
-                    b"SCAN",
-                    cursor.as_bytes(),
-                    b"MATCH",
-                    pattern.as_bytes(),
-                    b"COUNT",
-                    b"10000",
-                ])
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(10_000),
+                )
                 .await?;
-            let RValue::Array(mut parts) = v else {
-                bail!("bad SCAN reply");
-            };
-            let keys = match parts.pop() {
-                Some(RValue::Array(k)) => k,
-                _ => bail!("bad SCAN reply"),
-            };
-            cursor = parts
-                .pop()
-                .and_then(|c| c.text())
-                .unwrap_or_else(|| "0".into());
-            let names: Vec<Vec<u8>> = keys
-                .into_iter()
-                .filter_map(|k| match k {
-                    RValue::Bulk(Some(b)) => Some(b),
-                    _ => None,
-                })
-                .collect();
-            if !names.is_empty() {
-                let mut args: Vec<&[u8]> = vec![b"UNLINK"];
-                args.extend(names.iter().map(Vec::as_slice));
-                self.call(&args).await?;
-                deleted += names.len() as u64;
+            if !keys.is_empty() {
+                let _: i64 = self.query(redis::cmd("UNLINK").arg(&keys)).await?;
+                deleted += keys.len() as u64;
             }
-            if cursor == "0" {
+            if next == 0 {
                 return Ok(deleted);
             }
+            cursor = next;
         }
     }
 }
 
 /// Whether a Redis server answers PING on `addr`.
 pub async fn redis_available(addr: &str) -> bool {
-    let Ok(addr) = addr.parse::<SocketAddr>() else {
-        return false;
-    };
     let attempt = async {
-        let stream = TcpStream::connect(addr).await?;
-        let mut c = RedisConn {
-            stream,
-            buf: Vec::new(),
-            out: Vec::new(),
-        };
-        anyhow::Ok(matches!(c.call(&[b"PING"]).await?, RValue::Simple(s) if s == "PONG"))
+        let mut conn = loopback_client(addr)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
+        anyhow::Ok(pong == "PONG")
     };
     tokio::time::timeout(Duration::from_secs(2), attempt)
         .await

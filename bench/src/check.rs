@@ -188,36 +188,27 @@ async fn db_rows(url: &str, rows: &mut [SkuCheck]) -> anyhow::Result<()> {
 }
 
 pub fn run_audit(bin: &Path, database_url: &str) -> AuditResult {
-    let out = std::process::Command::new(bin)
-        .args(["audit", "--json", "--database-url", database_url])
-        .output();
-    let out = match out {
-        Ok(o) => o,
+    let run = match harness::audit::run(bin, database_url) {
+        Ok(run) => run,
         Err(e) => {
             return AuditResult {
                 exit_code: None,
                 clean: false,
                 violations: vec![],
-                summary: format!("could not run {}: {e}", bin.display()),
+                summary: format!("{e:#}"),
             }
         }
     };
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let violations: Vec<String> = doc["violations"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .take(20)
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let clean = out.status.success() && violations.is_empty();
+    let violations: Vec<String> = run
+        .violations()
+        .iter()
+        .take(20)
+        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+        .collect();
+    let clean = run.clean();
+    let doc = &run.report;
     let summary = if doc.is_null() {
-        format!(
-            "audit printed no report: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
+        format!("audit printed no report: {}", run.stderr.trim())
     } else {
         format!(
             "{} ({} skus, {} reservations, {} batches, committed offset {})",
@@ -229,7 +220,7 @@ pub fn run_audit(bin: &Path, database_url: &str) -> AuditResult {
         )
     };
     AuditResult {
-        exit_code: out.status.code(),
+        exit_code: run.exit_code,
         clean,
         violations,
         summary,

@@ -10,14 +10,13 @@
 //! spawn to the first new request decided.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use harness::topics::Topology;
 use serde::Serialize;
 use wire::{Command as WireCommand, Request, SkuConfig};
 
-use crate::pipeline::prefill;
 use crate::stack::{wait_http, Infra, Proc};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -87,9 +86,7 @@ pub struct ColdStartReport {
 
 struct Run {
     infra: Infra,
-    database_url: String,
-    requests_topic: String,
-    outcomes_topic: String,
+    topology: Topology,
     sku: String,
     ingress_id: u64,
     base_id: u128,
@@ -114,7 +111,11 @@ impl Run {
 
     fn produce(&mut self, payloads: Vec<Vec<u8>>) -> anyhow::Result<()> {
         let n = payloads.len() as u64;
-        prefill(&self.infra.brokers, &self.requests_topic, &payloads)?;
+        harness::topics::produce(
+            &self.infra.brokers,
+            &self.topology.requests_topic,
+            &payloads,
+        )?;
         self.produced += n;
         Ok(())
     }
@@ -133,17 +134,11 @@ impl Run {
     fn spawn(&mut self, port: u16) -> anyhow::Result<Proc> {
         self.spawned += 1;
         let name = format!("coldstart-sequencer-{}", self.spawned);
-        let mut cmd = Command::new(self.infra.bin("sequencer"));
-        cmd.arg("run")
-            .env("DATABASE_URL", &self.database_url)
-            .env("KAFKA_BROKERS", &self.infra.brokers)
-            .env("REQUESTS_TOPIC", &self.requests_topic)
-            .env("OUTCOMES_TOPIC", &self.outcomes_topic)
-            .env("NODE_ID", &name)
-            .env("STATUS_ADDR", format!("127.0.0.1:{port}"))
-            .env("BATCH_SIZE_MAX", "2000")
-            .env("BATCH_SIZE_BACKLOG_MAX", "2000")
-            .env("RUST_LOG", "info");
+        let mut cmd =
+            self.topology
+                .sequencer(&self.infra.bin_dir(), &name, &format!("127.0.0.1:{port}"));
+        cmd.env("BATCH_SIZE_MAX", "2000")
+            .env("BATCH_SIZE_BACKLOG_MAX", "2000");
         let log = self.infra.log_file(&name)?;
         Proc::spawn(&name, cmd, log)
     }
@@ -227,16 +222,11 @@ pub async fn run(args: &ColdStartArgs) -> anyhow::Result<ColdStartReport> {
     let infra = args.infra.clone();
     let within = Duration::from_secs(args.timeout_s);
     let suffix = format!("cold_{:06x}", crate::rand32() & 0xFF_FFFF);
-    let db = format!("{}_{suffix}", infra.prefix);
-    let database_url = infra.fresh_database(&db).await?;
-    let requests_topic = format!("{}-req-{suffix}", infra.prefix.replace('_', "-"));
-    let outcomes_topic = format!("{}-out-{suffix}", infra.prefix.replace('_', "-"));
-    infra.create_topics(&requests_topic, &outcomes_topic)?;
+    let (db, topology) = infra.fresh_topology(&suffix).await?;
+    let database_url = topology.database_url.clone();
     let mut run = Run {
         infra: infra.clone(),
-        database_url: database_url.clone(),
-        requests_topic: requests_topic.clone(),
-        outcomes_topic: outcomes_topic.clone(),
+        topology: topology.clone(),
         sku: format!("cold-{suffix}"),
         ingress_id: u64::from(crate::rand32()),
         base_id: uuid::Uuid::now_v7().as_u128(),
@@ -349,12 +339,7 @@ pub async fn run(args: &ColdStartArgs) -> anyhow::Result<ColdStartReport> {
     if !audit.clean {
         bail!("audit after the cold-start benchmark: {}", audit.summary);
     }
-    if !infra.keep_databases {
-        infra.drop_database(&db).await;
-    }
-    infra
-        .delete_topics(&[&requests_topic, &outcomes_topic])
-        .await;
+    infra.remove(&db, &topology);
     print(&report);
     Ok(report)
 }

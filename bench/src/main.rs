@@ -60,9 +60,7 @@ enum Cmd {
     },
 }
 
-pub fn rand32() -> u32 {
-    uuid::Uuid::new_v4().as_u128() as u32
-}
+pub use harness::rand32;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -123,7 +121,7 @@ fn main() -> ExitCode {
                 "target http://{} (admin token {}), status http://127.0.0.1:{status_port}/status, database {}",
                 s.ingress_addr,
                 stack::ADMIN_TOKEN,
-                s.database_url
+                s.topology.database_url
             );
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_secs(seconds)) => {}

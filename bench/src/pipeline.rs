@@ -8,12 +8,10 @@
 //! cycle (fill + decide + commit + publish) at millisecond resolution.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use hdrhistogram::Histogram;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde::Serialize;
 use sqlx::Row;
@@ -120,43 +118,6 @@ fn messages(args: &PipelineArgs, sku: &str, run: &str) -> Vec<Vec<u8>> {
     out
 }
 
-pub(crate) fn prefill(brokers: &str, topic: &str, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("batch.size", "1000000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .context("creating the pre-fill producer")?;
-    for p in payloads {
-        let mut record: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic).payload(&p[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r)) => {
-                    if !matches!(
-                        e,
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull
-                        )
-                    ) {
-                        bail!("producing: {e}");
-                    }
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
-    }
-    producer
-        .flush(Duration::from_secs(120))
-        .context("flushing the pre-fill")?;
-    Ok(())
-}
-
 /// Reads the whole topic once with the sequencer's consumer settings (sequencer/src/log.rs) and
 /// nothing else; returns (seconds, messages/s).
 fn read_probe(brokers: &str, topic: &str, total: i64) -> anyhow::Result<(f64, f64, f64)> {
@@ -207,11 +168,11 @@ async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
 pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Result<PipelineReport> {
     let infra = &args.infra;
     let suffix = format!("pipe{batch_size_max}_{:06x}", crate::rand32() & 0xFF_FFFF);
-    let db = format!("{}_{suffix}", infra.prefix);
-    let database_url = infra.fresh_database(&db).await?;
-    let requests_topic = format!("{}-req-{suffix}", infra.prefix.replace('_', "-"));
-    let outcomes_topic = format!("{}-out-{suffix}", infra.prefix.replace('_', "-"));
-    infra.create_topics(&requests_topic, &outcomes_topic)?;
+    let (db, topology) = infra.fresh_topology(&suffix).await?;
+    let (database_url, requests_topic) = (
+        topology.database_url.clone(),
+        topology.requests_topic.clone(),
+    );
     let sku = format!("pipe-{suffix}");
     eprintln!(
         "pipeline: encoding and producing {} requests to {requests_topic}",
@@ -221,7 +182,8 @@ pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Resu
     let t = Instant::now();
     let brokers = infra.brokers.clone();
     let topic = requests_topic.clone();
-    tokio::task::spawn_blocking(move || prefill(&brokers, &topic, &payloads)).await??;
+    tokio::task::spawn_blocking(move || harness::topics::produce(&brokers, &topic, &payloads))
+        .await??;
     let prefill_s = t.elapsed().as_secs_f64();
     let total = args.requests as i64 + 1;
     let (brokers, topic) = (infra.brokers.clone(), requests_topic.clone());
@@ -231,19 +193,11 @@ pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Resu
         "pipeline: pre-filled in {prefill_s:.1} s; a bare consumer reads it back at {broker_read_rate:.0} msg/s; one watermark query takes {watermark_query_ms:.1} ms; starting one sequencer with BATCH_SIZE_MAX={batch_size_max}"
     );
     let status_addr: SocketAddr = format!("127.0.0.1:{}", args.status_port).parse()?;
-    let mut cmd = Command::new(infra.bin("sequencer"));
-    cmd.arg("run")
-        .env("DATABASE_URL", &database_url)
-        .env("KAFKA_BROKERS", &infra.brokers)
-        .env("REQUESTS_TOPIC", &requests_topic)
-        .env("OUTCOMES_TOPIC", &outcomes_topic)
-        .env("NODE_ID", "bench-pipeline")
-        .env("STATUS_ADDR", status_addr.to_string())
-        .env("BATCH_SIZE_MAX", batch_size_max.to_string())
+    let mut cmd = topology.sequencer(&infra.bin_dir(), "bench-pipeline", &status_addr.to_string());
+    cmd.env("BATCH_SIZE_MAX", batch_size_max.to_string())
         // A fixed cap: no growth of batches under backlog (the sequencer's adaptive batch size
         // would otherwise grow every run's batches to its backlog maximum).
-        .env("BATCH_SIZE_BACKLOG_MAX", batch_size_max.to_string())
-        .env("RUST_LOG", "info");
+        .env("BATCH_SIZE_BACKLOG_MAX", batch_size_max.to_string());
     let log = infra.log_file(&format!("pipeline-{batch_size_max}-sequencer"))?;
     let mut proc_ = Proc::spawn("sequencer", cmd, log)?;
     wait_http(
@@ -317,10 +271,7 @@ pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Resu
     }
     let span_ms = (last_ms - first_ms.unwrap_or(last_ms)).max(1);
     let audit = check::run_audit(&infra.bin("sequencer"), &database_url);
-    infra.drop_database(&db).await;
-    infra
-        .delete_topics(&[&requests_topic, &outcomes_topic])
-        .await;
+    infra.remove(&db, &topology);
     let drain_s = finished.as_secs_f64();
     let size_lat = Latency::of(&sizes);
     let report = PipelineReport {

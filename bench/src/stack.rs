@@ -4,10 +4,12 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+pub use harness::process::Proc;
+use harness::topics::Topology;
 
 use crate::http;
 
@@ -37,151 +39,62 @@ pub struct Infra {
 }
 
 impl Infra {
-    pub fn bin(&self, name: &str) -> PathBuf {
-        let dir = self.bin_dir.clone().unwrap_or_else(|| {
+    /// Where the `sequencer` and `ingress` binaries are.
+    pub fn bin_dir(&self) -> PathBuf {
+        self.bin_dir.clone().unwrap_or_else(|| {
             std::env::current_exe()
                 .ok()
                 .and_then(|p| p.parent().map(Path::to_path_buf))
                 .unwrap_or_else(|| PathBuf::from("target/release"))
-        });
-        dir.join(name)
+        })
     }
 
-    pub fn database_url(&self, db: &str) -> String {
-        let base = &self.pg_admin_url[..self
-            .pg_admin_url
-            .rfind('/')
-            .unwrap_or(self.pg_admin_url.len())];
-        format!("{base}/{db}")
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir().join(name)
     }
 
     /// Drops and recreates database `db`; returns its URL.
     pub async fn fresh_database(&self, db: &str) -> anyhow::Result<String> {
-        let admin = sqlx::PgPool::connect(&self.pg_admin_url)
-            .await
-            .context("connecting to Postgres as superuser")?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-            .execute(&admin)
-            .await?;
-        sqlx::query(&format!("CREATE DATABASE \"{db}\""))
-            .execute(&admin)
-            .await?;
-        admin.close().await;
-        Ok(self.database_url(db))
+        harness::db::fresh_database(&self.pg_admin_url, db).await
     }
 
-    pub async fn drop_database(&self, db: &str) {
-        if self.keep_databases {
-            return;
-        }
-        if let Ok(admin) = sqlx::PgPool::connect(&self.pg_admin_url).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-                .execute(&admin)
-                .await;
-            admin.close().await;
+    pub fn drop_database(&self, db: &str) {
+        if !self.keep_databases {
+            harness::db::drop_database(&self.pg_admin_url, db);
         }
     }
 
-    /// Creates the topics with the sequencer's own `create-topics` (one partition each).
-    pub fn create_topics(&self, requests: &str, outcomes: &str) -> anyhow::Result<()> {
-        let status = Command::new(self.bin("sequencer"))
-            .args([
-                "create-topics",
-                "--brokers",
-                &self.brokers,
-                "--requests-topic",
-                requests,
-                "--outcomes-topic",
-                outcomes,
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .context("running sequencer create-topics")?;
-        if !status.success() {
-            bail!(
-                "create-topics failed (is the broker up on {}?)",
-                self.brokers
-            );
-        }
-        Ok(())
-    }
-
-    /// Deletes topics (best effort: frees the memory broker).
-    pub async fn delete_topics(&self, topics: &[&str]) {
-        use rdkafka::admin::{AdminClient, AdminOptions};
-        use rdkafka::client::DefaultClientContext;
-        let Ok(admin) = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create::<AdminClient<DefaultClientContext>>()
-        else {
-            return;
+    /// A fresh database and fresh topics named after `suffix`, on this broker.
+    pub async fn fresh_topology(&self, suffix: &str) -> anyhow::Result<(String, Topology)> {
+        let db = format!("{}_{suffix}", self.prefix);
+        let database_url = self.fresh_database(&db).await?;
+        let topology = Topology {
+            database_url,
+            brokers: self.brokers.clone(),
+            requests_topic: format!("{}-req-{suffix}", self.prefix.replace('_', "-")),
+            outcomes_topic: format!("{}-out-{suffix}", self.prefix.replace('_', "-")),
         };
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let _ = admin.delete_topics(topics, &opts).await;
+        harness::topics::create_topics(
+            &self.bin_dir(),
+            &self.brokers,
+            &[&topology.requests_topic, &topology.outcomes_topic],
+        )?;
+        Ok((db, topology))
+    }
+
+    /// Drops the database and deletes the topics of a run (best effort).
+    pub fn remove(&self, db: &str, topology: &Topology) {
+        self.drop_database(db);
+        let _ = harness::topics::delete_topics(
+            &self.bin_dir(),
+            &self.brokers,
+            &[&topology.requests_topic, &topology.outcomes_topic],
+        );
     }
 
     pub fn log_file(&self, name: &str) -> anyhow::Result<File> {
         std::fs::create_dir_all(&self.log_dir)?;
         Ok(File::create(self.log_dir.join(format!("{name}.log")))?)
-    }
-}
-
-/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
-pub struct Proc {
-    pub name: String,
-    pub child: Option<Child>,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log: File) -> anyhow::Result<Proc> {
-        let child = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("spawning {name}"))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            child: Some(child),
-        })
-    }
-
-    /// Fails if the process has already exited.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(c) = self.child.as_mut() {
-            if let Some(status) = c.try_wait()? {
-                bail!("{} exited early with {status}", self.name);
-            }
-        }
-        Ok(())
-    }
-
-    pub fn stop(&mut self) {
-        self.stop_within(Duration::from_secs(5));
-    }
-
-    /// SIGTERM, then SIGKILL if still running after `grace`.
-    pub fn stop_within(&mut self, grace: Duration) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -215,9 +128,7 @@ pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 /// This system: one (or two) sequencers and one ingress on a fresh database and fresh topics.
 pub struct SystemStack {
     pub db: String,
-    pub database_url: String,
-    pub requests_topic: String,
-    pub outcomes_topic: String,
+    pub topology: Topology,
     pub ingress_addr: SocketAddr,
     /// `/metrics` of the ingress and of every sequencer (for the hop breakdown).
     pub metrics_urls: Vec<String>,
@@ -236,18 +147,12 @@ pub struct SystemOptions {
 impl SystemStack {
     pub async fn start(infra: &Infra, o: &SystemOptions) -> anyhow::Result<SystemStack> {
         let suffix = format!("{}_{:06x}", o.name, crate::rand32() & 0xFF_FFFF);
-        let db = format!("{}_{suffix}", infra.prefix);
-        let database_url = infra.fresh_database(&db).await?;
-        let requests_topic = format!("{}-req-{suffix}", infra.prefix.replace('_', "-"));
-        let outcomes_topic = format!("{}-out-{suffix}", infra.prefix.replace('_', "-"));
-        infra.create_topics(&requests_topic, &outcomes_topic)?;
+        let (db, topology) = infra.fresh_topology(&suffix).await?;
         let status_addr: SocketAddr = format!("127.0.0.1:{}", o.status_port).parse()?;
         let ingress_addr: SocketAddr = format!("127.0.0.1:{}", o.ingress_port).parse()?;
         let mut stack = SystemStack {
             db,
-            database_url,
-            requests_topic,
-            outcomes_topic,
+            topology,
             ingress_addr,
             metrics_urls: vec![format!("http://{ingress_addr}/metrics")],
             procs: Vec::new(),
@@ -261,19 +166,12 @@ impl SystemStack {
         }
         for n in 0..nodes {
             let node = format!("bench-seq-{}", (b'a' + n as u8) as char);
-            let mut cmd = Command::new(infra.bin("sequencer"));
-            cmd.arg("run")
-                .env("DATABASE_URL", &stack.database_url)
-                .env("KAFKA_BROKERS", &infra.brokers)
-                .env("REQUESTS_TOPIC", &stack.requests_topic)
-                .env("OUTCOMES_TOPIC", &stack.outcomes_topic)
-                .env("NODE_ID", &node)
-                .env(
-                    "STATUS_ADDR",
-                    format!("127.0.0.1:{}", o.status_port + n as u16),
-                )
-                .env("BATCH_SIZE_MAX", o.batch_size_max.to_string())
-                .env("RUST_LOG", "info");
+            let mut cmd = stack.topology.sequencer(
+                &infra.bin_dir(),
+                &node,
+                &format!("127.0.0.1:{}", o.status_port + n as u16),
+            );
+            cmd.env("BATCH_SIZE_MAX", o.batch_size_max.to_string());
             let log = infra.log_file(&format!("{}-{node}", o.name))?;
             stack.procs.push(Proc::spawn(&node, cmd, log)?);
             if n == 0 {
@@ -288,14 +186,9 @@ impl SystemStack {
                 .await?;
             }
         }
-        let mut cmd = Command::new(infra.bin("ingress"));
-        cmd.env("LISTEN_ADDR", ingress_addr.to_string())
-            .env("DATABASE_URL", &stack.database_url)
-            .env("KAFKA_BROKERS", &infra.brokers)
-            .env("REQUESTS_TOPIC", &stack.requests_topic)
-            .env("OUTCOMES_TOPIC", &stack.outcomes_topic)
-            .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", "info");
+        let cmd = stack
+            .topology
+            .ingress(&infra.bin_dir(), &ingress_addr.to_string(), ADMIN_TOKEN);
         let log = infra.log_file(&format!("{}-ingress", o.name))?;
         stack.procs.push(Proc::spawn("ingress", cmd, log)?);
         let p = stack.procs.last_mut().expect("just pushed");
@@ -307,10 +200,7 @@ impl SystemStack {
         for p in self.procs.iter_mut().rev() {
             p.stop();
         }
-        infra.drop_database(&self.db).await;
-        infra
-            .delete_topics(&[&self.requests_topic, &self.outcomes_topic])
-            .await;
+        infra.remove(&self.db, &self.topology);
     }
 }
 
@@ -373,7 +263,7 @@ impl BaselineStack {
         // The redis server deletes its namespace's keys on SIGTERM: give it time to.
         self.proc_.stop_within(Duration::from_secs(120));
         if let Some(db) = &self.db {
-            infra.drop_database(db).await;
+            infra.drop_database(db);
         }
     }
 }

@@ -339,12 +339,7 @@ fn listen(
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
-}
+pub use wire::now_ms;
 
 fn rand_u64() -> u64 {
     let b = uuid::Uuid::new_v4().as_u128();

@@ -24,14 +24,31 @@ impl AuditReport {
     }
 }
 
+/// The condition under which a `skus` row breaks the stock invariant: the counters do not add up
+/// to the total, or one is negative. (The table's CHECK constraints forbid both.)
+macro_rules! stock_broken {
+    () => {
+        "available + held + sold <> total OR available < 0 OR held < 0 OR sold < 0"
+    };
+}
+
+/// How many SKUs break the stock invariant (see the first audit check).
+pub async fn count_stock_broken(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(concat!("SELECT count(*) FROM skus WHERE ", stock_broken!()))
+        .fetch_one(pool)
+        .await
+}
+
 /// Each check is a query returning one human-readable line per violation.
 const CHECKS: &[(&str, &str)] = &[
     (
         "stock counters",
-        "SELECT format('sku %s: available %s + held %s + sold %s != total %s, or a counter is negative',
-                       sku, available, held, sold, total)
-           FROM skus
-          WHERE available + held + sold <> total OR available < 0 OR held < 0 OR sold < 0",
+        concat!(
+            "SELECT format('sku %s: available %s + held %s + sold %s != total %s, or a counter is negative',
+                           sku, available, held, sold, total)
+               FROM skus WHERE ",
+            stock_broken!()
+        ),
     ),
     (
         "counters equal the decision rows",

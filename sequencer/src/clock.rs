@@ -9,11 +9,22 @@
 //! loopback, a millisecond or two; the engine keeps batch time monotonic whatever happens.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sqlx::PgPool;
 
-use crate::runtime::now_ms;
+/// This host's clock, in ms since 1970. `FAULT_HOST_CLOCK_SKEW_MS` (fault drills and tests only)
+/// adds a constant, as a host whose clock is that far off would read; decisions must not notice.
+pub fn now_ms() -> i64 {
+    static SKEW_MS: OnceLock<i64> = OnceLock::new();
+    let skew = *SKEW_MS.get_or_init(|| {
+        std::env::var("FAULT_HOST_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    wire::now_ms() + skew
+}
 
 /// Beyond this offset a warning is logged: decisions stay correct (they use the database's
 /// time), but a host clock this far off is worth fixing.

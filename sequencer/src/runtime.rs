@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use crossbeam_channel::RecvTimeoutError;
@@ -130,23 +130,7 @@ impl Status {
     }
 }
 
-/// This host's clock, in ms since 1970. `FAULT_HOST_CLOCK_SKEW_MS` (fault drills and tests only)
-/// adds a constant, as a host whose clock is that far off would read; decisions must not notice
-/// (clock.rs).
-pub fn now_ms() -> i64 {
-    static SKEW_MS: OnceLock<i64> = OnceLock::new();
-    let skew = *SKEW_MS.get_or_init(|| {
-        std::env::var("FAULT_HOST_CLOCK_SKEW_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    });
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
-        + skew
-}
+pub use crate::clock::now_ms;
 
 /// Why the process stopped leading.
 #[derive(Debug, thiserror::Error)]

@@ -11,9 +11,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
-use wire::{Outcome, Reject};
+use wire::{now_ms, Outcome, Reject};
 
-use crate::runtime::{now_ms, Status, ROLE_ACTIVE, ROLE_LOG_LOST, ROLE_STANDBY};
+use crate::runtime::{Status, ROLE_ACTIVE, ROLE_LOG_LOST, ROLE_STANDBY};
 
 #[derive(Serialize)]
 pub struct StatusDoc {
@@ -131,12 +131,7 @@ pub async fn watch_oversell(pool: sqlx::PgPool, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let broken: Result<i64, _> = sqlx::query_scalar(
-            "SELECT count(*) FROM skus
-              WHERE available + held + sold <> total OR available < 0 OR held < 0 OR sold < 0",
-        )
-        .fetch_one(&pool)
-        .await;
+        let broken = persistence::audit::count_stock_broken(&pool).await;
         match broken {
             Ok(n) => metrics::gauge!("sequencer_oversell_skus").set(n as f64),
             Err(e) => tracing::warn!(error = %e, "oversell check could not run"),

@@ -295,12 +295,7 @@ pub async fn takeover_gap_ms(
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
-}
+pub use wire::now_ms;
 
 /// Waits until at least `at_least` decisions on `sku` are committed: the moment to inject a
 /// fault mid-load.

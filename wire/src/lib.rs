@@ -63,6 +63,22 @@ pub mod limits {
     }
 }
 
+/// Milliseconds since the Unix epoch by this host's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// Unix milliseconds as an RFC 3339 UTC timestamp with milliseconds, as the HTTP API writes them
+/// (`2026-03-01T12:00:00.250Z`); empty outside what `chrono` can represent.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
 impl SkuConfig {
     /// Every field in range: stock, per-user limit, hold TTL, and a sale window that is ordered
     /// and between 1970 and 9999. Checked by the ingress (422) and again by the engine (a foreign
@@ -384,6 +400,23 @@ pub fn ingress_key(ingress_id: IngressId) -> [u8; 8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_writes_utc_with_milliseconds() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_772_366_400_250), "2026-03-01T12:00:00.250Z");
+        assert_eq!(
+            rfc3339(limits::TIME_MS_MAX),
+            "9999-12-31T23:59:59.999Z",
+            "the latest sale window end is representable"
+        );
+        assert_eq!(rfc3339(i64::MAX), "", "outside chrono's range");
+    }
+
+    #[test]
+    fn now_ms_is_after_2020() {
+        assert!(now_ms() > 1_577_836_800_000);
+    }
 
     fn reserve() -> Request {
         Request {

@@ -79,21 +79,16 @@ impl KafkaBroker {
             .replace("@PORT@", &broker.port.to_string())
             .replace("@CONTROLLER_PORT@", &broker.controller_port.to_string());
         std::fs::write(broker.properties(), properties)?;
-        let formatted = broker
-            .java()
-            .args(["kafka.tools.StorageTool", "format", "--standalone", "-t"])
-            .arg(cluster_id())
-            .arg("-c")
-            .arg(broker.properties())
-            .stdout(Stdio::null())
-            .output()
-            .context("running java (Kafka's storage tool)")?;
-        if !formatted.status.success() {
-            bail!(
-                "formatting the Kafka log directory failed: {}",
-                String::from_utf8_lossy(&formatted.stderr)
-            );
-        }
+        crate::run_ok(
+            broker
+                .java()
+                .args(["kafka.tools.StorageTool", "format", "--standalone", "-t"])
+                .arg(cluster_id())
+                .arg("-c")
+                .arg(broker.properties())
+                .stdout(Stdio::null()),
+            "formatting the Kafka log directory (java, Kafka's storage tool)",
+        )?;
         broker.spawn()?;
         Ok(broker)
     }

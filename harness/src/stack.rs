@@ -1,0 +1,423 @@
+//! A whole system for one system test: a fresh database, fresh topics on the real broker, real
+//! `sequencer` and `ingress` processes on free loopback ports, and a client for its HTTP API.
+//! Tests that kill the broker run their own ([`crate::kafka::KafkaBroker`]).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::topics::Topology;
+use crate::{bin_dir, db, free_port, log_dir, pg_admin_url, process, rand32, shared_brokers};
+
+pub const ADMIN_TOKEN: &str = "systest-admin-token-0123456789";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub sequencers: usize,
+    pub batch_size_max: usize,
+    pub batch_size_backlog_max: usize,
+    pub lease_ms: u64,
+    pub renew_ms: u64,
+    pub outcome_timeout_ms: u64,
+    pub extra_ingress_env: Vec<(String, String)>,
+    /// Extra environment of sequencer `i`: `(i, name, value)`.
+    pub sequencer_env: Vec<(usize, String, String)>,
+    /// The broker to use (`host:port`); the shared one when `None`.
+    pub brokers: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sequencers: 1,
+            batch_size_max: 250,
+            batch_size_backlog_max: 2_000,
+            lease_ms: 600,
+            renew_ms: 150,
+            outcome_timeout_ms: 5_000,
+            extra_ingress_env: Vec::new(),
+            sequencer_env: Vec::new(),
+            brokers: None,
+        }
+    }
+}
+
+pub struct Sequencer {
+    pub node_id: String,
+    pub status_port: u16,
+    pub child: Option<Child>,
+    restarts: u32,
+}
+
+pub struct Stack {
+    pub name: String,
+    pub db_name: String,
+    pub database_url: String,
+    pub requests_topic: String,
+    pub outcomes_topic: String,
+    /// The broker this stack's processes talk to.
+    pub brokers: String,
+    pub pool: PgPool,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub options: Options,
+    pub sequencers: Vec<Sequencer>,
+    ingress: Option<Child>,
+    ingress_port: u16,
+}
+
+impl Stack {
+    /// Starts a fresh system named after the test.
+    pub async fn start(test: &str, options: Options) -> anyhow::Result<Stack> {
+        let suffix = format!("{}_{:08x}", test, rand32());
+        let db_name = format!("flash_t_{suffix}");
+        let database_url = db::fresh_database(&pg_admin_url(), &db_name).await?;
+        let requests_topic = format!("req-{suffix}");
+        let outcomes_topic = format!("out-{suffix}");
+        let brokers = options.brokers.clone().unwrap_or_else(shared_brokers);
+        crate::create_topics(&bin_dir(), &brokers, &[&requests_topic, &outcomes_topic])?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&database_url)
+            .await
+            .context("connecting to the test database")?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let mut stack = Stack {
+            name: suffix,
+            db_name,
+            database_url,
+            requests_topic,
+            outcomes_topic,
+            brokers,
+            pool,
+            http,
+            base: String::new(),
+            options: options.clone(),
+            sequencers: Vec::new(),
+            ingress: None,
+            ingress_port: free_port(),
+        };
+        for i in 0..options.sequencers {
+            let node_id = format!("seq-{}", (b'a' + i as u8) as char);
+            stack.sequencers.push(Sequencer {
+                node_id,
+                status_port: free_port(),
+                child: None,
+                restarts: 0,
+            });
+            stack.spawn_sequencer(i)?;
+        }
+        stack.wait_for_active(Duration::from_secs(60)).await?;
+        stack.base = format!("http://127.0.0.1:{}", stack.ingress_port);
+        stack.spawn_ingress()?;
+        stack.wait_ready(Duration::from_secs(60)).await?;
+        Ok(stack)
+    }
+
+    pub fn spawn_sequencer(&mut self, i: usize) -> anyhow::Result<()> {
+        let topology = self.topology();
+        let s = &mut self.sequencers[i];
+        s.restarts += 1;
+        let log = File::create(
+            log_dir().join(format!("{}-{}-{}.log", self.name, s.node_id, s.restarts)),
+        )?;
+        let mut cmd = topology.sequencer(
+            &bin_dir(),
+            &s.node_id,
+            &format!("127.0.0.1:{}", s.status_port),
+        );
+        for (_, k, v) in self.options.sequencer_env.iter().filter(|(j, ..)| *j == i) {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .env("BATCH_SIZE_MAX", self.options.batch_size_max.to_string())
+            .env(
+                "BATCH_SIZE_BACKLOG_MAX",
+                self.options.batch_size_backlog_max.to_string(),
+            )
+            .env("LEASE_MS", self.options.lease_ms.to_string())
+            .env("RENEW_MS", self.options.renew_ms.to_string())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning the sequencer")?;
+        s.child = Some(child);
+        Ok(())
+    }
+
+    /// The database and topics of this stack, on its broker.
+    pub fn topology(&self) -> Topology {
+        Topology {
+            database_url: self.database_url.clone(),
+            brokers: self.brokers.clone(),
+            requests_topic: self.requests_topic.clone(),
+            outcomes_topic: self.outcomes_topic.clone(),
+        }
+    }
+
+    fn spawn_ingress(&mut self) -> anyhow::Result<()> {
+        let log = File::create(log_dir().join(format!("{}-ingress.log", self.name)))?;
+        let mut cmd = self.topology().ingress(
+            &bin_dir(),
+            &format!("127.0.0.1:{}", self.ingress_port),
+            ADMIN_TOKEN,
+        );
+        cmd.env(
+            "OUTCOME_TIMEOUT_MS",
+            self.options.outcome_timeout_ms.to_string(),
+        );
+        for (k, v) in &self.options.extra_ingress_env {
+            cmd.env(k, v);
+        }
+        self.ingress = Some(
+            cmd.stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("spawning the ingress")?,
+        );
+        Ok(())
+    }
+
+    /// The `/status` document of sequencer `i`, if it answers.
+    pub async fn sequencer_status(&self, i: usize) -> Option<Value> {
+        let url = format!("http://127.0.0.1:{}/status", self.sequencers[i].status_port);
+        let r = self
+            .http
+            .get(url)
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    /// Index of the sequencer reporting `active`, waiting up to `within`.
+    pub async fn wait_for_active(&self, within: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            for i in 0..self.sequencers.len() {
+                if let Some(doc) = self.sequencer_status(i).await {
+                    if doc["role"] == "active" {
+                        return Ok(i);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no sequencer became active within {within:?} (logs in target/systest-logs/{}*)", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until sequencer `i` reports `role` (active, standby) on its status endpoint.
+    pub async fn wait_role(&self, i: usize, role: &str, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self
+                .sequencer_status(i)
+                .await
+                .is_some_and(|doc| doc["role"] == role)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("sequencer {i} did not report role {role} within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("ingress not ready within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal (KILL, STOP, CONT, TERM) to sequencer `i`.
+    pub fn signal_sequencer(&mut self, i: usize, signal: &str) -> anyhow::Result<()> {
+        process::signal(
+            self.sequencers[i]
+                .child
+                .as_ref()
+                .context("sequencer not running")?,
+            signal,
+        )?;
+        if signal == "KILL" {
+            if let Some(mut c) = self.sequencers[i].child.take() {
+                c.wait()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for sequencer `i` to exit; returns its exit code.
+    pub fn wait_sequencer_exit(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + within;
+        let child = self.sequencers[i]
+            .child
+            .as_mut()
+            .context("sequencer not running")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.sequencers[i].child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("sequencer {i} still running after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn put_sku(
+        &self,
+        sku: &str,
+        total: u64,
+        per_user_limit: u32,
+        ttl_s: f64,
+    ) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .admin("PUT", &format!("/v1/admin/skus/{sku}"),
+                   Some(json!({"total_stock": total, "per_user_limit": per_user_limit, "hold_ttl_seconds": ttl_s})))
+            .await?;
+        if status != 200 {
+            bail!("PUT sku answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method.parse()?, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        answer(req.send().await?).await
+    }
+
+    pub async fn reserve(
+        &self,
+        sku: &str,
+        user: &str,
+        quantity: i64,
+        key: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        let body =
+            json!({"sku": sku, "user_id": user, "quantity": quantity, "idempotency_key": key});
+        answer(
+            self.http
+                .post(format!("{}/v1/reservations", self.base))
+                .json(&body)
+                .send()
+                .await?,
+        )
+        .await
+    }
+
+    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        answer(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .send()
+                .await?,
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        answer(self.http.get(format!("{}{path}", self.base)).send().await?).await
+    }
+
+    /// Appends raw messages to this stack's requests topic, as any producer could, and waits
+    /// until the broker has them all.
+    pub fn produce_requests(&self, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
+        crate::topics::produce(&self.brokers, &self.requests_topic, payloads)
+    }
+
+    /// Runs `sequencer audit --json` against this stack's database.
+    pub fn audit(&self) -> anyhow::Result<Value> {
+        let run = crate::audit::run(&bin_dir().join("sequencer"), &self.database_url)?;
+        ensure!(
+            !run.report.is_null(),
+            "audit printed no report: {}",
+            run.stderr
+        );
+        ensure!(
+            run.consistent(),
+            "audit exit code disagrees with its report: {}",
+            run.report
+        );
+        Ok(run.report)
+    }
+
+    /// Counters of one SKU as Postgres holds them.
+    pub async fn sku_row(&self, sku: &str) -> anyhow::Result<HashMap<&'static str, i64>> {
+        let row: (i64, i64, i64, i64) =
+            sqlx::query_as("SELECT total, available, held, sold FROM skus WHERE sku = $1")
+                .bind(sku)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(HashMap::from([
+            ("total", row.0),
+            ("available", row.1),
+            ("held", row.2),
+            ("sold", row.3),
+        ]))
+    }
+}
+
+async fn answer(r: reqwest::Response) -> anyhow::Result<(u16, Value)> {
+    let status = r.status().as_u16();
+    let text = r.text().await?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, body))
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.ingress.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for s in &mut self.sequencers {
+            if let Some(mut c) = s.child.take() {
+                let _ = process::signal(&c, "CONT");
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Keep the database of a failed test for inspection; drop it otherwise.
+        if !std::thread::panicking() {
+            db::drop_database(&pg_admin_url(), &self.db_name);
+        }
+    }
+}
