@@ -1,6 +1,6 @@
 //! The sequencer: the one process allowed to change stock.
 //!
-//! Read in this order: [`engine`] decides (pure, no IO); [`log`] reads the requests topic from
+//! Read in this order: the `engine` crate decides (pure, no IO); [`log`] reads the requests topic from
 //! the offset Postgres holds; [`runtime`] cuts batches, commits each one through `persistence` in
 //! one fenced transaction, and hands the outcomes to [`publish`]; [`status`] reports. [`topic`]
 //! tells a recreated topic from the original; [`rebase`] is the way back from a lost log.
@@ -9,7 +9,6 @@ pub mod admin;
 pub mod audit;
 pub mod checkpointer;
 pub mod clock;
-pub mod engine;
 pub mod log;
 pub mod publish;
 pub mod rebase;

@@ -28,9 +28,9 @@ use wire::{Command, Request};
 
 use crate::checkpointer::{Cadence, Checkpointer};
 use crate::clock::DatabaseClock;
-use crate::engine::{BatchOutput, DecisionRef, Engine, RestoreError, Restorer};
 use crate::log::{self, LogEvent, LogIdentity, LogLost, LogReader};
 use crate::publish::{build_outbox, decode_outbox, Publisher};
+use engine::{BatchOutput, DecisionRef, Engine, RestoreError, Restorer};
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -87,7 +87,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 /// Per committed batch: a handful of series updates, nothing per request.
 pub fn record_batch(
-    out: &crate::engine::BatchOutput,
+    out: &engine::BatchOutput,
     commands: usize,
     decide: std::time::Duration,
     commit: std::time::Duration,
