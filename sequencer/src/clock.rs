@@ -10,10 +10,17 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::PgPool;
 
-use crate::runtime::now_ms;
+/// The host's wall clock, in Unix milliseconds (the batch clock is [`DatabaseClock`]).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
 
 /// Beyond this offset a warning is logged: decisions stay correct (they use the database's
 /// time), but a host clock this far off is worth fixing.
