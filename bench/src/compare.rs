@@ -81,7 +81,7 @@ pub struct CompareArgs {
     /// Markdown file whose generated section is replaced (between the bench markers).
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     pub markdown: PathBuf,
-    /// Criterion's output folder, for the engine figures (run `cargo bench -p sequencer` first).
+    /// Criterion's output folder, for the engine figures (run `cargo bench -p engine` first).
     #[arg(long, default_value = "target/criterion")]
     pub criterion_dir: PathBuf,
     /// The command line recorded in the summary.

@@ -7,7 +7,7 @@
 //! - `bench baseline-server`: the naive Postgres and Redis+Lua designs behind the same contract.
 //! - `bench compare`: all of it in one invocation, with a JSON report and a Markdown summary.
 //!
-//! The engine micro-benchmark is criterion's, in `sequencer/benches/engine.rs`.
+//! The engine micro-benchmark is criterion's, in `engine/benches/engine.rs`.
 //! Every load is bounded in time and count and goes to loopback addresses only.
 
 mod baseline;

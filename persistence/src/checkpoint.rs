@@ -1,5 +1,5 @@
 //! Storing and reading checkpoints of the engine state (the bytes are the engine's; see
-//! `sequencer/src/engine/checkpoint.rs`). This layer owns what the bytes look like on disk:
+//! `engine/src/checkpoint.rs`). This layer owns what the bytes look like on disk:
 //! zstd compression, a CRC-32 over the uncompressed bytes checked on every read, and the fence.
 //!
 //! A checkpoint is written beside the batches, never inside a batch's transaction: it is large

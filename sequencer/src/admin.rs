@@ -1,7 +1,5 @@
 //! Operator commands that are not the decide loop: creating the topics and showing the group.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -53,29 +51,61 @@ pub async fn delete_topics(brokers: &str, topics: &[String]) -> anyhow::Result<(
     Ok(())
 }
 
-/// GETs `url` (plain http://host:port/path) and returns the body; a tiny client so the
-/// sequencer binary needs no HTTP client library for one operator command.
-pub fn http_get(url: &str) -> anyhow::Result<String> {
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
-    let path = if path.starts_with('/') {
-        path.to_owned()
-    } else {
-        format!("/{path}")
-    };
-    let addr = host
-        .parse()
-        .with_context(|| format!("{host} is not host:port"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (_, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    Ok(body.to_owned())
+/// GETs `url` (plain http://host:port/path) and returns the body. An answer that is not 2xx is
+/// an error naming the status and carrying the body. No proxy: it only talks to this host and
+/// its peers.
+pub async fn http_get(url: &str) -> anyhow::Result<String> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(1))
+        .read_timeout(Duration::from_secs(2))
+        .build()
+        .context("building the HTTP client")?;
+    let response = client.get(url).send().await?;
+    let status = response.status();
+    let body = response.text().await?;
+    if !status.is_success() {
+        bail!("{url} answered {status}: {body}");
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use axum::Router;
+
+    use super::http_get;
+
+    /// Serves `/ok` (200) and `/down` (503) on a free local port; returns the base URL.
+    async fn server() -> String {
+        let app = Router::new()
+            .route("/ok", get(|| async { "all good" }))
+            .route(
+                "/down",
+                get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "lease lapsed") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_2xx_answer_gives_its_body() {
+        let base = server().await;
+        assert_eq!(http_get(&format!("{base}/ok")).await.unwrap(), "all good");
+    }
+
+    #[tokio::test]
+    async fn a_non_2xx_answer_is_an_error_with_its_status_and_body() {
+        let base = server().await;
+        let e = http_get(&format!("{base}/down"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("503"), "{e}");
+        assert!(e.contains("lease lapsed"), "{e}");
+    }
 }

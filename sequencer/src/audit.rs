@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tokio::runtime::Runtime;
 use wire::StoredDecision;
 
-use crate::engine::DecisionRef;
+use engine::DecisionRef;
 
 /// Most differences listed before the comparison stops counting them one by one.
 const DIFFERENCES_LISTED_MAX: usize = 20;

@@ -21,7 +21,7 @@ use tokio::runtime::Handle;
 use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
-use crate::engine::{checkpoint_head_meta, CheckpointCursor, CheckpointLoader, Engine};
+use engine::{checkpoint_head_meta, CheckpointCursor, CheckpointLoader, Engine};
 
 /// When a checkpoint is due: after this many batches or this long, whichever comes first (and
 /// only if at least one batch was committed since the last).

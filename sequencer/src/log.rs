@@ -50,7 +50,7 @@ pub fn reader_stalled_for(now_ms: i64, alive_ms: i64) -> Option<i64> {
 }
 
 fn reader_alive() {
-    READER_ALIVE_MS.store(wire::now_ms(), Ordering::Relaxed);
+    READER_ALIVE_MS.store(crate::clock::now_ms(), Ordering::Relaxed);
 }
 
 /// What the operator is told whenever the log is found lost.

@@ -471,7 +471,8 @@ fn status(database_url: &str, peers: &[String]) -> ExitCode {
     }
     for peer in peers {
         let url = format!("{}/status", peer.trim_end_matches('/'));
-        match admin::http_get(&url).and_then(|b| Ok(serde_json::from_str::<serde_json::Value>(&b)?)) {
+        let doc = rt.block_on(admin::http_get(&url));
+        match doc.and_then(|b| Ok(serde_json::from_str::<serde_json::Value>(&b)?)) {
             Ok(doc) => println!(
                 "{peer}: {} role {} epoch {} committed {} lag {} last batch {} ms ago ({} commands, commit {} us)",
                 doc["node_id"].as_str().unwrap_or("?"),

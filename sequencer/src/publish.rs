@@ -17,7 +17,7 @@ use rdkafka::ClientContext;
 use rustc_hash::FxHashMap;
 use wire::{IngressId, OutcomeBatch, Reply, Request};
 
-use crate::engine::BatchOutput;
+use engine::BatchOutput;
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq, Default)]
 pub struct Outbox {

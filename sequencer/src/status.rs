@@ -1,8 +1,11 @@
 //! The sequencer's own small HTTP surface: liveness, readiness and a status document an operator
 //! (or `sequencer status`) reads to see the role, epoch, committed offset and lag.
+//!
+//! It also holds [`Status`], the counters the runtime writes and these endpoints, the metrics and
+//! the periodic log read; the runtime imports it, never the other way round.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -11,9 +14,69 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
-use wire::{now_ms, Outcome, Reject};
+use wire::{Outcome, Reject};
 
-use crate::runtime::{Status, ROLE_ACTIVE, ROLE_LOG_LOST, ROLE_STANDBY};
+use crate::clock::now_ms;
+
+pub const ROLE_STARTING: u8 = 0;
+pub const ROLE_STANDBY: u8 = 1;
+pub const ROLE_ACTIVE: u8 = 2;
+pub const ROLE_STOPPED: u8 = 3;
+/// The requests log lost what Postgres decided: nothing is decided until `rebase-log`.
+pub const ROLE_LOG_LOST: u8 = 4;
+
+pub const LOADED_FROM_CHECKPOINT: u8 = 1;
+pub const LOADED_FROM_ROWS: u8 = 2;
+
+/// What the status endpoint and the logs report; written by the runtime, read by anyone.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub role: AtomicU8,
+    pub epoch: AtomicU64,
+    pub committed_offset: AtomicI64,
+    pub applied_batch_seq: AtomicU64,
+    pub log_end: Arc<AtomicI64>,
+    pub last_batch_ms: AtomicI64,
+    pub batches_committed: AtomicU64,
+    pub decisions: AtomicU64,
+    pub commands: AtomicU64,
+    pub last_commit_us: AtomicU64,
+    pub last_batch_size: AtomicU64,
+    /// The active is retrying a failed commit (Postgres unreachable): not ready.
+    pub commit_failing: AtomicBool,
+    /// When a standby last followed the leader's batches successfully (Unix ms).
+    pub last_follow_ms: AtomicI64,
+    /// Newest batch this process wrote a checkpoint for (0: none).
+    pub checkpoint_batch_seq: Arc<AtomicU64>,
+    /// How the state was last loaded ([`LOADED_FROM_CHECKPOINT`], [`LOADED_FROM_ROWS`]; 0 before
+    /// a load) and how long it took.
+    pub loaded_from: AtomicU8,
+    pub load_ms: AtomicU64,
+    /// The generation of the requests log this process reads.
+    pub log_generation: AtomicI64,
+    /// Why the requests log is lost, while it is (role `log_lost`).
+    pub log_lost: std::sync::Mutex<Option<String>>,
+}
+
+impl Status {
+    pub fn loaded_from_name(&self) -> Option<&'static str> {
+        match self.loaded_from.load(Ordering::Relaxed) {
+            LOADED_FROM_CHECKPOINT => Some("checkpoint"),
+            LOADED_FROM_ROWS => Some("rows"),
+            _ => None,
+        }
+    }
+
+    pub fn role_name(&self) -> &'static str {
+        match self.role.load(Ordering::Relaxed) {
+            ROLE_STANDBY => "standby",
+            ROLE_ACTIVE => "active",
+            ROLE_STOPPED => "stopped",
+            ROLE_LOG_LOST => "log_lost",
+            _ => "starting",
+        }
+    }
+}
 
 #[derive(Serialize)]
 pub struct StatusDoc {
@@ -87,7 +150,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 /// Per committed batch: a handful of series updates, nothing per request.
 pub fn record_batch(
-    out: &crate::engine::BatchOutput,
+    out: &engine::BatchOutput,
     commands: usize,
     decide: std::time::Duration,
     commit: std::time::Duration,

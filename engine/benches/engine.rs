@@ -8,14 +8,14 @@
 //! is replaced by a fresh one (untimed) every million requests, so its maps stay the size of one
 //! flash sale instead of growing without bound.
 //!
-//! Run: `cargo bench -p sequencer --bench engine`. Throughput is reported in elements/s, one
+//! Run: `cargo bench -p engine`. Throughput is reported in elements/s, one
 //! element per command: that is decisions/s.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sequencer::engine::Engine;
+use engine::Engine;
 use wire::{Command, Request, SkuConfig};
 
 const SKU: &str = "hot-sku";

@@ -25,9 +25,10 @@
 
 use wire::{Reject, ReservationStatus, SkuView};
 
-use super::{
-    refusal_user_len, Engine, Hashes, Index, Reservation, RestoreError, RowIdx, Span, User, NO_SKU,
-};
+use crate::index::{hash_request_id, narrow, Hashes, Index};
+use crate::output::RestoreError;
+use crate::state::{refusal_user_len, Engine, Reservation, Span, User, NO_SKU};
+use crate::RowIdx;
 
 const DELTA_VERSION: u8 = 1;
 const HEAD_VERSION: u8 = 1;
@@ -377,7 +378,7 @@ impl Engine {
                 let mut index = Index::with_capacity(rows.len());
                 for (i, r) in rows.iter().enumerate() {
                     let id = r.request_id();
-                    let hash = super::hash_request_id(id);
+                    let hash = hash_request_id(id);
                     if index
                         .find(hash, |row| rows[row as usize].request_id() == id)
                         .is_some()
@@ -404,7 +405,7 @@ impl Engine {
         for u in 0..self.users.len() as u32 {
             let name = self.user_name(u);
             let hash = Hashes::user_hash(name);
-            let narrow = super::narrow(hash);
+            let narrow = narrow(hash);
             if users
                 .find(narrow, |other| self.user_name(other) == name)
                 .is_some()

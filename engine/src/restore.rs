@@ -10,7 +10,10 @@ use std::cmp::Reverse;
 
 use wire::{Reject, RequestId, ReservationStatus, SkuView, StoredDecision};
 
-use super::{refusal_text, split_id, Engine, Hashes, Reservation, RestoreError, Sku, SkuIdx, Span};
+use crate::index::Hashes;
+use crate::output::{RestoreError, Snapshot};
+use crate::state::{refusal_text, split_id, Engine, Reservation, Sku, Span};
+use crate::SkuIdx;
 
 /// One decision row as read from the database, borrowing its strings from the row.
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +124,16 @@ impl Restorer {
 }
 
 impl Engine {
+    /// Rebuilds the engine from what Postgres holds, and refuses a snapshot whose counters do
+    /// not match its reservation rows: the invariants are checked again after reading back.
+    pub fn restore(snapshot: Snapshot) -> Result<Engine, RestoreError> {
+        let mut restorer = Restorer::new(snapshot.batch_seq, snapshot.clock_ms, snapshot.skus)?;
+        for d in &snapshot.decisions {
+            restorer.add(DecisionRef::from(d))?;
+        }
+        restorer.finish()
+    }
+
     /// Decision row `i` (in decision order) as it stands now, for comparing with the rows.
     pub fn decision(&self, i: usize) -> Option<DecisionRef<'_>> {
         let r = self.decisions.get(i)?;

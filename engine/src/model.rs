@@ -15,7 +15,7 @@ use wire::{
     SkuView,
 };
 
-use super::{BatchOutput, Decision, Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
+use crate::{BatchOutput, Decision, Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
 
 #[derive(Debug, Clone)]
 struct ModelSku {

@@ -1,0 +1,68 @@
+//! What the engine hands back: the outputs of a batch (what the persistence layer writes in one
+//! transaction), the snapshot a restore starts from, and why a restore is refused.
+
+use wire::{Outcome, Reject, RequestId, ReservationStatus, SkuView, StoredDecision};
+
+/// A new decision row: one per reserve command that was not a replay of an earlier key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Index of the command within the batch (the caller owns the strings; no copies here).
+    pub command_index: u32,
+    pub request_id: RequestId,
+    /// `Ok(expires_at_ms)` for a hold, `Err(reason)` for a refusal.
+    pub result: Result<i64, Reject>,
+}
+
+/// A reservation changed status within the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub reservation_id: RequestId,
+    pub status: ReservationStatus,
+    pub at_ms: i64,
+}
+
+/// Everything one batch decided and changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutput {
+    pub batch_seq: u64,
+    pub batch_time_ms: i64,
+    /// One per command, in command order.
+    pub outcomes: Vec<Outcome>,
+    pub decisions: Vec<Decision>,
+    pub transitions: Vec<Transition>,
+    /// Final state of every SKU the batch changed, in SKU creation order.
+    pub skus: Vec<SkuView>,
+}
+
+/// The engine's whole state as persisted: what start-up and takeover load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub batch_seq: u64,
+    pub clock_ms: i64,
+    pub skus: Vec<SkuView>,
+    pub decisions: Vec<StoredDecision>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("decision {request_id:032x} names sku {sku:?}, which is not in the snapshot")]
+    UnknownSku { request_id: RequestId, sku: String },
+    #[error("request id {request_id:032x} has two decision rows in the snapshot")]
+    DuplicateRequestId { request_id: RequestId },
+    #[error("idempotency key ({user_id:?}, {key:?}) appears twice in the snapshot")]
+    DuplicateKey { user_id: String, key: String },
+    #[error("sku {sku}: counters say held {held_counter}/sold {sold_counter} but the reservations add up to held {held_rows}/sold {sold_rows}")]
+    CountersDisagree {
+        sku: String,
+        held_counter: u64,
+        sold_counter: u64,
+        held_rows: u64,
+        sold_rows: u64,
+    },
+    #[error("sku {sku}: available + held + sold != total")]
+    StockInvariant { sku: String },
+    #[error("sku {sku} appears twice")]
+    DuplicateSku { sku: String },
+    #[error("user {user_id:?} appears twice")]
+    DuplicateUser { user_id: String },
+}
