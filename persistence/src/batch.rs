@@ -5,9 +5,10 @@
 //! lock, so a second writer blocks behind it and then fails its own fence; a deposed writer fails
 //! at once. Then decisions are inserted with `UNNEST` (one statement for the whole batch, not one
 //! per row), transitions applied, counters upserted and the batch row with its outbox written.
-//! Any CHECK violation (an oversell) aborts the whole batch. The fence statement and the last
-//! statement both extend the writer's lease, so a batch held up inside its transaction never
-//! lets the lease lapse while it holds the state row's lock.
+//! Any CHECK violation (an oversell) aborts the whole batch. The last statement extends the
+//! writer's lease from the database's clock just before COMMIT, so a batch held up inside its
+//! transaction never lets the lease lapse while it holds the state row's lock. (Extending it in
+//! the fence statement too would be undone by a rollback and overwritten by a commit.)
 
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
@@ -83,9 +84,7 @@ pub async fn commit_batch(
     let mut tx: Transaction<'_, Postgres> = sqlx::Connection::begin(conn).await?;
     let moved = sqlx::query(
         "UPDATE sequencer_state
-            SET next_offset = $1, batch_seq = $2, clock_ms = $3,
-                lease_expires_at = GREATEST(lease_expires_at,
-                                            clock_timestamp() + make_interval(secs => $6))
+            SET next_offset = $1, batch_seq = $2, clock_ms = $3
           WHERE id = 1 AND epoch = $4 AND next_offset = $5 AND batch_seq = $2 - 1",
     )
     .bind(batch.next_offset)
@@ -93,7 +92,6 @@ pub async fn commit_batch(
     .bind(batch.batch_time_ms)
     .bind(batch.epoch as i64)
     .bind(batch.first_offset)
-    .bind(batch.lease.as_secs_f64())
     .execute(&mut *tx)
     .await?
     .rows_affected();
