@@ -29,6 +29,8 @@ pub struct Options {
     pub sequencer_env: Vec<(usize, String, String)>,
     /// The broker to use (`host:port`); the shared one when `None`.
     pub brokers: Option<String>,
+    /// Wait for the ingress's `/readyz` at start (else only for `/healthz`).
+    pub wait_ingress_ready: bool,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             extra_ingress_env: Vec::new(),
             sequencer_env: Vec::new(),
             brokers: None,
+            wait_ingress_ready: true,
         }
     }
 }
@@ -119,7 +122,12 @@ impl Stack {
         stack.wait_for_active(Duration::from_secs(60)).await?;
         stack.base = format!("http://127.0.0.1:{}", stack.ingress_port);
         stack.spawn_ingress()?;
-        stack.wait_ready(Duration::from_secs(60)).await?;
+        let probe = if options.wait_ingress_ready {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
+        stack.wait_answers(probe, Duration::from_secs(60)).await?;
         Ok(stack)
     }
 
@@ -237,15 +245,20 @@ impl Stack {
     }
 
     pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+        self.wait_answers("/readyz", within).await
+    }
+
+    /// Waits until `GET path` on the ingress answers 2xx.
+    async fn wait_answers(&self, path: &str, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+            if let Ok(r) = self.http.get(format!("{}{path}", self.base)).send().await {
                 if r.status().is_success() {
                     return Ok(());
                 }
             }
             if Instant::now() > deadline {
-                bail!("ingress not ready within {within:?}");
+                bail!("ingress: {path} not 2xx within {within:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -351,6 +364,16 @@ impl Stack {
                 .await?,
         )
         .await
+    }
+
+    /// The ingress's Prometheus text.
+    pub async fn ingress_metrics(&self) -> anyhow::Result<String> {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?;
+        Ok(r.error_for_status()?.text().await?)
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {

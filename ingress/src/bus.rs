@@ -14,13 +14,14 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 use wire::{IngressId, Outcome, OutcomeBatch, Request, RequestId};
 
 use crate::metrics::HopTimers;
+use crate::producer::{self, ProducerSlot};
 
 const PENDING_SHARDS: usize = 64;
 
@@ -87,7 +88,7 @@ pub enum SendError {
 
 pub struct Bus {
     pub ingress_id: IngressId,
-    producer: FutureProducer,
+    producer: Arc<ProducerSlot>,
     requests_topic: String,
     pending: Arc<Pending>,
     outcome_timeout: Duration,
@@ -116,7 +117,8 @@ impl Bus {
         hops: HopTimers,
     ) -> anyhow::Result<Bus> {
         let ingress_id: IngressId = rand_u64();
-        let producer: FutureProducer = kafka_config()
+        let mut producer_config = kafka_config();
+        producer_config
             .set("bootstrap.servers", brokers)
             // librdkafka leaves Nagle on by default: small requests then wait for delayed
             // ACKs (tens of ms on loopback), and every request waits on this hop.
@@ -136,9 +138,27 @@ impl Bus {
             )
             // Reconnect quickly after a broker restart (librdkafka's defaults back off to 10 s).
             .set("reconnect.backoff.ms", "50")
-            .set("reconnect.backoff.max.ms", "1000")
-            .create()
-            .context("creating the requests producer")?;
+            .set("reconnect.backoff.max.ms", "1000");
+        // Drill knob: the first producer bootstraps from these addresses instead. One where
+        // nothing listens makes a producer that never delivers while the broker is fine, the
+        // case the watchdog is for; its replacements use BROKERS.
+        let first = std::env::var("FAULT_FIRST_PRODUCER_BROKERS").ok().map(|b| {
+            let mut c = producer_config.clone();
+            c.set("bootstrap.servers", b);
+            c
+        });
+        let slot = Arc::new(ProducerSlot::new(producer_config, first)?);
+        let mut probe_config = kafka_config();
+        probe_config.set("bootstrap.servers", brokers);
+        // Longer than any append may take (the message timeout), so that only a producer that
+        // has failed every append for that long is replaced.
+        let stuck = outcome_timeout.max(Duration::from_secs(1)) + Duration::from_secs(1);
+        tokio::spawn(producer::watch(
+            slot.clone(),
+            probe_config,
+            requests_topic.to_owned(),
+            stuck,
+        ));
         let pending = Arc::new(Pending::new());
         let health = Arc::new(BusHealth::default());
         let consumer: BaseConsumer = kafka_config()
@@ -176,7 +196,7 @@ impl Bus {
         );
         Ok(Bus {
             ingress_id,
-            producer,
+            producer: slot,
             requests_topic: requests_topic.to_owned(),
             pending,
             outcome_timeout,
@@ -191,7 +211,12 @@ impl Bus {
 
     /// Messages handed to librdkafka and not yet acknowledged (or failed) by the broker.
     pub fn producer_queue_depth(&self) -> i32 {
-        self.producer.in_flight_count()
+        self.producer.current().in_flight_count()
+    }
+
+    /// How many times the watchdog replaced a wedged producer.
+    pub fn producer_replacements(&self) -> &AtomicU64 {
+        &self.producer.replacements
     }
 
     /// A handle for probing the broker through the producer's own client.
@@ -226,15 +251,20 @@ impl Bus {
             FutureRecord::to(&self.requests_topic).payload(&payload[..]);
         let deadline = tokio::time::Instant::now() + self.outcome_timeout;
         let appending = std::time::Instant::now();
-        match self.producer.send(record, Duration::ZERO).await {
+        let producer = self.producer.current();
+        match producer.send(record, Duration::ZERO).await {
             Ok(_) => {
+                self.producer.delivered();
                 self.append_latency
                     .record(appending.elapsed().as_secs_f64());
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(SendError::Overloaded)
             }
-            Err((e, _)) => return Err(SendError::Unknown(format!("append failed: {e}"))),
+            Err((e, _)) => {
+                self.producer.failed();
+                return Err(SendError::Unknown(format!("append failed: {e}")));
+            }
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),
@@ -262,14 +292,14 @@ impl Drop for Waiting<'_> {
 /// producer itself reaches the partition's leader). Blocking: call from a blocking thread.
 #[derive(Clone)]
 pub struct BrokerProbe {
-    producer: FutureProducer,
+    producer: Arc<ProducerSlot>,
     requests_topic: String,
 }
 
 impl BrokerProbe {
     /// The end offset of the requests topic's partition 0.
     pub fn requests_high_watermark(&self) -> Result<i64, KafkaError> {
-        let (_, high) = self.producer.client().fetch_watermarks(
+        let (_, high) = self.producer.current().client().fetch_watermarks(
             &self.requests_topic,
             0,
             Duration::from_millis(1_000),

@@ -13,4 +13,5 @@ pub mod bus;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod producer;
 pub mod server;

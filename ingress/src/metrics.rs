@@ -76,6 +76,7 @@ pub struct Metrics {
     refusals: [Counter; 5],
     pub writes_in_flight: Gauge,
     pub producer_queue_depth: Gauge,
+    pub producer_replacements: Counter,
     pub outcome_messages: Counter,
     pub outcomes_received: Counter,
     pub outcomes_unclaimed: Counter,
@@ -157,6 +158,11 @@ impl Metrics {
             "messages in librdkafka's queue not yet acknowledged by the broker",
         );
         describe(
+            "ingress_producer_replacements_total",
+            None,
+            "times a wedged requests producer was replaced by a new one (appends failing while a new client reaches the broker)",
+        );
+        describe(
             "ingress_admission_refused_total",
             None,
             "writes refused before reaching the log, by reason (in_flight, lag, rate_limited, queue_full)",
@@ -230,6 +236,7 @@ impl Metrics {
             refusals,
             writes_in_flight: gauge("ingress_writes_in_flight"),
             producer_queue_depth: gauge("ingress_producer_queue_depth"),
+            producer_replacements: counter("ingress_producer_replacements_total", vec![]),
             outcome_messages: counter("ingress_outcome_messages_total", vec![]),
             outcomes_received: counter("ingress_outcomes_received_total", vec![]),
             outcomes_unclaimed: counter("ingress_outcomes_unclaimed_total", vec![]),

@@ -7,12 +7,6 @@ use systest::kafka::KafkaBroker;
 use systest::load::{now_ms, under_load, verify, Load};
 use systest::{Options, Stack};
 
-// Not run by default: on 2026-12-02 it passed 13 runs, then failed in a clean-clone CI run on a
-// quiet machine. After the broker came back, the ingress's idempotent producer appended nothing
-// for over 30 s (librdkafka: REQTMOUT, 2 requests stuck in the out-queue of the broker's
-// connection). Run it with `cargo test -p systest --test broker_restart -- --ignored`
-// (docs/OPERATIONS.md, "Broker restart or crash").
-#[ignore = "flaky: the ingress producer sometimes does not recover within 30 s of a broker restart"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_broker_under_load_loses_nothing_and_needs_no_operator() {
     let mut broker = KafkaBroker::start("broker_restart").unwrap();

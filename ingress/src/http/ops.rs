@@ -126,6 +126,7 @@ fn refresh_gauges(app: &App) {
     m.writes_in_flight.set(app.bus.in_flight() as f64);
     m.producer_queue_depth
         .set(f64::from(app.bus.producer_queue_depth()));
+    sync_counter(&m.producer_replacements, app.bus.producer_replacements());
     sync_counter(&m.outcome_messages, &health.outcome_messages);
     m.outcomes_received.absolute(
         health.replies_delivered.load(Ordering::Relaxed)
