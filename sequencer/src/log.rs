@@ -49,6 +49,38 @@ pub fn reader_stalled_for(now_ms: i64, alive_ms: i64) -> Option<i64> {
     (alive_ms == 0 || age > READER_STALL_MAX_MS).then_some(age)
 }
 
+/// Exits the process (code 1: a restart fixes it) once the log reader has made no progress for
+/// more than `exit_ms`: a stuck reader holds no lock, but a leader whose reader is stuck keeps
+/// its lease and decides nothing, so only its exit lets a standby take over.
+pub async fn exit_when_reader_stalls(exit_ms: i64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let alive = READER_ALIVE_MS.load(Ordering::Relaxed);
+        if alive == 0 {
+            continue; // no reader started yet
+        }
+        if let Some(ms) =
+            reader_stalled_for(crate::clock::now_ms(), alive).filter(|ms| *ms > exit_ms)
+        {
+            tracing::error!(
+                stalled_ms = ms,
+                "the log reader has made no progress for {ms} ms (READER_STALL_EXIT_MS \
+                 {exit_ms}): exiting with code 1 so that a standby takes over"
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Drill knob `FAULT_READER_STALL_AT_OFFSET`: the reader hangs before it reads this offset, as
+/// one stuck in a call would (no progress, no error), until the process stops.
+fn stall_at_offset() -> Option<i64> {
+    std::env::var("FAULT_READER_STALL_AT_OFFSET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 fn reader_alive() {
     READER_ALIVE_MS.store(crate::clock::now_ms(), Ordering::Relaxed);
 }
@@ -429,7 +461,18 @@ impl Reader {
     fn read_loop(&self, consumer: BaseConsumer, from_offset: i64, tx: Sender<LogEvent>) {
         let topic = self.identity.topic.as_str();
         let mut expected = from_offset;
+        let stall_at = stall_at_offset();
         while !self.stop.load(Ordering::Relaxed) {
+            if stall_at.is_some_and(|at| expected >= at) {
+                tracing::warn!(
+                    offset = expected,
+                    "FAULT_READER_STALL_AT_OFFSET: the reader hangs"
+                );
+                while !self.stop.load(Ordering::Relaxed) {
+                    thread::sleep(POLL_TIMEOUT);
+                }
+                return;
+            }
             if let Some(why) = self.lost.get() {
                 // The watcher found it first.
                 let _ = offer(&tx, LogEvent::Lost(why.clone()), &self.stop);

@@ -174,6 +174,11 @@ struct RunArgs {
     /// ready, until `sequencer rebase-log` (for supervisors that alert on exits).
     #[arg(long, env = "EXIT_ON_LOG_LOST")]
     exit_on_log_lost: bool,
+    /// A log reader that has made no progress for this long (stuck in a call) makes the process
+    /// exit with code 1, so that a standby takes over and a supervisor restarts it; 0 = never.
+    /// It is not ready well before (after 5 s).
+    #[arg(long, env = "READER_STALL_EXIT_MS", default_value_t = 15_000)]
+    reader_stall_exit_ms: i64,
 }
 
 /// glibc's malloc was ~15% of the ingress's CPU under load (perf, 25k requests/s): every request
@@ -350,6 +355,13 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if args.reader_stall_exit_ms > 0 {
+        sequencer
+            .runtime()
+            .spawn(sequencer::log::exit_when_reader_stalls(
+                args.reader_stall_exit_ms,
+            ));
+    }
     sequencer.runtime().spawn(sequencer::status::watch_oversell(
         sequencer.pool().clone(),
         Duration::from_secs(5),
