@@ -35,7 +35,7 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const MID_BATCH_LOOKBACK: i64 = 16_384;
 
 /// When the log reader thread last made progress (a poll returned, or it handed a message on or
-/// waited on a full channel), unix ms; 0 = no reader yet. One reader per process at a time.
+/// waited on a full channel), unix ms; 0 = no reader running. One reader per process at a time.
 pub static READER_ALIVE_MS: AtomicI64 = AtomicI64::new(0);
 
 /// A reader that has made no progress for this long is stalled (stopped, or stuck in a call):
@@ -58,7 +58,7 @@ pub async fn exit_when_reader_stalls(exit_ms: i64) {
         tick.tick().await;
         let alive = READER_ALIVE_MS.load(Ordering::Relaxed);
         if alive == 0 {
-            continue; // no reader started yet
+            continue; // no reader running
         }
         if let Some(ms) =
             reader_stalled_for(crate::clock::now_ms(), alive).filter(|ms| *ms > exit_ms)
@@ -83,6 +83,17 @@ fn stall_at_offset() -> Option<i64> {
 
 fn reader_alive() {
     READER_ALIVE_MS.store(crate::clock::now_ms(), Ordering::Relaxed);
+}
+
+/// Clears [`READER_ALIVE_MS`] when the reader thread ends (the log found lost, or the reader
+/// stopped for a role change or a reload): no reader running is not a stalled reader, and a
+/// sequencer waiting for `rebase-log` or loading its state must not be made to exit.
+struct ReaderGone;
+
+impl Drop for ReaderGone {
+    fn drop(&mut self) {
+        READER_ALIVE_MS.store(0, Ordering::Relaxed);
+    }
 }
 
 /// What the operator is told whenever the log is found lost.
@@ -459,6 +470,7 @@ impl Reader {
     /// longer has, or a topic that was deleted or replaced stops the reader with
     /// [`LogEvent::Lost`], never a skip.
     fn read_loop(&self, consumer: BaseConsumer, from_offset: i64, tx: Sender<LogEvent>) {
+        let _gone = ReaderGone;
         let topic = self.identity.topic.as_str();
         let mut expected = from_offset;
         let stall_at = stall_at_offset();
