@@ -7,8 +7,10 @@
 //!
 //! So every append reports to [`ProducerSlot`], and [`watch`] checks once a second: when appends
 //! have failed and none has been acknowledged for longer than an append may take (the message
-//! timeout), and a brand-new client reaches the broker and finds the requests topic's leader,
-//! the producer is wedged, not the broker: the watchdog puts a new producer in its place. The
+//! timeout), and brand-new clients have reached the broker and found the requests topic's
+//! leader for [`BROKER_BACK_GRACE_MS`] (time enough for a healthy producer to reconnect and get
+//! its producer id after a restart), the producer is wedged, not the broker: the watchdog puts
+//! a new producer in its place. The
 //! old one is dropped once every append it held has failed (a request whose append failed got a
 //! 504 and retries with its key: nothing is lost or decided twice).
 
@@ -22,6 +24,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 
 use crate::bus::now_ms;
+
+/// How long the broker must have been reachable by a new client, while the producer still
+/// delivers nothing, before the producer counts as wedged. A healthy one reconnects within its
+/// reconnect backoff (at most 1 s) and then acquires its producer id.
+pub const BROKER_BACK_GRACE_MS: i64 = 3_000;
 
 pub struct ProducerSlot {
     current: RwLock<FutureProducer>,
@@ -142,6 +149,8 @@ pub async fn watch(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retired: Option<(FutureProducer, i64)> = None;
+    // Since when new clients have found the broker serving while the producer looked wedged.
+    let mut reachable_since: Option<i64> = None;
     loop {
         tick.tick().await;
         let now = now_ms();
@@ -154,6 +163,7 @@ pub async fn watch(
             }
         }
         if !slot.looks_wedged(now, stuck_ms) {
+            reachable_since = None;
             continue;
         }
         let (config, t) = (probe_config.clone(), topic.clone());
@@ -162,18 +172,26 @@ pub async fn watch(
             // The broker is down or has no leader: a new producer would not help.
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "appends fail and the broker does not answer either");
+                reachable_since = None;
                 continue;
             }
             Err(e) => {
                 tracing::error!(error = %e, "broker check panicked");
+                reachable_since = None;
                 continue;
             }
         }
+        // The broker is back: give the producer its chance to reconnect first.
+        if now - *reachable_since.get_or_insert(now) < BROKER_BACK_GRACE_MS {
+            continue;
+        }
+        reachable_since = None;
         match slot.replace() {
             Ok(old) => {
                 tracing::warn!(
                     stuck_ms,
-                    "no append acknowledged while a new client reaches the broker: \
+                    grace_ms = BROKER_BACK_GRACE_MS,
+                    "no append acknowledged while new clients reach the broker: \
                      replaced the requests producer"
                 );
                 if let Some((older, _)) = retired.replace((old, now)) {
