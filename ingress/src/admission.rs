@@ -26,6 +26,10 @@ use crate::metrics::{Metrics, Refusal};
 /// holds); readiness reports the broker separately.
 pub const LAG_SIGNAL_STALE_MS: i64 = 5_000;
 
+/// Longer than this between two lag measurements (beyond the poll interval) is a gap: the stall
+/// clock restarts at the next measurement.
+const MEASUREMENT_GAP_MS: i64 = 1_000;
+
 /// The latest cheap signals about the log and the broker, written by [`LagMonitor::run`].
 #[derive(Default)]
 pub struct LagMonitor {
@@ -128,6 +132,14 @@ impl LagMonitor {
                 let lag = (h - c).max(0);
                 let now = now_ms();
                 self.lag.store(lag, Ordering::Relaxed);
+                // Measuring again after a gap (the broker or Postgres was away): whether the
+                // sequencer progressed meanwhile is unknown, and it could not while the broker
+                // was away. Its STALL_MAX_MS starts now, not at the last progress seen before
+                // the gap (which refused every write at the broker's return).
+                let gap = now - self.measured_ms.load(Ordering::Relaxed);
+                if gap > every.as_millis() as i64 + MEASUREMENT_GAP_MS {
+                    self.progress_ms.store(now, Ordering::Relaxed);
+                }
                 if lag == 0 || last_committed != Some(c) {
                     self.progress_ms.store(now, Ordering::Relaxed);
                     if warned_stall {

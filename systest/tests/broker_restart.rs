@@ -106,6 +106,20 @@ async fn killing_the_broker_under_load_loses_nothing_and_needs_no_operator() {
     // every request decided once, the audit clean.
     let verdict = verify(&stack, "hot", &answers).await.unwrap();
     println!("broker restart under load: {verdict:?}");
+    // While the broker is away writes time out (504, retried above); none is refused otherwise:
+    // not while it is away (no fresh lag signal), not at its return (the stall clock restarts
+    // when the lag is measured again after a gap).
+    let refused: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status >= 500 && a.status != 504 || a.status == 0)
+        .take(5)
+        .map(|a| (a.status, a.body.clone()))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} 5xx answers: {refused:?}",
+        verdict.errors_5xx
+    );
     let row = stack.sku_row("hot").await.unwrap();
     assert_eq!(row["held"], 2_000, "all units held, none oversold");
 
