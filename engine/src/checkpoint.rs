@@ -25,7 +25,7 @@
 
 use wire::{Reject, ReservationStatus, SkuView};
 
-use crate::index::{hash_request_id, narrow, Hashes, Index};
+use crate::index::{narrow, Index};
 use crate::output::RestoreError;
 use crate::state::{refusal_user_len, Engine, Reservation, Span, User, NO_SKU};
 use crate::RowIdx;
@@ -197,14 +197,17 @@ pub fn head_meta(head: &[u8]) -> Result<CheckpointMeta, CheckpointError> {
 }
 
 /// Rebuilds an engine from deltas 1..=n, in order, then the head.
-#[derive(Default)]
 pub struct CheckpointLoader {
     engine: Engine,
 }
 
 impl CheckpointLoader {
-    pub fn new() -> Self {
-        Self::default()
+    /// `hash_seed` is the stored state's: the indexes are rebuilt with it (a checkpoint holds
+    /// rows, not indexes, so it does not depend on the seed).
+    pub fn new(hash_seed: u64) -> Self {
+        CheckpointLoader {
+            engine: Engine::with_hash_seed(hash_seed),
+        }
     }
 
     /// Where the state loaded so far ends.
@@ -373,12 +376,13 @@ impl Engine {
     fn build_indexes(&mut self) -> Result<(), RestoreError> {
         let rows = &self.decisions;
         let this = &*self;
+        let hash_key = &self.hash_key;
         let (by_request, keyed) = std::thread::scope(|scope| {
             let by_request = scope.spawn(move || {
                 let mut index = Index::with_capacity(rows.len());
                 for (i, r) in rows.iter().enumerate() {
                     let id = r.request_id();
-                    let hash = hash_request_id(id);
+                    let hash = hash_key.request(id);
                     if index
                         .find(hash, |row| rows[row as usize].request_id() == id)
                         .is_some()
@@ -404,7 +408,7 @@ impl Engine {
         let mut user_hashes = Vec::with_capacity(self.users.len());
         for u in 0..self.users.len() as u32 {
             let name = self.user_name(u);
-            let hash = Hashes::user_hash(name);
+            let hash = self.hash_key.user(name);
             let narrow = narrow(hash);
             if users
                 .find(narrow, |other| self.user_name(other) == name)
@@ -421,10 +425,10 @@ impl Engine {
         for (i, r) in self.decisions.iter().enumerate() {
             let (user_id, key) = (self.row_user_id(r), self.key(r));
             let user_hash = match refusal_user_len(r.user) {
-                Some(_) => Hashes::user_hash(user_id),
+                Some(_) => self.hash_key.user(user_id),
                 None => user_hashes[r.user as usize],
             };
-            let hash = Hashes::key_hash(user_hash, key);
+            let hash = self.hash_key.key(user_hash, key);
             let found = by_key.find(hash, |row| {
                 let other = &self.decisions[row as usize];
                 self.key(other) == key && self.row_user_id(other) == user_id

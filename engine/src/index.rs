@@ -3,7 +3,8 @@
 
 use std::hash::Hasher;
 
-use rustc_hash::FxHasher;
+use foldhash::fast::FoldHasher;
+use foldhash::SharedSeed;
 use wire::{Command, Request, RequestId};
 
 /// An insert-only hash index over rows kept elsewhere: it maps a key's 32-bit hash to row
@@ -117,55 +118,84 @@ pub(crate) struct Hashes {
     pub(crate) request: u32,
 }
 
-impl Hashes {
-    /// Fx hashing, each narrowed to 32 bits by [`narrow`]: fast and deterministic, and, like
-    /// the Fx maps before it, not flood-resistant (a client crafting colliding idempotency keys
-    /// would slow its own lookups down, never make them wrong).
-    pub(crate) fn new(request_id: RequestId, user_id: &str, key: &str) -> Hashes {
-        let user = Hashes::user_hash(user_id);
+/// The engine's keyed hash: foldhash with a 64-bit seed. The seed is stored with the state
+/// (`sequencer_state.hash_seed`, random per database), so every process that loads the state
+/// (leader and standby) hashes alike, and a client that does not know it cannot craft ids or
+/// keys that collide and slow the single writer down for everyone. Seed 0 (tests, benchmarks)
+/// is as good a hash, only a known one.
+#[derive(Debug, Clone)]
+pub(crate) struct HashKey {
+    seed: u64,
+    shared: SharedSeed,
+}
+
+impl Default for HashKey {
+    fn default() -> Self {
+        HashKey::new(0)
+    }
+}
+
+impl HashKey {
+    pub(crate) fn new(seed: u64) -> HashKey {
+        HashKey {
+            seed,
+            shared: SharedSeed::from_u64(seed),
+        }
+    }
+
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    fn hasher(&self) -> FoldHasher<'_> {
+        FoldHasher::with_seed(self.seed, &self.shared)
+    }
+
+    /// The hashes of a reserve command's keys, each narrowed to 32 bits by [`narrow`].
+    pub(crate) fn hashes(&self, request_id: RequestId, user_id: &str, key: &str) -> Hashes {
+        let user = self.user(user_id);
         Hashes {
             user: narrow(user),
-            key: Hashes::key_hash(user, key),
-            request: hash_request_id(request_id),
+            key: self.key(user, key),
+            request: self.request(request_id),
         }
     }
 
     /// The full hash of a user id ([`Hashes::user`] is it narrowed).
-    pub(crate) fn user_hash(user_id: &str) -> u64 {
-        let mut user = FxHasher::default();
-        user.write(user_id.as_bytes());
-        user.finish()
+    pub(crate) fn user(&self, user_id: &str) -> u64 {
+        let mut h = self.hasher();
+        h.write(user_id.as_bytes());
+        h.finish()
     }
 
     /// [`Hashes::key`] from the user id's full hash: from the id's hash, not the user's index,
     /// because a new user has none yet.
-    pub(crate) fn key_hash(user_hash: u64, key: &str) -> u32 {
-        let mut user_key = FxHasher::default();
-        user_key.write_u64(user_hash);
-        user_key.write(key.as_bytes());
-        narrow(user_key.finish())
+    pub(crate) fn key(&self, user_hash: u64, key: &str) -> u32 {
+        let mut h = self.hasher();
+        h.write_u64(user_hash);
+        h.write(key.as_bytes());
+        narrow(h.finish())
     }
 
-    pub(crate) fn of(request: &Request) -> Option<Hashes> {
+    pub(crate) fn request(&self, id: RequestId) -> u32 {
+        let mut h = self.hasher();
+        h.write_u128(id);
+        narrow(h.finish())
+    }
+
+    pub(crate) fn of(&self, request: &Request) -> Option<Hashes> {
         match &request.command {
             Command::Reserve {
                 user_id,
                 idempotency_key,
                 ..
-            } => Some(Hashes::new(request.request_id, user_id, idempotency_key)),
+            } => Some(self.hashes(request.request_id, user_id, idempotency_key)),
             _ => None,
         }
     }
 }
 
-pub(crate) fn hash_request_id(id: RequestId) -> u32 {
-    let mut h = FxHasher::default();
-    h.write_u128(id);
-    narrow(h.finish())
-}
-
-/// 64 hash bits to 32 by a full multiply, which spreads every input bit over the result (Fx
-/// alone leaves bits that do not depend on parts of its input, e.g. for ids like `n << 32`).
+/// 64 hash bits to 32 by a full multiply, which spreads every input bit over the result.
 pub(crate) fn narrow(h: u64) -> u32 {
     let p = u128::from(h) * 0x9E37_79B9_7F4A_7C15_u128;
     ((p >> 64) as u64 ^ p as u64) as u32

@@ -4,7 +4,6 @@
 use rustc_hash::FxHashMap;
 use wire::ReservationStatus;
 
-use crate::index::Hashes;
 use crate::state::{refusal_user_len, Engine, Sku, NO_SKU};
 use crate::{RowIdx, SkuIdx, UserIdx, STOCK_MAX};
 
@@ -104,7 +103,7 @@ impl Engine {
                 refusal_user_len(r.user).is_some(),
                 "decision {id:032x}: a refusal keeps its user id, a grant names a user"
             );
-            let hashes = Hashes::new(id, user, key);
+            let hashes = self.hash_key.hashes(id, user, key);
             assert_eq!(
                 self.find_request(hashes.request, id),
                 Some(i as RowIdx),
@@ -122,7 +121,7 @@ impl Engine {
         }
         for u in 0..self.users.len() as UserIdx {
             let name = self.user_name(u);
-            let hashes = Hashes::new(0, name, "");
+            let hashes = self.hash_key.hashes(0, name, "");
             assert_eq!(
                 self.find_user(hashes.user, name),
                 Some(u),

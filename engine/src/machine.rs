@@ -9,7 +9,7 @@ use wire::{
     SkuView,
 };
 
-use crate::index::{prefetch, Hashes};
+use crate::index::{prefetch, HashKey, Hashes};
 use crate::output::{BatchOutput, Decision, Transition};
 use crate::state::{refusal_text, split_id, Engine, Reservation, Sku, Span};
 use crate::{RowIdx, SkuIdx, UserIdx, QUANTITY_MAX, STOCK_MAX};
@@ -36,6 +36,19 @@ struct NewReserve<'a> {
 }
 
 impl Engine {
+    /// An empty engine whose indexes hash with `seed` (`sequencer_state.hash_seed`).
+    pub fn with_hash_seed(seed: u64) -> Self {
+        Engine {
+            hash_key: HashKey::new(seed),
+            ..Engine::default()
+        }
+    }
+
+    /// The seed of the engine's keyed hash.
+    pub fn hash_seed(&self) -> u64 {
+        self.hash_key.seed()
+    }
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -94,7 +107,7 @@ impl Engine {
         let mut ahead = [None; RING];
         for step in 0..requests.len() + 3 * STAGE {
             if let Some(request) = requests.get(step) {
-                let hashes = Hashes::of(request);
+                let hashes = self.hash_key.of(request);
                 if let Some(h) = hashes {
                     self.user_index.prefetch(h.user);
                     self.by_key.prefetch(h.key);

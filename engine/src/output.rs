@@ -37,6 +37,8 @@ pub struct BatchOutput {
 /// The engine's whole state as persisted: what start-up and takeover load.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The seed of the engine's keyed hash (`sequencer_state.hash_seed`).
+    pub hash_seed: u64,
     pub batch_seq: u64,
     pub clock_ms: i64,
     pub skus: Vec<SkuView>,

@@ -10,7 +10,6 @@ use std::cmp::Reverse;
 
 use wire::{Reject, RequestId, ReservationStatus, SkuView, StoredDecision};
 
-use crate::index::Hashes;
 use crate::output::{RestoreError, Snapshot};
 use crate::state::{refusal_text, split_id, Engine, Reservation, Sku, Span};
 use crate::SkuIdx;
@@ -48,7 +47,9 @@ pub struct Restorer {
 }
 
 impl Restorer {
+    /// `hash_seed` is the stored state's (`Snapshot::hash_seed`).
     pub fn new(
+        hash_seed: u64,
         batch_seq: u64,
         clock_ms: i64,
         skus: Vec<SkuView>,
@@ -56,7 +57,7 @@ impl Restorer {
         let mut engine = Engine {
             batch_seq,
             clock_ms,
-            ..Engine::default()
+            ..Engine::with_hash_seed(hash_seed)
         };
         engine.set_skus(skus)?;
         Ok(Restorer { engine })
@@ -65,7 +66,9 @@ impl Restorer {
     /// Adds the next decision row.
     pub fn add(&mut self, d: DecisionRef<'_>) -> Result<(), RestoreError> {
         let engine = &mut self.engine;
-        let hashes = Hashes::new(d.request_id, d.user_id, d.idempotency_key);
+        let hashes = engine
+            .hash_key
+            .hashes(d.request_id, d.user_id, d.idempotency_key);
         if engine.find_request(hashes.request, d.request_id).is_some() {
             return Err(RestoreError::DuplicateRequestId {
                 request_id: d.request_id,
@@ -127,7 +130,12 @@ impl Engine {
     /// Rebuilds the engine from what Postgres holds, and refuses a snapshot whose counters do
     /// not match its reservation rows: the invariants are checked again after reading back.
     pub fn restore(snapshot: Snapshot) -> Result<Engine, RestoreError> {
-        let mut restorer = Restorer::new(snapshot.batch_seq, snapshot.clock_ms, snapshot.skus)?;
+        let mut restorer = Restorer::new(
+            snapshot.hash_seed,
+            snapshot.batch_seq,
+            snapshot.clock_ms,
+            snapshot.skus,
+        )?;
         for d in &snapshot.decisions {
             restorer.add(DecisionRef::from(d))?;
         }

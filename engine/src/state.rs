@@ -7,7 +7,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use wire::{Reject, RequestId, ReservationStatus, ReservationView, SkuConfig, SkuView};
 
-use crate::index::{hash_request_id, Index};
+use crate::index::{HashKey, Index};
 use crate::{RowIdx, SkuIdx, UserIdx};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +169,8 @@ pub struct Engine {
     /// Time of the last batch: batch time never goes backwards, even if the wall clock does.
     pub(crate) clock_ms: i64,
     pub(crate) batch_seq: u64,
+    /// The keyed hash of the indexes (seeded from the stored state).
+    pub(crate) hash_key: HashKey,
 }
 
 impl Engine {
@@ -236,7 +238,7 @@ impl Engine {
 
     /// The row of reservation `id`: a granted decision (a refusal created no reservation).
     pub(crate) fn reservation_row(&self, id: RequestId) -> Option<RowIdx> {
-        self.find_request(hash_request_id(id), id)
+        self.find_request(self.hash_key.request(id), id)
             .filter(|&row| self.decisions[row as usize].status.is_ok())
     }
 

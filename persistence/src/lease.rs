@@ -15,12 +15,14 @@ pub struct SequencerState {
     pub next_offset: i64,
     pub batch_seq: u64,
     pub clock_ms: i64,
+    /// The seed of the engine's keyed hash (set once, at migration).
+    pub hash_seed: u64,
     pub leader: Option<String>,
     /// Milliseconds until the current lease lapses (negative when it has lapsed).
     pub lease_remaining_ms: i64,
 }
 
-const SELECT_STATE: &str = "SELECT epoch, next_offset, batch_seq, clock_ms, leader,
+const SELECT_STATE: &str = "SELECT epoch, next_offset, batch_seq, clock_ms, hash_seed, leader,
         (EXTRACT(EPOCH FROM (lease_expires_at - now())) * 1000)::float8 AS remaining_ms
    FROM sequencer_state WHERE id = 1";
 
@@ -31,6 +33,7 @@ fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<SequencerState, sqlx::E
         next_offset: row.try_get("next_offset")?,
         batch_seq: row.try_get::<i64, _>("batch_seq")? as u64,
         clock_ms: row.try_get("clock_ms")?,
+        hash_seed: row.try_get::<i64, _>("hash_seed")? as u64,
         leader: row.try_get("leader")?,
         // '-infinity' lease: lapsed long ago.
         lease_remaining_ms: remaining
@@ -57,7 +60,7 @@ pub async fn try_acquire(
             SET epoch = epoch + 1, leader = $1,
                 lease_expires_at = now() + make_interval(secs => $2)
           WHERE id = 1 AND lease_expires_at < now()
-      RETURNING epoch, next_offset, batch_seq, clock_ms, leader,
+      RETURNING epoch, next_offset, batch_seq, clock_ms, hash_seed, leader,
                 (EXTRACT(EPOCH FROM (lease_expires_at - now())) * 1000)::float8 AS remaining_ms",
     )
     .bind(holder)

@@ -24,7 +24,8 @@ pub fn checkpoint_against_rows(
         return Ok((None, Vec::new()));
     };
     let batch_seq = stored.batch_seq;
-    let engine = match crate::checkpointer::load(rt, pool, &stored) {
+    let hash_seed = rt.block_on(persistence::lease::read_state(pool))?.hash_seed;
+    let engine = match crate::checkpointer::load(rt, pool, &stored, hash_seed) {
         Ok(engine) => engine,
         Err(e) => {
             return Ok((

@@ -190,6 +190,7 @@ pub fn load(
     rt: &Runtime,
     pool: &PgPool,
     stored: &checkpoint::StoredCheckpoint,
+    hash_seed: u64,
 ) -> anyhow::Result<Engine> {
     let (deltas_tx, deltas_rx) = crossbeam_channel::bounded::<Vec<u8>>(2);
     let (pool, count) = (pool.clone(), stored.deltas);
@@ -201,7 +202,7 @@ pub fn load(
         })
         .await
     });
-    let mut loader = CheckpointLoader::new();
+    let mut loader = CheckpointLoader::new(hash_seed);
     let mut applied = Ok(());
     for raw in deltas_rx {
         applied = loader.apply_delta(&raw);

@@ -17,7 +17,7 @@ fn cut(engine: &Engine, chain: &mut Vec<Vec<u8>>, from: CheckpointCursor) -> Che
 }
 
 fn load(chain: &[Vec<u8>], head: &[u8]) -> Result<Engine, CheckpointError> {
-    let mut loader = CheckpointLoader::new();
+    let mut loader = CheckpointLoader::new(0x9e37_79b9_7f4a_7c15);
     for delta in chain {
         loader.apply_delta(delta)?;
     }

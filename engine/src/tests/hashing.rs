@@ -8,7 +8,7 @@ use super::*;
 // search, so they keep working if the hash function changes) and pin down that equal hashes are
 // never mistaken for equal keys, plus the edges of the holdings kept in the user row.
 
-use crate::index::Hashes;
+use crate::index::HashKey;
 
 /// Two different values of `make(0..)` whose `hash` is equal: a birthday search.
 fn colliding<T: Clone + PartialEq + std::fmt::Debug>(
@@ -28,7 +28,10 @@ fn colliding<T: Clone + PartialEq + std::fmt::Debug>(
 
 #[test]
 fn users_whose_ids_share_a_32_bit_hash_are_told_apart() {
-    let (a, b) = colliding(|i| format!("user-{i}"), |u| Hashes::new(0, u, "").user);
+    let (a, b) = colliding(
+        |i| format!("user-{i}"),
+        |u| HashKey::default().hashes(0, u, "").user,
+    );
     let mut sale = Sale::with_sku("tv", config(10, 2, 1_000));
     let ra = sale.hold(T0, "tv", &a, 2, "k");
     // Not a repeat of a's key, and not counted against a's limit.
@@ -52,9 +55,41 @@ fn users_whose_ids_share_a_32_bit_hash_are_told_apart() {
 }
 
 #[test]
+fn ids_crafted_to_collide_under_one_seed_do_not_collide_under_another() {
+    // What a client who knew the hash could do: search ids whose hashes collide. Without the
+    // seed (stored per database) the pairs found are worthless: under another seed they are
+    // spread like any other ids.
+    let known = HashKey::new(0);
+    let pairs: Vec<(String, String)> = (0..3)
+        .map(|round| {
+            colliding(
+                |i| format!("attacker-{round}-{i}"),
+                |u| known.hashes(0, u, "").user,
+            )
+        })
+        .collect();
+    for seed in [1, 0x5eed, u64::MAX] {
+        let secret = HashKey::new(seed);
+        let still = pairs
+            .iter()
+            .filter(|(a, b)| secret.hashes(0, a, "").user == secret.hashes(0, b, "").user)
+            .count();
+        assert_eq!(still, 0, "seed {seed}: crafted collisions survive");
+    }
+    assert_ne!(known.user("same-id"), HashKey::new(7).user("same-id"));
+    assert_eq!(
+        HashKey::new(7).user("same-id"),
+        HashKey::new(7).user("same-id")
+    );
+}
+
+#[test]
 fn same_key_of_users_whose_key_hashes_collide_is_not_a_repeat() {
     // Different users, the same key string, the same 32-bit (user, key) hash.
-    let (a, b) = colliding(|i| format!("buyer-{i}"), |u| Hashes::new(0, u, "kk").key);
+    let (a, b) = colliding(
+        |i| format!("buyer-{i}"),
+        |u| HashKey::default().hashes(0, u, "kk").key,
+    );
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
     let ra = sale.hold(T0, "tv", &a, 1, "kk");
     // Another quantity: a repeat of a's key would be IdempotencyKeyReused.
@@ -67,7 +102,10 @@ fn same_key_of_users_whose_key_hashes_collide_is_not_a_repeat() {
 
 #[test]
 fn keys_of_one_user_sharing_a_32_bit_hash_are_told_apart() {
-    let (k1, k2) = colliding(|i| format!("key-{i}"), |k| Hashes::new(0, "ann", k).key);
+    let (k1, k2) = colliding(
+        |i| format!("key-{i}"),
+        |k| HashKey::default().hashes(0, "ann", k).key,
+    );
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
     sale.engine.apply_batch(T0, &[]);
     let r1 = sale.hold(T0, "tv", "ann", 1, &k1);
@@ -92,7 +130,7 @@ fn keys_of_one_user_sharing_a_32_bit_hash_are_told_apart() {
 fn request_ids_sharing_a_32_bit_hash_are_told_apart() {
     let (id1, id2) = colliding(
         |i| RequestId::from(i) << 40 | 1,
-        |&id| Hashes::new(id, "", "").request,
+        |&id| HashKey::default().hashes(id, "", "").request,
     );
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
     let mut a = sale.reqs.reserve("tv", "ann", 1, "k");
@@ -113,7 +151,7 @@ fn request_ids_sharing_a_32_bit_hash_are_told_apart() {
     // And a refusal under an id whose hash is shared is still found as a decided id.
     let (id3, id4) = colliding(
         |i| RequestId::from(i) << 80 | 7,
-        |&id| Hashes::new(id, "", "").request,
+        |&id| HashKey::default().hashes(id, "", "").request,
     );
     let mut c = sale.reqs.reserve("tv", "cat", 9, "k");
     c.request_id = id3;

@@ -36,6 +36,7 @@ fn stored(
 /// tv: 10 total; ann holds 3, bob bought 1 and cancelled 2, cat was refused.
 fn small_snapshot() -> Snapshot {
     Snapshot {
+        hash_seed: 0x5eed,
         batch_seq: 7,
         clock_ms: T0 + 100,
         skus: vec![tv_view(6, 3, 1)],
@@ -267,6 +268,7 @@ fn restore_rebuilds_holdings_from_held_and_confirmed_rows_only() {
         ..stored(id, "ann", key, quantity, status, T0 + 1_000)
     };
     let snapshot = Snapshot {
+        hash_seed: u64::MAX,
         batch_seq: 3,
         clock_ms: T0,
         skus: vec![sku("a", 0, 0), sku("b", 2, 0), sku("c", 0, 1)],
@@ -367,5 +369,13 @@ fn restored_refusal_id_cannot_be_reused() {
     );
     assert!(out.decisions.is_empty());
     assert_eq!(engine.reservation(4), None);
+    engine.check_invariants();
+}
+
+#[test]
+fn a_restored_engine_hashes_with_the_stored_seed() {
+    let snapshot = small_snapshot();
+    let engine = Engine::restore(snapshot.clone()).unwrap();
+    assert_eq!(engine.hash_seed(), snapshot.hash_seed);
     engine.check_invariants();
 }

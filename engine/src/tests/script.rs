@@ -395,6 +395,7 @@ pub(super) fn snapshot_of(engine: &Engine, history: &[(Vec<Request>, BatchOutput
         );
     }
     Snapshot {
+        hash_seed: engine.hash_seed(),
         batch_seq: engine.batch_seq(),
         clock_ms: engine.clock_ms(),
         skus: engine.skus().collect(),

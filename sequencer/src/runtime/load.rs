@@ -57,31 +57,33 @@ impl Sequencer {
                     "the newest checkpoint predates the log generation; loading the rows"
                 );
             }
-            Ok(Some(stored)) => match crate::checkpointer::load(&self.rt, &self.bulk_pool, &stored)
-            {
-                Ok(engine) => {
-                    self.status
-                        .loaded_from
-                        .store(LOADED_FROM_CHECKPOINT, Ordering::Relaxed);
-                    tracing::info!(
-                        checkpoint_batch_seq = stored.batch_seq,
-                        committed_batch_seq = state.batch_seq,
-                        decisions = stored.decisions,
-                        deltas = stored.deltas,
-                        load_ms = started.elapsed().as_millis() as u64,
-                        "state loaded from a checkpoint; replaying the batches after it"
-                    );
-                    return Ok((engine, stored.next_offset));
+            Ok(Some(stored)) => {
+                match crate::checkpointer::load(&self.rt, &self.bulk_pool, &stored, state.hash_seed)
+                {
+                    Ok(engine) => {
+                        self.status
+                            .loaded_from
+                            .store(LOADED_FROM_CHECKPOINT, Ordering::Relaxed);
+                        tracing::info!(
+                            checkpoint_batch_seq = stored.batch_seq,
+                            committed_batch_seq = state.batch_seq,
+                            decisions = stored.decisions,
+                            deltas = stored.deltas,
+                            load_ms = started.elapsed().as_millis() as u64,
+                            "state loaded from a checkpoint; replaying the batches after it"
+                        );
+                        return Ok((engine, stored.next_offset));
+                    }
+                    Err(e) => {
+                        metrics::counter!("sequencer_checkpoint_load_failures_total").increment(1);
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            checkpoint_batch_seq = stored.batch_seq,
+                            "checkpoint refused; loading the state from the rows instead (slower)"
+                        );
+                    }
                 }
-                Err(e) => {
-                    metrics::counter!("sequencer_checkpoint_load_failures_total").increment(1);
-                    tracing::error!(
-                        error = format!("{e:#}"),
-                        checkpoint_batch_seq = stored.batch_seq,
-                        "checkpoint refused; loading the state from the rows instead (slower)"
-                    );
-                }
-            },
+            }
             Ok(None) => {}
             Err(e) => {
                 metrics::counter!("sequencer_checkpoint_load_failures_total").increment(1);
@@ -90,7 +92,14 @@ impl Sequencer {
         }
         let (state, restorer) = self.rt.block_on(snapshot::stream_rows(
             &self.bulk_pool,
-            |state, skus| Ok(Restorer::new(state.batch_seq, state.clock_ms, skus)?),
+            |state, skus| {
+                Ok(Restorer::new(
+                    state.hash_seed,
+                    state.batch_seq,
+                    state.clock_ms,
+                    skus,
+                )?)
+            },
             |restorer, d| Ok(restorer.add(DecisionRef::from(d))?),
         ))?;
         let engine = restorer
