@@ -1,4 +1,4 @@
-# Shared by scripts/up, scripts/down, scripts/test, scripts/bench, scripts/drill.
+# Shared by scripts/up, scripts/down, scripts/test, scripts/bench, scripts/drill and deploy/check.
 # Every step is idempotent: it checks before it installs or starts anything.
 set -euo pipefail
 
@@ -192,6 +192,45 @@ ensure_redis() {
     --dir "$RUN_DIR" --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log"
   for _ in $(seq 1 50); do redis_up && return 0; sleep 0.1; done
   die "Redis did not start; see $RUN_DIR/redis.log"
+}
+
+# promtool, for deploy/check (the alert rules and scrape config in deploy/prometheus/), from
+# Debian's prometheus package. Only the tool is wanted, never the package's server (it would
+# listen on :9090 with Debian's own config and keep running): while apt runs, a policy-rc.d
+# refuses every service start (one already in place that refuses is kept as it is; one that
+# allows is set aside and put back), its Recommends (the node exporter, another server) are left
+# out, the service is disabled for the next boot, and a prometheus process that appears anyway
+# stops the run.
+ensure_promtool() {
+  command -v promtool >/dev/null && return 0
+  log "installing Debian's prometheus package for promtool (its server is not started)"
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  local policy=/usr/sbin/policy-rc.d set_aside="" ours="" verdict=0 rc=0 running_before=0
+  pgrep -x prometheus >/dev/null && running_before=1
+  if [ -e "$policy" ]; then
+    "$policy" prometheus start >/dev/null 2>&1 || verdict=$?
+    if [ "$verdict" -ne 101 ]; then set_aside="$policy.flash-sequencer.$$"; $sudo mv "$policy" "$set_aside"; fi
+  fi
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# scripts/lib.sh ensure_promtool: no service starts while apt runs\nexit 101\n' \
+      | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"; ours=1
+  fi
+  { $sudo apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+    || rc=$?
+  [ -z "$ours" ] || $sudo rm -f "$policy"
+  [ -z "$set_aside" ] || $sudo mv "$set_aside" "$policy"
+  [ "$rc" -eq 0 ] || die "could not install Debian's prometheus package (apt-get output above)"
+  if [ -d /run/systemd/system ]; then
+    $sudo systemctl disable prometheus.service >/dev/null 2>&1 || true
+  else
+    $sudo update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
+  if [ "$running_before" -eq 0 ] && pgrep -x prometheus >/dev/null; then
+    die "installing Debian's prometheus package started a Prometheus server (pid $(pgrep -x prometheus | tr '\n' ' ')); stop it with: service prometheus stop"
+  fi
+  command -v promtool >/dev/null || die "Debian's prometheus package installed no promtool"
 }
 
 # Creates database $1 if it does not exist.
