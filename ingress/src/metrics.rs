@@ -165,7 +165,7 @@ impl Metrics {
         describe(
             "ingress_admission_refused_total",
             None,
-            "writes refused before reaching the log, by reason (in_flight, lag, rate_limited, queue_full)",
+            "writes refused before reaching the log, by reason (in_flight, lag, no_sequencer, rate_limited, queue_full)",
         );
         describe(
             "ingress_outcome_messages_total",
