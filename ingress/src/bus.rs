@@ -141,10 +141,13 @@ impl Bus {
             .set("reconnect.backoff.max.ms", "1000");
         // Drill knob: the first producer bootstraps from these addresses instead. One where
         // nothing listens makes a producer that never delivers while the broker is fine, the
-        // case the watchdog is for; its replacements use BROKERS.
+        // case the watchdog is for; its replacements use BROKERS. Its messages time out only
+        // after 10 minutes: like the wedged producer seen after broker restarts, it reports
+        // neither a delivery nor a failure, and only the outcome deadline answers the client.
         let first = std::env::var("FAULT_FIRST_PRODUCER_BROKERS").ok().map(|b| {
             let mut c = producer_config.clone();
             c.set("bootstrap.servers", b);
+            c.set("message.timeout.ms", "600000");
             c
         });
         let slot = Arc::new(ProducerSlot::new(producer_config, first)?);
@@ -252,7 +255,15 @@ impl Bus {
         let deadline = tokio::time::Instant::now() + self.outcome_timeout;
         let appending = std::time::Instant::now();
         let producer = self.producer.current();
-        match producer.send(record, Duration::ZERO).await {
+        // Bounded by the outcome deadline too: a wedged producer may never report a delivery
+        // or a failure for the messages it holds, and a handler must not wait for ever.
+        let Ok(delivery) =
+            tokio::time::timeout_at(deadline, producer.send(record, Duration::ZERO)).await
+        else {
+            self.producer.failed();
+            return Err(SendError::Unknown(APPEND_UNACKNOWLEDGED.into()));
+        };
+        match delivery {
             Ok(_) => {
                 self.producer.delivered();
                 self.append_latency
@@ -275,6 +286,11 @@ impl Bus {
         }
     }
 }
+
+/// The 504 detail of an append the producer neither acknowledged nor failed in time: it may
+/// still reach the log (and be decided), so only a retry with the key tells.
+pub const APPEND_UNACKNOWLEDGED: &str =
+    "append not acknowledged within the outcome timeout (it may still be appended)";
 
 /// Removes a request from [`Pending`] when dropped.
 struct Waiting<'a> {

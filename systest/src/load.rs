@@ -205,12 +205,13 @@ pub async fn verify_with(
         // The original request was appended to the log, so it must be the one decided: a
         // decision under the retry's id means the original message was skipped, never decided.
         // Only a 504 can follow an append: a 503 (queue full, no sequencer) refused the request
-        // before the log, and a 504 whose append failed never reached it either.
+        // before the log, and a 504 whose append failed never reached it either (one whose
+        // append was not acknowledged in time may or may not have: nothing to check).
         let appended = log_kept
             && a.status == 504
             && !a.body["detail"]
                 .as_str()
-                .is_some_and(|d| d.contains("append failed"));
+                .is_some_and(|d| d.contains("append failed") || d.contains("not acknowledged"));
         if let (true, Some(original)) = (appended, &a.request_id) {
             let decided: Option<String> = sqlx::query_scalar(
                 "SELECT reservation_id::text FROM reservations

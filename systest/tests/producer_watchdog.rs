@@ -3,7 +3,8 @@
 //! After a broker restart librdkafka's producer sometimes never delivers again while the broker
 //! serves everyone else. The drill knob `FAULT_FIRST_PRODUCER_BROKERS` makes the ingress's first
 //! producer talk to an address where nothing listens: every append fails although the broker
-//! is fine, as in that case. The watchdog must notice (appends failing, none acknowledged for
+//! is fine, as in that case, and reports neither a delivery nor a failure for 10 minutes (so
+//! only the ingress's own deadline answers the client). The watchdog must notice (appends failing, none acknowledged for
 //! longer than the outcome timeout, a new client reaching the broker) and put a new producer in
 //! its place; writes are then decided again, and the retried ones get a single outcome.
 
@@ -26,11 +27,19 @@ async fn a_producer_that_cannot_deliver_while_the_broker_serves_is_replaced() {
     .await
     .unwrap();
 
-    // Until the watchdog acts, the SKU cannot be created: every append fails.
+    // Until the watchdog acts, the SKU cannot be created: no append is acknowledged. The wedged
+    // producer reports nothing at all (its messages would time out after 10 minutes), yet every
+    // attempt is answered within the outcome timeout, and counts as a failed append.
     let started = Instant::now();
     let mut failed = 0;
     loop {
-        match stack.put_sku("w", 100, 5, 60.0).await {
+        let answer = tokio::time::timeout(
+            Duration::from_millis(2_000 + 3_000),
+            stack.put_sku("w", 100, 5, 60.0),
+        )
+        .await
+        .expect("an append the producer never reports on is answered at the outcome timeout");
+        match answer {
             Ok(_) => break,
             Err(e) => {
                 failed += 1;
