@@ -65,7 +65,9 @@ pub use checkpoint::{
     head_meta as checkpoint_head_meta, CheckpointCursor, CheckpointError, CheckpointLoader,
     CheckpointMeta,
 };
-pub use output::{BatchOutput, Decision, RestoreError, Snapshot, Transition};
+pub use output::{
+    AdminKeyApplied, AdminKeyRecord, BatchOutput, Decision, RestoreError, Snapshot, Transition,
+};
 pub use restore::{DecisionRef, Restorer};
 pub use state::{Engine, Reservation};
 pub use wire::StoredDecision;

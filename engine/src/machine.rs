@@ -10,7 +10,7 @@ use wire::{
 };
 
 use crate::index::{prefetch, HashKey, Hashes};
-use crate::output::{BatchOutput, Decision, Transition};
+use crate::output::{AdminKeyApplied, AdminKeyRecord, BatchOutput, Decision, Transition};
 use crate::state::{refusal_text, split_id, Engine, Reservation, Sku, Span};
 use crate::{RowIdx, SkuIdx, UserIdx, QUANTITY_MAX, STOCK_MAX};
 
@@ -210,6 +210,46 @@ impl Engine {
             Command::Cancel { reservation_id } => {
                 self.settle(*reservation_id, ReservationStatus::Cancelled, now, out)
             }
+            Command::Admin {
+                idempotency_key,
+                command,
+            } => self.keyed_admin(index, idempotency_key, command, out),
+            admin => self.admin(admin),
+        }
+    }
+
+    /// An operator's command under an idempotency key: applied once per key. A retry (the same
+    /// command under the key) gets the first outcome and changes nothing; another command
+    /// under the key is refused. A refused command records nothing, so its key stays free.
+    fn keyed_admin(
+        &mut self,
+        index: u32,
+        key: &str,
+        command: &Command,
+        out: &mut BatchOutput,
+    ) -> Outcome {
+        let encoded = wire::encode(command);
+        if let Some((first, outcome)) = self.admin_keys.get(key) {
+            return if *first == encoded {
+                outcome.clone()
+            } else {
+                Outcome::Rejected(Reject::IdempotencyKeyReused)
+            };
+        }
+        let outcome = self.admin(command);
+        if !matches!(outcome, Outcome::Rejected(_)) {
+            self.admin_keys
+                .insert(key.to_owned(), (encoded.clone(), outcome.clone()));
+            out.admin_keys.push(AdminKeyApplied {
+                command_index: index,
+                command: encoded,
+            });
+        }
+        outcome
+    }
+
+    fn admin(&mut self, command: &Command) -> Outcome {
+        match command {
             Command::UpsertSku { sku, config } => self.upsert_sku(sku, config),
             Command::Restock { sku, quantity } => self.restock(sku, *quantity),
             Command::Pause { sku } => self.set_paused(sku, true),
@@ -227,6 +267,29 @@ impl Engine {
                     skus_paused: paused,
                 }
             }
+            // Not an admin command: `fields_ok` refuses these before they get here.
+            _ => Outcome::Rejected(Reject::InvalidCommand),
+        }
+    }
+
+    /// Every admin key applied so far, in no particular order.
+    pub fn admin_keys(&self) -> impl Iterator<Item = AdminKeyRecord> + '_ {
+        self.admin_keys
+            .iter()
+            .map(|(key, (command, outcome))| AdminKeyRecord {
+                idempotency_key: key.clone(),
+                command: command.clone(),
+                outcome: outcome.clone(),
+            })
+    }
+
+    /// Adds admin keys stored in Postgres (`admin_commands`) to a restored engine: checkpoints
+    /// do not carry them. Only keys applied up to the engine's `batch_seq` belong here; later
+    /// ones come back when their batches are replayed.
+    pub fn restore_admin_keys(&mut self, keys: impl IntoIterator<Item = AdminKeyRecord>) {
+        for k in keys {
+            self.admin_keys
+                .insert(k.idempotency_key, (k.command, k.outcome));
         }
     }
 

@@ -15,7 +15,9 @@ use wire::{
     SkuView,
 };
 
-use crate::{BatchOutput, Decision, Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
+use crate::{
+    AdminKeyApplied, BatchOutput, Decision, Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
+};
 
 #[derive(Debug, Clone)]
 struct ModelSku {
@@ -57,6 +59,8 @@ pub struct Model {
     decision_rows: Vec<RequestId>,
     /// Names of the SKUs the current batch changed (reset at the start of every batch).
     touched: Vec<String>,
+    /// Keyed admin commands applied: (key, encoded command, first outcome).
+    admin_keys: Vec<(String, Vec<u8>, Outcome)>,
 }
 
 impl Model {
@@ -143,6 +147,43 @@ impl Model {
             }
             Command::Cancel { reservation_id } => {
                 self.settle(*reservation_id, ReservationStatus::Cancelled, out)
+            }
+            Command::Admin {
+                idempotency_key,
+                command,
+            } => {
+                if !command.is_admin() || idempotency_key.is_empty() {
+                    return Outcome::Rejected(Reject::InvalidCommand);
+                }
+                let encoded = wire::encode(command.as_ref());
+                if let Some((_, first, outcome)) = self
+                    .admin_keys
+                    .iter()
+                    .find(|(k, _, _)| k == idempotency_key)
+                {
+                    return if *first == encoded {
+                        outcome.clone()
+                    } else {
+                        Outcome::Rejected(Reject::IdempotencyKeyReused)
+                    };
+                }
+                let plain = Request {
+                    command: command.as_ref().clone(),
+                    ..request.clone()
+                };
+                let outcome = self.decide(index, &plain, out);
+                if !matches!(outcome, Outcome::Rejected(_)) {
+                    self.admin_keys.push((
+                        idempotency_key.clone(),
+                        encoded.clone(),
+                        outcome.clone(),
+                    ));
+                    out.admin_keys.push(AdminKeyApplied {
+                        command_index: index,
+                        command: encoded,
+                    });
+                }
+                outcome
             }
             Command::UpsertSku { sku, config } => self.upsert(sku, config),
             Command::Restock { sku, quantity } => self.restock(sku, *quantity),

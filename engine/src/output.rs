@@ -32,6 +32,28 @@ pub struct BatchOutput {
     pub transitions: Vec<Transition>,
     /// Final state of every SKU the batch changed, in SKU creation order.
     pub skus: Vec<SkuView>,
+    /// Keyed admin commands applied by this batch (not their replays): each key is stored with
+    /// its command and outcome in the batch's transaction.
+    pub admin_keys: Vec<AdminKeyApplied>,
+}
+
+/// A keyed admin command applied for the first time under its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminKeyApplied {
+    /// Index of the `Command::Admin` within the batch (its key and outcome are found there).
+    pub command_index: u32,
+    /// The inner command, encoded (`wire::encode`): what a retry under the key must repeat.
+    pub command: Vec<u8>,
+}
+
+/// A stored admin key: what a restored engine needs to treat a retry as a retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminKeyRecord {
+    pub idempotency_key: String,
+    /// The inner command, encoded (`wire::encode`).
+    pub command: Vec<u8>,
+    /// What the first application answered; every retry gets it again.
+    pub outcome: Outcome,
 }
 
 /// The engine's whole state as persisted: what start-up and takeover load.
@@ -43,6 +65,8 @@ pub struct Snapshot {
     pub clock_ms: i64,
     pub skus: Vec<SkuView>,
     pub decisions: Vec<StoredDecision>,
+    /// Admin keys applied up to `batch_seq` (`admin_commands`).
+    pub admin_keys: Vec<AdminKeyRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]

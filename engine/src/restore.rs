@@ -139,7 +139,9 @@ impl Engine {
         for d in &snapshot.decisions {
             restorer.add(DecisionRef::from(d))?;
         }
-        restorer.finish()
+        let mut engine = restorer.finish()?;
+        engine.restore_admin_keys(snapshot.admin_keys);
+        Ok(engine)
     }
 
     /// Decision row `i` (in decision order) as it stands now, for comparing with the rows.

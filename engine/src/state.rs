@@ -5,7 +5,7 @@
 use rustc_hash::FxHashMap;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use wire::{Reject, RequestId, ReservationStatus, ReservationView, SkuConfig, SkuView};
+use wire::{Outcome, Reject, RequestId, ReservationStatus, ReservationView, SkuConfig, SkuView};
 
 use crate::index::{HashKey, Index};
 use crate::{RowIdx, SkuIdx, UserIdx};
@@ -171,6 +171,9 @@ pub struct Engine {
     pub(crate) batch_seq: u64,
     /// The keyed hash of the indexes (seeded from the stored state).
     pub(crate) hash_key: HashKey,
+    /// Keyed admin commands applied so far: key -> (encoded command, first outcome). Admin
+    /// commands are rare; these are few. Not in checkpoints: loaded from `admin_commands`.
+    pub(crate) admin_keys: FxHashMap<String, (Vec<u8>, Outcome)>,
 }
 
 impl Engine {

@@ -327,10 +327,24 @@ impl Stack {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<(u16, Value)> {
+        self.admin_keyed(method, path, body, None).await
+    }
+
+    /// An admin command, under `Idempotency-Key: key` when `key` is given.
+    pub async fn admin_keyed(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut req = self
             .http
             .request(method.parse()?, format!("{}{path}", self.base))
             .bearer_auth(ADMIN_TOKEN);
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }

@@ -15,6 +15,8 @@ pub enum ApiError {
     MalformedBody(String),
     /// 422: JSON, but a field is missing, of the wrong type or out of range.
     Invalid(String),
+    /// 400: a command that must carry an `Idempotency-Key` header (a restock) came without.
+    IdempotencyKeyRequired(&'static str),
     /// 413.
     PayloadTooLarge {
         limit: usize,
@@ -109,6 +111,11 @@ impl IntoResponse for ApiError {
             ApiError::Invalid(detail) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 body("invalid_request", Some(detail.into())),
+                None,
+            ),
+            ApiError::IdempotencyKeyRequired(detail) => (
+                StatusCode::BAD_REQUEST,
+                body("idempotency_key_required", Some(detail.into())),
                 None,
             ),
             ApiError::PayloadTooLarge { limit } => (

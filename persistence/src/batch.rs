@@ -51,8 +51,20 @@ pub struct BatchRecord<'a> {
     pub decisions: Vec<DecisionRow<'a>>,
     pub transitions: Vec<TransitionRow>,
     pub skus: Vec<SkuView>,
+    /// Keyed admin commands this batch applied (usually none).
+    pub admin_keys: Vec<AdminKeyRow<'a>>,
     /// Encoded outcomes to publish after commit (re-published after a takeover).
     pub outbox: Vec<u8>,
+}
+
+/// An admin command applied under its idempotency key (table `admin_commands`).
+#[derive(Debug, Clone)]
+pub struct AdminKeyRow<'a> {
+    pub idempotency_key: &'a str,
+    /// The inner command, wire-encoded.
+    pub command: Vec<u8>,
+    /// Its outcome, wire-encoded.
+    pub outcome: Vec<u8>,
 }
 
 /// The fence refused the commit: another writer holds a newer epoch or has moved the offset.
@@ -106,6 +118,7 @@ pub async fn commit_batch(
     insert_decisions(&mut tx, batch).await?;
     apply_transitions(&mut tx, batch).await?;
     upsert_skus(&mut tx, batch).await?;
+    insert_admin_keys(&mut tx, batch).await?;
     // The last statement extends the lease again, in the same round trip: whatever waited in
     // between (a lock on a table, a slow disk), the lease runs from just before the commit.
     // The state row is already locked by this transaction, so this never waits.
@@ -133,6 +146,45 @@ pub async fn commit_batch(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+async fn insert_admin_keys(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &BatchRecord<'_>,
+) -> Result<(), CommitError> {
+    if batch.admin_keys.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = batch.admin_keys.iter().map(|a| a.idempotency_key).collect();
+    let commands: Vec<&[u8]> = batch.admin_keys.iter().map(|a| &a.command[..]).collect();
+    let outcomes: Vec<&[u8]> = batch.admin_keys.iter().map(|a| &a.outcome[..]).collect();
+    let inserted = sqlx::query(
+        "INSERT INTO admin_commands (idempotency_key, command, outcome, batch_seq, decided_at)
+         SELECT k, c, o, $4, $5 FROM UNNEST($1::text[], $2::bytea[], $3::bytea[]) AS t(k, c, o)",
+    )
+    .bind(&keys)
+    .bind(&commands)
+    .bind(&outcomes)
+    .bind(batch.batch_seq as i64)
+    .bind(ts(batch.batch_time_ms))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    expect_rows(batch, "admin keys inserted", inserted, keys.len())
+}
+
+/// The admin keys applied by batches up to `batch_seq`: what an engine loaded at that batch
+/// must know (later ones come back as their batches are replayed from the log).
+pub async fn admin_keys_up_to(
+    pool: &sqlx::PgPool,
+    batch_seq: u64,
+) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT idempotency_key, command, outcome FROM admin_commands WHERE batch_seq <= $1",
+    )
+    .bind(batch_seq as i64)
+    .fetch_all(pool)
+    .await
 }
 
 async fn insert_decisions(

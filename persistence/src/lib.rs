@@ -20,7 +20,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{BatchRecord, DecisionRow, Fenced, TransitionRow};
+pub use batch::{AdminKeyRow, BatchRecord, DecisionRow, Fenced, TransitionRow};
 
 /// Opens a pool. `max_connections` is small on purpose: the sequencer writes through one
 /// connection at a time, and the ingress only reads single rows.

@@ -23,6 +23,7 @@ fn batch(epoch: u64, seq: u64, first: i64, next: i64) -> BatchRecord<'static> {
         decisions: vec![],
         transitions: vec![],
         skus: vec![],
+        admin_keys: vec![],
         outbox: vec![],
     }
 }

@@ -54,6 +54,7 @@ fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> Ba
         decisions: vec![d],
         transitions: vec![],
         skus,
+        admin_keys: vec![],
         outbox: vec![],
     }
 }

@@ -241,3 +241,91 @@ fn open_ended_sale_windows_apply_only_their_bound() {
         rejected(Reject::SaleEnded)
     );
 }
+
+#[test]
+fn a_keyed_restock_retried_adds_its_units_once_and_answers_alike() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
+    let first = sale.reqs.restock("tv", 5);
+    let first = sale.reqs.keyed("restock-1", first);
+    let answer = sale.one(T0, first);
+    assert_eq!(sale.sku("tv").total, 15);
+    sale.hold(T0, "tv", "ann", 2, "k");
+    // The retry, in a later batch and after the stock moved: the first answer, no units.
+    let retry = sale.reqs.restock("tv", 5);
+    let retry = sale.reqs.keyed("restock-1", retry);
+    assert_eq!(sale.one(T0 + 1, retry), answer);
+    assert_eq!(sale.sku("tv").total, 15, "applied once per key");
+    // Twice in one batch: once.
+    let a = sale.reqs.restock("tv", 1);
+    let a = sale.reqs.keyed("restock-2", a);
+    let b = sale.reqs.restock("tv", 1);
+    let b = sale.reqs.keyed("restock-2", b);
+    let out = sale.batch(T0 + 2, vec![a, b]);
+    assert_eq!(out.outcomes[0], out.outcomes[1]);
+    assert_eq!(out.admin_keys.len(), 1, "one key stored");
+    assert_eq!(sale.sku("tv").total, 16);
+}
+
+#[test]
+fn another_command_under_a_used_admin_key_is_refused_and_changes_nothing() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
+    let first = sale.reqs.restock("tv", 5);
+    let first = sale.reqs.keyed("k", first);
+    sale.one(T0, first);
+    let more = sale.reqs.restock("tv", 6);
+    let more = sale.reqs.keyed("k", more);
+    assert_eq!(sale.one(T0, more), rejected(Reject::IdempotencyKeyReused));
+    let pause = sale.reqs.pause("tv");
+    let pause = sale.reqs.keyed("k", pause);
+    assert_eq!(sale.one(T0, pause), rejected(Reject::IdempotencyKeyReused));
+    let view = sale.sku("tv");
+    assert_eq!((view.total, view.paused), (15, false));
+}
+
+#[test]
+fn a_refused_keyed_command_leaves_its_key_free() {
+    let mut sale = Sale::new();
+    let early = sale.reqs.restock("tv", 5);
+    let early = sale.reqs.keyed("k", early);
+    assert_eq!(sale.one(T0, early), rejected(Reject::UnknownSku));
+    let create = sale.reqs.upsert("tv", config(10, 5, 60_000));
+    sale.one(T0, create);
+    let again = sale.reqs.restock("tv", 5);
+    let again = sale.reqs.keyed("k", again);
+    let Outcome::Sku(view) = sale.one(T0, again) else {
+        panic!("the key was free")
+    };
+    assert_eq!(view.total, 15);
+}
+
+#[test]
+fn a_keyed_command_that_is_not_an_admin_command_is_invalid() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
+    let reserve = sale.reqs.reserve("tv", "ann", 1, "k");
+    let wrapped = sale.reqs.keyed("k", reserve);
+    assert_eq!(sale.one(T0, wrapped), rejected(Reject::InvalidCommand));
+    let freeze = sale.reqs.pause_all();
+    let nested = sale.reqs.keyed("inner", freeze);
+    let nested = sale.reqs.keyed("outer", nested);
+    assert_eq!(sale.one(T0, nested), rejected(Reject::InvalidCommand));
+    assert_eq!(sale.sku("tv").available, 10);
+}
+
+#[test]
+fn a_restored_engine_knows_the_admin_keys_it_is_given() {
+    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
+    let first = sale.reqs.restock("tv", 5);
+    let first = sale.reqs.keyed("restock-1", first);
+    let answer = sale.one(T0, first);
+    let keys: Vec<_> = sale.engine.admin_keys().collect();
+    assert_eq!(keys.len(), 1);
+    let mut restored = Engine::new();
+    let create = sale.reqs.upsert("tv", config(15, 5, 60_000));
+    restored.apply_batch(T0, &[create]);
+    restored.restore_admin_keys(keys);
+    let retry = sale.reqs.restock("tv", 5);
+    let retry = sale.reqs.keyed("restock-1", retry);
+    let out = restored.apply_batch(T0 + 1, &[retry]);
+    assert_eq!(out.outcomes, vec![answer]);
+    assert_eq!(restored.sku("tv").unwrap().total, 15);
+}

@@ -18,8 +18,8 @@ use wire::{
 
 use crate::model::Model;
 use crate::{
-    BatchOutput, Decision, Engine, RestoreError, Snapshot, StoredDecision, Transition,
-    HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
+    AdminKeyRecord, BatchOutput, Decision, Engine, RestoreError, Snapshot, StoredDecision,
+    Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
 };
 
 mod admin;
@@ -103,6 +103,14 @@ impl Reqs {
 
     fn pause_all(&mut self) -> Request {
         self.with(Command::PauseAll)
+    }
+
+    /// `admin` (a request built by one of the admin helpers) under an idempotency key.
+    fn keyed(&mut self, key: &str, admin: Request) -> Request {
+        self.with(Command::Admin {
+            idempotency_key: key.into(),
+            command: Box::new(admin.command),
+        })
     }
 }
 

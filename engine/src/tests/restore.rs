@@ -60,6 +60,7 @@ fn small_snapshot() -> Snapshot {
             ),
             stored(4, "cat", "k1", 9, Err(Reject::LimitExceeded), 0),
         ],
+        admin_keys: Vec::new(),
     }
 }
 
@@ -281,6 +282,7 @@ fn restore_rebuilds_holdings_from_held_and_confirmed_rows_only() {
             row(4, "c", "4", 1, Ok(ReservationStatus::Confirmed)),
             row(5, "c", "5", 3, Err(Reject::LimitExceeded)),
         ],
+        admin_keys: Vec::new(),
     };
     let mut engine = Engine::restore(snapshot).expect("valid snapshot");
     engine.check_invariants();

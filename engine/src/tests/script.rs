@@ -51,6 +51,11 @@ pub(super) enum Op {
     Pause(usize),
     Resume(usize),
     PauseAll,
+    /// An admin op under one of a few admin keys (so keys recur, with the same command or not).
+    Keyed {
+        key: usize,
+        op: Box<Op>,
+    },
     /// Ends the batch; the next one is `dt` ms later (earlier when negative: the clock stepped back).
     Cut {
         dt: i64,
@@ -113,8 +118,22 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
         2 => sku().prop_map(Op::Pause),
         6 => sku().prop_map(Op::Resume),
         1 => Just(Op::PauseAll),
+        4 => (0..3usize, admin_op()).prop_map(|(key, op)| Op::Keyed { key, op: Box::new(op) }),
         12 => prop_oneof![8 => 0i64..=600, 2 => 600i64..=3_000, 1 => -2_000i64..0]
             .prop_map(|dt| Op::Cut { dt }),
+    ]
+}
+
+/// The admin ops a keyed op wraps: few distinct ones, so that a recurring key often repeats
+/// its command (a retry) and sometimes does not (a reuse).
+fn admin_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..2usize, prop_oneof![Just(1u64), Just(3), Just(0)])
+            .prop_map(|(sku, quantity)| Op::Restock { sku, quantity }),
+        1 => (0..2usize).prop_map(Op::Pause),
+        1 => (0..2usize).prop_map(Op::Resume),
+        1 => (0..SKUS.len() - 1).prop_map(|sku| Op::Upsert { sku, config: config(8, 2, 1_000) }),
+        1 => Just(Op::PauseAll),
     ]
 }
 
@@ -226,6 +245,13 @@ impl Script {
                 Op::Pause(sku) => self.reqs.pause(SKUS[*sku]),
                 Op::Resume(sku) => self.reqs.resume(SKUS[*sku]),
                 Op::PauseAll => self.reqs.pause_all(),
+                Op::Keyed { key, op } => {
+                    let [admin] = &self.batches(std::slice::from_ref(op))[..] else {
+                        unreachable!("an admin op is one request in one batch")
+                    };
+                    let admin = admin.1[0].clone();
+                    self.reqs.keyed(&format!("admin-{key}"), admin)
+                }
             };
             current.push(request);
         }
@@ -394,12 +420,35 @@ pub(super) fn snapshot_of(engine: &Engine, history: &[(Vec<Request>, BatchOutput
             )
         );
     }
+    let admin_keys = history
+        .iter()
+        .flat_map(|(requests, out)| {
+            out.admin_keys.iter().map(|a| {
+                let i = a.command_index as usize;
+                let Command::Admin {
+                    idempotency_key, ..
+                } = &requests[i].command
+                else {
+                    panic!(
+                        "an admin key from a command that is not keyed: {:?}",
+                        requests[i]
+                    );
+                };
+                AdminKeyRecord {
+                    idempotency_key: idempotency_key.clone(),
+                    command: a.command.clone(),
+                    outcome: out.outcomes[i].clone(),
+                }
+            })
+        })
+        .collect();
     Snapshot {
         hash_seed: engine.hash_seed(),
         batch_seq: engine.batch_seq(),
         clock_ms: engine.clock_ms(),
         skus: engine.skus().collect(),
         decisions,
+        admin_keys,
     }
 }
 
@@ -464,6 +513,15 @@ pub(super) fn assert_continue_alike(
         original.skus().collect::<Vec<_>>()
     );
     prop_assert_eq!(loaded.next_expiry_ms(), original.next_expiry_ms());
+    let keys = |e: &Engine| {
+        let mut k: Vec<_> = e
+            .admin_keys()
+            .map(|k| (k.idempotency_key, k.command))
+            .collect();
+        k.sort();
+        k
+    };
+    prop_assert_eq!(keys(loaded), keys(original));
     for (now, requests) in second_part {
         let a = original.apply_batch(*now, requests);
         let b = loaded.apply_batch(*now, requests);

@@ -9,14 +9,16 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use wire::limits::{HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX};
+use wire::limits::{HOLD_TTL_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, STOCK_MAX};
 use wire::{Command, Outcome, SkuConfig};
 
 use serde::de::DeserializeOwned;
 
 use super::answers::{AdminErrors, SkuBodyAnswers, SkuSwitchAnswers};
 use super::command::{submit, unexpected};
-use super::dto::{FreezeOut, RestockBody, SkuOut, SkuPath, UpsertBody};
+use super::dto::{
+    AdminKeyHeader, FreezeOut, RestockBody, RestockKeyHeader, SkuOut, SkuPath, UpsertBody,
+};
 use super::state::App;
 use super::validate::{self, parse_json};
 use crate::admission::Write;
@@ -26,7 +28,7 @@ use crate::error::{ApiError, ErrorBody};
 #[utoipa::path(
     put, path = "/v1/admin/skus/{sku}", tag = "admin",
     summary = "Create or update a SKU",
-    params(SkuPath),
+    params(SkuPath, AdminKeyHeader),
     request_body(content = UpsertBody, content_type = "application/json"),
     security(("admin_token" = [])),
     responses(
@@ -75,17 +77,19 @@ pub(crate) async fn upsert_sku(
             "starts_at and ends_at must lie between 1970 and 9999".into(),
         ));
     }
-    admin_call(&app, Command::UpsertSku { sku, config }).await
+    admin_call(&app, &headers, Command::UpsertSku { sku, config }).await
 }
 
 #[utoipa::path(
     post, path = "/v1/admin/skus/{sku}/restock", tag = "admin",
     summary = "Add units to a SKU",
-    params(SkuPath),
+    params(SkuPath, RestockKeyHeader),
     request_body(content = RestockBody, content_type = "application/json"),
     security(("admin_token" = [])),
     responses(
         SkuBodyAnswers,
+        (status = 400, description = "invalid_request: the body is not JSON; or \
+            idempotency_key_required: a restock must carry an Idempotency-Key header", body = ErrorBody),
         (status = 404, description = "unknown_sku", body = ErrorBody),
         (status = 409, description = "stock_overflow: the total would pass 10^12", body = ErrorBody),
     )
@@ -99,13 +103,19 @@ pub(crate) async fn restock_sku(
     let b: RestockBody = admit_sku_body(&app, &headers, &sku, body).await?;
     validate::integer("quantity", b.quantity, 1, STOCK_MAX as i64)?;
     let quantity = b.quantity as u64;
-    admin_call(&app, Command::Restock { sku, quantity }).await
+    if admin_key(&headers)?.is_none() {
+        return Err(ApiError::IdempotencyKeyRequired(
+            "a restock adds units: send an Idempotency-Key header, so that a retry (after a \
+             504, say) cannot add them twice",
+        ));
+    }
+    admin_call(&app, &headers, Command::Restock { sku, quantity }).await
 }
 
 #[utoipa::path(
     post, path = "/v1/admin/skus/{sku}/pause", tag = "admin",
     summary = "Stop new reservations of a SKU (confirm and cancel still work)",
-    params(SkuPath),
+    params(SkuPath, AdminKeyHeader),
     security(("admin_token" = [])),
     responses(SkuSwitchAnswers)
 )]
@@ -115,13 +125,13 @@ pub(crate) async fn pause_sku(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admit_sku(&app, &headers, &sku)?;
-    admin_call(&app, Command::Pause { sku }).await
+    admin_call(&app, &headers, Command::Pause { sku }).await
 }
 
 #[utoipa::path(
     post, path = "/v1/admin/skus/{sku}/resume", tag = "admin",
     summary = "Resume reservations of a paused SKU",
-    params(SkuPath),
+    params(SkuPath, AdminKeyHeader),
     security(("admin_token" = [])),
     responses(SkuSwitchAnswers)
 )]
@@ -131,13 +141,14 @@ pub(crate) async fn resume_sku(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admit_sku(&app, &headers, &sku)?;
-    admin_call(&app, Command::Resume { sku }).await
+    admin_call(&app, &headers, Command::Resume { sku }).await
 }
 
 /// The emergency freeze: every SKU paused by one command, decided in log order like any other.
 #[utoipa::path(
     post, path = "/v1/admin/freeze", tag = "admin",
     summary = "Emergency freeze: pause every SKU with one command",
+    params(AdminKeyHeader),
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "how many SKUs were paused", body = FreezeOut),
@@ -149,7 +160,7 @@ pub(crate) async fn freeze_all(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     require_admin(&app.config.admin_token, &headers)?;
-    admin_call(&app, Command::PauseAll).await
+    admin_call(&app, &headers, Command::PauseAll).await
 }
 
 /// The admin token first (401), then the SKU name of the path (422).
@@ -169,8 +180,28 @@ async fn admit_sku_body<T: DeserializeOwned>(
     parse_json(headers, body, &app.config).await
 }
 
-async fn admin_call(app: &App, command: Command) -> Result<Response, ApiError> {
-    match submit(app, Write::Admin, command, None).await? {
+/// The `Idempotency-Key` header of an admin command, if one was sent (422 if it is not 1-128
+/// bytes of printable text).
+fn admin_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    validate::idempotency_key(None, headers, IDEMPOTENCY_KEY_BYTES_MAX)
+}
+
+/// Submits `command`, under its `Idempotency-Key` when the request carries one: then it is
+/// applied once per key, and a 504 names the key to retry with.
+async fn admin_call(
+    app: &App,
+    headers: &HeaderMap,
+    command: Command,
+) -> Result<Response, ApiError> {
+    let key = admin_key(headers)?;
+    let command = match &key {
+        Some(k) => Command::Admin {
+            idempotency_key: k.clone(),
+            command: Box::new(command),
+        },
+        None => command,
+    };
+    match submit(app, Write::Admin, command, key).await? {
         Outcome::Sku(view) => Ok(Json(SkuOut::from(view)).into_response()),
         Outcome::Frozen { skus_paused } => Ok(Json(FreezeOut { skus_paused }).into_response()),
         other => Err(unexpected(other)),

@@ -101,6 +101,11 @@ impl IntoResponses for AdminErrors {
         errors(&[
             (401, "unauthorized: missing or wrong admin token"),
             (
+                422,
+                "invalid_request (with detail: a bad SKU name, body field or Idempotency-Key), \
+                 or idempotency_key_reused: the Idempotency-Key was used for another command",
+            ),
+            (
                 503,
                 "overloaded, with Retry-After: the request queue is full, nothing was appended",
             ),
@@ -160,10 +165,7 @@ impl IntoResponses for SkuSwitchAnswers {
     fn responses() -> Answers {
         let mut answers = ok("the SKU", "SkuOut");
         answers.extend(AdminErrors::responses());
-        answers.extend(errors(&[
-            (404, "unknown_sku"),
-            (422, "invalid_request: not a SKU name"),
-        ]));
+        answers.extend(errors(&[(404, "unknown_sku")]));
         answers
     }
 }

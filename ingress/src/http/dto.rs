@@ -37,6 +37,43 @@ pub struct SkuPath {
     pub sku: String,
 }
 
+/// The optional `Idempotency-Key` header of an admin command.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // documents the header; the handlers read it from the request's headers
+pub struct AdminKeyHeader {
+    /// Names this command: it is applied once per key. A retry (the same command under the key,
+    /// after a 504 say) gets the first outcome and changes nothing; another command under a used
+    /// key is refused with 422 `idempotency_key_reused`. 1-128 visible ASCII characters.
+    #[param(
+        rename = "Idempotency-Key",
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[\\x21-\\x7E]+$",
+        example = "pause-2026-12-03-tee-1"
+    )]
+    pub key: Option<String>,
+}
+
+/// The `Idempotency-Key` header a restock must carry (a restock is a delta: without a key a
+/// retry would add its units twice).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // documents the header; the handler reads it from the request's headers
+pub struct RestockKeyHeader {
+    /// Names this command: it is applied once per key. A retry (the same command under the key,
+    /// after a 504 say) gets the first outcome and changes nothing; another command under a used
+    /// key is refused with 422 `idempotency_key_reused`. 1-128 visible ASCII characters.
+    #[param(
+        rename = "Idempotency-Key",
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[\\x21-\\x7E]+$",
+        example = "restock-2026-12-03-tee-1"
+    )]
+    pub key: String,
+}
+
 /// The reservation of a path.
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]

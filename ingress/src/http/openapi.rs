@@ -234,6 +234,37 @@ mod tests {
         );
     }
 
+    /// Every admin command declares its `Idempotency-Key` header; only the restock requires it,
+    /// and says what it answers without one.
+    #[test]
+    fn admin_commands_declare_their_idempotency_key() {
+        let doc: serde_json::Value = serde_json::from_str(json(false)).unwrap();
+        for (path, method, required) in [
+            ("/v1/admin/skus/{sku}", "put", false),
+            ("/v1/admin/skus/{sku}/restock", "post", true),
+            ("/v1/admin/skus/{sku}/pause", "post", false),
+            ("/v1/admin/skus/{sku}/resume", "post", false),
+            ("/v1/admin/freeze", "post", false),
+        ] {
+            let op = &doc["paths"][path][method];
+            let header = op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["in"] == "header" && p["name"] == "Idempotency-Key")
+                .unwrap_or_else(|| panic!("{method} {path}: no Idempotency-Key header"));
+            assert_eq!(header["required"], required, "{method} {path}: {header}");
+            assert_eq!(header["schema"]["maxLength"], 128, "{method} {path}");
+            let reused = op["responses"]["422"]["description"].as_str().unwrap();
+            assert!(reused.contains("idempotency_key_reused"), "{method} {path}");
+        }
+        let restock = &doc["paths"]["/v1/admin/skus/{sku}/restock"]["post"]["responses"];
+        assert!(restock["400"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("idempotency_key_required"));
+    }
+
     /// A created reservation links to its read, confirm and cancel, with its id as the path's.
     #[test]
     fn a_created_reservation_links_to_its_operations() {

@@ -188,6 +188,24 @@ fn batch_record<'a>(
             at_ms: t.at_ms,
         })
         .collect();
+    let admin_keys = out
+        .admin_keys
+        .iter()
+        .map(|a| {
+            let i = a.command_index as usize;
+            let Command::Admin {
+                idempotency_key, ..
+            } = &requests[i].command
+            else {
+                unreachable!("admin keys come from keyed admin commands only")
+            };
+            AdminKeyRow {
+                idempotency_key,
+                command: a.command.clone(),
+                outcome: wire::encode(&out.outcomes[i]),
+            }
+        })
+        .collect();
     BatchRecord {
         epoch,
         batch_seq: out.batch_seq,
@@ -198,6 +216,7 @@ fn batch_record<'a>(
         decisions,
         transitions,
         skus: out.skus.clone(),
+        admin_keys,
         outbox,
     }
 }

@@ -8,7 +8,8 @@ impl Sequencer {
         // The generation first: the offsets of the state loaded next belong to it.
         let generation = self.rt.block_on(loggen::current(&self.pool))?;
         let started = Instant::now();
-        let (engine, next_offset) = self.load_engine(&generation)?;
+        let (mut engine, next_offset) = self.load_engine(&generation)?;
+        self.load_admin_keys(&mut engine)?;
         let load_ms = started.elapsed().as_millis() as u64;
         self.status.load_ms.store(load_ms, Ordering::Relaxed);
         metrics::gauge!("sequencer_state_load_seconds").set(load_ms as f64 / 1000.0);
@@ -31,6 +32,28 @@ impl Sequencer {
             log,
             reader,
         })
+    }
+
+    /// The admin keys of the batches the engine holds: neither checkpoints nor decision rows
+    /// carry them. Keys of later batches come back as those are replayed from the log.
+    fn load_admin_keys(&self, engine: &mut Engine) -> anyhow::Result<()> {
+        let rows = self.rt.block_on(persistence::batch::admin_keys_up_to(
+            &self.bulk_pool,
+            engine.batch_seq(),
+        ))?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for (idempotency_key, command, outcome) in rows {
+            let outcome = wire::decode(&outcome).with_context(|| {
+                format!("admin_commands: the outcome of key {idempotency_key:?} does not decode")
+            })?;
+            keys.push(engine::AdminKeyRecord {
+                idempotency_key,
+                command,
+                outcome,
+            });
+        }
+        engine.restore_admin_keys(keys);
+        Ok(())
     }
 
     /// The engine and the log offset it resumes from: from the newest checkpoint when there is

@@ -21,7 +21,7 @@ use crossbeam_channel::RecvTimeoutError;
 use persistence::batch::{commit_batch, CommitError};
 use persistence::checkpoint;
 use persistence::snapshot::{self, BatchHeader};
-use persistence::{lease, loggen, BatchRecord, DecisionRow, TransitionRow};
+use persistence::{lease, loggen, AdminKeyRow, BatchRecord, DecisionRow, TransitionRow};
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
 use wire::{Command, Request};
