@@ -128,7 +128,15 @@ async fn a_retried_restock_adds_its_units_once_across_a_timeout_a_failover_and_a
         .wait_role(active, "standby", Duration::from_secs(20))
         .await
         .unwrap();
-    let doc = stack.sequencer_status(active).await.unwrap();
+    // "standby" is reported from the start; loaded_from once the state is loaded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let doc = loop {
+        let doc = stack.sequencer_status(active).await.unwrap_or_default();
+        if !doc["loaded_from"].is_null() || std::time::Instant::now() > deadline {
+            break doc;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(doc["loaded_from"], "checkpoint", "{doc}");
     stack.signal_sequencer(new_active, "KILL").unwrap();
     stack
