@@ -18,7 +18,9 @@ use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
-use wire::{IngressId, Outcome, OutcomeBatch, Request, RequestId};
+use wire::{IngressId, Outcome, OutcomeBatch, Request, RequestId, StockUpdate};
+
+use crate::stock::StockFeed;
 
 use crate::metrics::HopTimers;
 use crate::producer::{self, ProducerSlot};
@@ -94,6 +96,8 @@ pub struct Bus {
     outcome_timeout: Duration,
     pub health: Arc<BusHealth>,
     append_latency: Histogram,
+    /// The newest committed counters per SKU, for the live stock streams.
+    pub stock: Arc<StockFeed>,
 }
 
 #[derive(Default)]
@@ -116,7 +120,8 @@ impl Bus {
         produce_linger_ms: u64,
         hops: HopTimers,
     ) -> anyhow::Result<Bus> {
-        let ingress_id: IngressId = rand_u64();
+        // Never wire::STOCK_UPDATES, the key every ingress reads stock updates under.
+        let ingress_id: IngressId = rand_u64().max(1);
         let mut producer_config = kafka_config();
         producer_config
             .set("bootstrap.servers", brokers)
@@ -188,10 +193,16 @@ impl Bus {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(outcomes_topic, 0, Offset::Offset(high))?;
         consumer.assign(&tpl)?;
-        let (p, h, outcome_delay) = (pending.clone(), health.clone(), hops.outcome_delay.clone());
+        let stock = Arc::new(StockFeed::default());
+        let (p, h, outcome_delay, feed) = (
+            pending.clone(),
+            health.clone(),
+            hops.outcome_delay.clone(),
+            stock.clone(),
+        );
         std::thread::Builder::new()
             .name("outcomes-reader".into())
-            .spawn(move || listen(consumer, ingress_id, &p, &h, &outcome_delay))?;
+            .spawn(move || listen(consumer, ingress_id, &p, &h, &outcome_delay, &feed))?;
         tracing::info!(
             ingress_id = format!("{ingress_id:016x}"),
             start_offset = high,
@@ -205,6 +216,7 @@ impl Bus {
             outcome_timeout,
             health,
             append_latency: hops.append,
+            stock,
         })
     }
 
@@ -340,8 +352,10 @@ fn listen(
     pending: &Pending,
     health: &BusHealth,
     outcome_delay: &Histogram,
+    stock: &StockFeed,
 ) {
     let my_key = wire::ingress_key(ingress_id);
+    let stock_key = wire::ingress_key(wire::STOCK_UPDATES);
     health.listening.store(true, Ordering::Relaxed);
     loop {
         let polled = consumer.poll(Duration::from_millis(100));
@@ -355,6 +369,15 @@ fn listen(
             }
         };
         health.outcome_messages.fetch_add(1, Ordering::Relaxed);
+        if message.key() == Some(&stock_key[..]) {
+            match wire::decode::<StockUpdate>(message.payload().unwrap_or_default()) {
+                Ok(update) => stock.publish(update),
+                Err(e) => {
+                    tracing::error!(offset = message.offset(), error = %e, "undecodable stock update");
+                }
+            }
+            continue;
+        }
         if message.key() != Some(&my_key[..]) {
             continue;
         }

@@ -5,7 +5,7 @@
 //! [`admission`] refuses what cannot be finished (in-flight and lag bounds, per-user rate limit);
 //! [`auth`] is the admin token and the optional buyer JWT; [`metrics`] is `/metrics`;
 //! [`http::openapi`] is `/openapi.json`; [`server`] is the accept loop with the connection and header
-//! limits.
+//! limits; [`stock`] keeps the newest committed counters per SKU for the live stock streams.
 
 pub mod admission;
 pub mod auth;
@@ -15,3 +15,4 @@ pub mod http;
 pub mod metrics;
 pub mod producer;
 pub mod server;
+pub mod stock;

@@ -106,6 +106,14 @@ struct Args {
     /// Most open HTTP connections; one more gets a short 503 and is closed at once.
     #[arg(long, env = "CONNECTIONS_MAX", default_value_t = 10_000)]
     connections_max: usize,
+    /// A connection whose answer cannot be written for this long (the client reads nothing:
+    /// a stalled stream subscriber, a client that went away without closing) is closed.
+    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 30_000)]
+    write_timeout_ms: u64,
+    /// Most live stock streams (`GET /v1/skus/{sku}/events`) open at once (503 above). Each
+    /// is also a connection: CONNECTIONS_MAX bounds them too.
+    #[arg(long, env = "STREAM_SUBSCRIBERS_MAX", default_value_t = 5_000)]
+    stream_subscribers_max: usize,
     #[arg(long, env = "LOG_JSON")]
     log_json: bool,
 }
@@ -196,6 +204,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             body_bytes_max: args.body_bytes_max,
             ready_broker_max_age_ms: args.ready_broker_max_age_ms,
             body_read_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
+            stream_subscribers_max: args.stream_subscribers_max,
         },
         admission: Admission::new(limits, lag, limiter, metrics.clone()),
         metrics,
@@ -206,6 +215,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let limits = ServerLimits {
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
         connections_max: args.connections_max.max(1),
+        write_timeout: Duration::from_millis(args.write_timeout_ms.max(1)),
         drain_timeout: Duration::from_millis(args.outcome_timeout_ms) + Duration::from_secs(1),
     };
     let (refused, open) = (app.metrics.clone(), app.metrics.clone());

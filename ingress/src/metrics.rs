@@ -86,6 +86,9 @@ pub struct Metrics {
     pub rate_limiter_keys: Gauge,
     /// Open HTTP connections (bounded by CONNECTIONS_MAX).
     pub connections_open: Gauge,
+    /// Open live stock streams (bounded by STREAM_SUBSCRIBERS_MAX).
+    pub stock_streams: Gauge,
+    pub stock_updates: Counter,
     connections_refused: Counter,
     /// The two Kafka hops a write's latency is made of, seen from the ingress (handed to the bus).
     pub hops: HopTimers,
@@ -146,6 +149,16 @@ impl Metrics {
             "ingress_http_requests_in_flight",
             None,
             "HTTP requests being handled now",
+        );
+        describe(
+            "ingress_stock_streams",
+            None,
+            "open live stock streams, GET /v1/skus/{sku}/events (bounded by STREAM_SUBSCRIBERS_MAX)",
+        );
+        describe(
+            "ingress_stock_updates_total",
+            None,
+            "stock updates (one per committed batch that changed SKUs) read from the outcomes topic",
         );
         describe(
             "ingress_writes_in_flight",
@@ -245,6 +258,8 @@ impl Metrics {
             broker_ok_age: gauge("ingress_broker_last_ok_age_seconds"),
             rate_limiter_keys: gauge("ingress_rate_limiter_keys"),
             connections_open: gauge("ingress_http_connections_open"),
+            stock_streams: gauge("ingress_stock_streams"),
+            stock_updates: counter("ingress_stock_updates_total", vec![]),
             connections_refused: counter("ingress_http_connections_refused_total", vec![]),
             hops: HopTimers {
                 append: recorder.register_histogram(&Key::from_static_name(APPEND_DURATION), &META),

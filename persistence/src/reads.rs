@@ -46,6 +46,27 @@ pub async fn reservation(
     }))
 }
 
+/// [`sku`], with the batch that last changed it (`updated_batch`): where a live stream of its
+/// counters starts.
+pub async fn sku_and_batch(
+    pool: &PgPool,
+    name: &str,
+) -> Result<Option<(SkuView, u64)>, sqlx::Error> {
+    let Some(row) = sqlx::query(
+        "SELECT sku, total, available, held, sold, per_user_limit, hold_ttl_ms, starts_at,
+                ends_at, paused, updated_batch
+           FROM skus WHERE sku = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let batch: i64 = row.try_get("updated_batch")?;
+    Ok(Some((sku_from_row(&row)?, batch as u64)))
+}
+
 pub async fn sku(pool: &PgPool, name: &str) -> Result<Option<SkuView>, sqlx::Error> {
     sqlx::query(
         "SELECT sku, total, available, held, sold, per_user_limit, hold_ttl_ms, starts_at,

@@ -15,7 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use rustc_hash::FxHashMap;
-use wire::{IngressId, OutcomeBatch, Reply, Request};
+use wire::{IngressId, OutcomeBatch, Reply, Request, StockUpdate};
 
 use engine::BatchOutput;
 
@@ -31,7 +31,8 @@ pub struct OutboxMessage {
     pub payload: Vec<u8>,
 }
 
-/// Groups the batch's replies per ingress, in ascending ingress id (deterministic).
+/// Groups the batch's replies per ingress, plus one [`StockUpdate`] (under
+/// [`wire::STOCK_UPDATES`]) when the batch changed SKUs; in ascending ingress id (deterministic).
 pub fn build_outbox(epoch: u64, out: &BatchOutput, requests: &[Request]) -> Outbox {
     let mut per_ingress: FxHashMap<IngressId, Vec<Reply>> = FxHashMap::default();
     for (request, outcome) in requests.iter().zip(&out.outcomes) {
@@ -55,6 +56,18 @@ pub fn build_outbox(epoch: u64, out: &BatchOutput, requests: &[Request]) -> Outb
             }),
         })
         .collect();
+    if !out.skus.is_empty() {
+        // For every ingress's live stock streams: the counters this batch changed.
+        messages.push(OutboxMessage {
+            ingress_id: wire::STOCK_UPDATES,
+            payload: wire::encode(&StockUpdate {
+                epoch,
+                batch_seq: out.batch_seq,
+                batch_time_ms: out.batch_time_ms,
+                skus: out.skus.clone(),
+            }),
+        });
+    }
     messages.sort_by_key(|m| m.ingress_id);
     Outbox { messages }
 }

@@ -353,6 +353,20 @@ pub struct OutcomeBatch {
     pub replies: Vec<Reply>,
 }
 
+/// The ingress id under whose key ([`ingress_key`]) the outcomes topic carries
+/// [`StockUpdate`]s, read by every ingress. No ingress uses it as its own id.
+pub const STOCK_UPDATES: IngressId = 0;
+
+/// The counters of every SKU a committed batch changed, published with its outcomes for every
+/// ingress (the live stock streams). Counts are committed ones: published after COMMIT.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub struct StockUpdate {
+    pub epoch: u64,
+    pub batch_seq: u64,
+    pub batch_time_ms: i64,
+    pub skus: Vec<SkuView>,
+}
+
 /// A decision row as persisted, read back at start-up. Shared by `persistence` (which reads it)
 /// and the engine (which rebuilds its state from it); it never travels over Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -213,6 +213,32 @@ impl From<ReservationView> for ReservationOut {
     }
 }
 
+/// One event of a SKU's live stream: its counters as committed, and its status then.
+#[derive(Serialize, ToSchema)]
+pub struct StockEventOut {
+    #[schema(example = "tee-1")]
+    pub sku: String,
+    pub total: u64,
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+    #[schema(value_type = SaleStatus)]
+    pub status: &'static str,
+}
+
+impl From<SkuOut> for StockEventOut {
+    fn from(s: SkuOut) -> StockEventOut {
+        StockEventOut {
+            sku: s.sku,
+            total: s.total,
+            available: s.available,
+            held: s.held,
+            sold: s.sold,
+            status: s.status,
+        }
+    }
+}
+
 impl From<SkuView> for SkuOut {
     /// `status` summarises why a buyer can or cannot reserve now.
     fn from(v: SkuView) -> SkuOut {

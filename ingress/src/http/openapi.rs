@@ -16,7 +16,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::dto::{
     FreezeOut, ReadyChecks, ReadyOut, ReservationOut, ReservationStatus, ReserveBody, RestockBody,
-    SaleStatus, SkuOut, StatusOut, UpsertBody,
+    SaleStatus, SkuOut, StatusOut, StockEventOut, UpsertBody,
 };
 use super::state::App;
 use super::{admin, ops, reservations, skus};
@@ -35,6 +35,7 @@ use crate::error::ErrorBody;
         reservations::confirm_reservation,
         reservations::cancel_reservation,
         skus::get_sku,
+        skus::sku_events,
         admin::upsert_sku,
         admin::restock_sku,
         admin::pause_sku,
@@ -47,7 +48,7 @@ use crate::error::ErrorBody;
     ),
     components(schemas(
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
-        RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody
+        RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut
     )),
     modifiers(&BearerSchemes),
     tags(

@@ -124,6 +124,8 @@ fn refresh_gauges(app: &App) {
     let now = now_ms();
     let health = &app.bus.health;
     m.writes_in_flight.set(app.bus.in_flight() as f64);
+    m.stock_streams.set(app.bus.stock.subscribers() as f64);
+    sync_counter(&m.stock_updates, &app.bus.stock.updates);
     m.producer_queue_depth
         .set(f64::from(app.bus.producer_queue_depth()));
     sync_counter(&m.producer_replacements, app.bus.producer_replacements());

@@ -19,6 +19,8 @@ pub struct AppConfig {
     pub ready_broker_max_age_ms: i64,
     /// Longest a request body may take to arrive, in total (408 and the connection closed).
     pub body_read_timeout: Duration,
+    /// Most live stock streams open at once on this ingress (503 above).
+    pub stream_subscribers_max: usize,
 }
 
 pub struct App {
