@@ -6,6 +6,7 @@
 //!   following standby's takeover.
 //! - `bench baseline-server`: the naive Postgres and Redis+Lua designs behind the same contract.
 //! - `bench compare`: all of it in one invocation, with a JSON report and a Markdown summary.
+//! - `bench streams`: many live stock streams on one SKU during a load, and what they cost.
 //!
 //! The engine micro-benchmark is criterion's, in `engine/benches/engine.rs`.
 //! Every load is bounded in time and count and goes to loopback addresses only.
@@ -20,6 +21,7 @@ mod load;
 mod pipeline;
 mod scenario;
 mod stack;
+mod streams;
 
 use std::process::ExitCode;
 
@@ -42,6 +44,8 @@ enum Cmd {
     Coldstart(coldstart::ColdStartArgs),
     /// Serves a baseline design (naive Postgres or Redis+Lua) behind the same HTTP contract.
     BaselineServer(baseline::ServerArgs),
+    /// Many live stock streams on one SKU during a load: staleness of the counts, ingress CPU.
+    Streams(streams::StreamsArgs),
     /// Pipeline, then flash and ramp against this system and each baseline; one report.
     Compare(compare::CompareArgs),
     /// Starts a fresh system (sequencer + ingress, fresh database and topics) for manual runs
@@ -102,6 +106,10 @@ fn main() -> ExitCode {
         }),
         Cmd::BaselineServer(args) => baseline::serve(args).map(|()| true),
         Cmd::Compare(args) => runtime().block_on(compare::run(args)).map(|()| true),
+        Cmd::Streams(args) => runtime().block_on(async move {
+            streams::run(&args).await?;
+            anyhow::Ok(true)
+        }),
         Cmd::SystemUp {
             seconds,
             ingress_port,
