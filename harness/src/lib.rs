@@ -8,7 +8,8 @@
 //! - [`process`]: a child process with its log that is stopped when dropped;
 //! - [`audit`]: `sequencer audit --json`;
 //! - [`stack`]: a whole system for a system test ([`Stack`]);
-//! - [`kafka`]: a private Apache Kafka broker a test may kill and restart.
+//! - [`kafka`]: a private Apache Kafka broker a test may kill and restart;
+//! - [`jwt`]: buyer tokens for the ingress's JWT mode.
 //!
 //! The environment: `FLASH_BIN_DIR` (where the built binaries are), `FLASH_PG_ADMIN_URL` (a
 //! superuser connection to create databases), `KAFKA_BROKERS` (the shared broker) and, for
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 
 pub mod audit;
 pub mod db;
+pub mod jwt;
 pub mod kafka;
 pub mod process;
 pub mod stack;

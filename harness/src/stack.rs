@@ -390,6 +390,16 @@ impl Stack {
         Ok(r.error_for_status()?.text().await?)
     }
 
+    /// Sequencer `i`'s Prometheus text (from its status port).
+    pub async fn sequencer_metrics(&self, i: usize) -> anyhow::Result<String> {
+        let url = format!(
+            "http://127.0.0.1:{}/metrics",
+            self.sequencers[i].status_port
+        );
+        let r = self.http.get(url).send().await?;
+        Ok(r.error_for_status()?.text().await?)
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
         answer(self.http.get(format!("{}{path}", self.base)).send().await?).await
     }

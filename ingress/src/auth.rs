@@ -138,6 +138,7 @@ pub fn require_admin(admin_token: &str, headers: &HeaderMap) -> Result<(), ApiEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use harness::jwt::hs256;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
 
@@ -166,16 +167,6 @@ mod tests {
         crate::bus::now_ms() / 1000
     }
 
-    fn hs(claims: serde_json::Value, secret: &str) -> String {
-        let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
-        )
-        .unwrap()
-    }
-
     fn is_unauthorized(r: Result<String, ApiError>) -> bool {
         matches!(r, Err(ApiError::Unauthorized))
     }
@@ -185,26 +176,26 @@ mod tests {
         let v = JwtVerifier::from_config(&config(Some(SECRET), None))
             .unwrap()
             .unwrap();
-        let good = hs(json!({"sub": "alice", "exp": now() + 60}), SECRET);
+        let good = hs256(&json!({"sub": "alice", "exp": now() + 60}), SECRET);
         assert_eq!(v.subject(&headers(&good)).unwrap(), "alice");
 
-        let forged = hs(
-            json!({"sub": "alice", "exp": now() + 60}),
+        let forged = hs256(
+            &json!({"sub": "alice", "exp": now() + 60}),
             "another-secret-that-is-32-bytes-long",
         );
         assert!(is_unauthorized(v.subject(&headers(&forged))));
-        let expired = hs(json!({"sub": "alice", "exp": now() - 10}), SECRET);
+        let expired = hs256(&json!({"sub": "alice", "exp": now() - 10}), SECRET);
         assert!(is_unauthorized(v.subject(&headers(&expired))));
-        let no_exp = hs(json!({"sub": "alice"}), SECRET);
+        let no_exp = hs256(&json!({"sub": "alice"}), SECRET);
         assert!(is_unauthorized(v.subject(&headers(&no_exp))));
-        let no_sub = hs(json!({"exp": now() + 60}), SECRET);
+        let no_sub = hs256(&json!({"exp": now() + 60}), SECRET);
         assert!(is_unauthorized(v.subject(&headers(&no_sub))));
-        let not_yet = hs(
-            json!({"sub": "alice", "exp": now() + 60, "nbf": now() + 30}),
+        let not_yet = hs256(
+            &json!({"sub": "alice", "exp": now() + 60, "nbf": now() + 30}),
             SECRET,
         );
         assert!(is_unauthorized(v.subject(&headers(&not_yet))));
-        let control = hs(json!({"sub": "al\u{0}ice", "exp": now() + 60}), SECRET);
+        let control = hs256(&json!({"sub": "al\u{0}ice", "exp": now() + 60}), SECRET);
         assert!(is_unauthorized(v.subject(&headers(&control))));
 
         // Tampered payload with the original signature.
@@ -235,23 +226,23 @@ mod tests {
         c.issuer = Some("https://id.example".into());
         c.audience = Some("flash".into());
         let v = JwtVerifier::from_config(&c).unwrap().unwrap();
-        let ok = hs(
-            json!({"sub": "a", "exp": now() + 60, "iss": "https://id.example", "aud": "flash"}),
+        let ok = hs256(
+            &json!({"sub": "a", "exp": now() + 60, "iss": "https://id.example", "aud": "flash"}),
             SECRET,
         );
         assert_eq!(v.subject(&headers(&ok)).unwrap(), "a");
-        let other_aud = hs(
-            json!({"sub": "a", "exp": now() + 60, "iss": "https://id.example", "aud": "other"}),
+        let other_aud = hs256(
+            &json!({"sub": "a", "exp": now() + 60, "iss": "https://id.example", "aud": "other"}),
             SECRET,
         );
         assert!(is_unauthorized(v.subject(&headers(&other_aud))));
-        let no_iss = hs(
-            json!({"sub": "a", "exp": now() + 60, "aud": "flash"}),
+        let no_iss = hs256(
+            &json!({"sub": "a", "exp": now() + 60, "aud": "flash"}),
             SECRET,
         );
         assert!(is_unauthorized(v.subject(&headers(&no_iss))));
-        let no_aud = hs(
-            json!({"sub": "a", "exp": now() + 60, "iss": "https://id.example"}),
+        let no_aud = hs256(
+            &json!({"sub": "a", "exp": now() + 60, "iss": "https://id.example"}),
             SECRET,
         );
         assert!(is_unauthorized(v.subject(&headers(&no_aud))));
@@ -316,7 +307,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.subject(&headers(&token)).unwrap(), "bob");
-        let confused = hs(json!({"sub": "bob", "exp": now() + 60}), &public_pem);
+        let confused = hs256(&json!({"sub": "bob", "exp": now() + 60}), &public_pem);
         assert!(is_unauthorized(v.subject(&headers(&confused))));
     }
 

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics::Histogram;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -122,14 +121,8 @@ impl Bus {
     ) -> anyhow::Result<Bus> {
         // Never wire::STOCK_UPDATES, the key every ingress reads stock updates under.
         let ingress_id: IngressId = rand_u64().max(1);
-        let mut producer_config = kafka_config();
+        let mut producer_config = kafka_config::idempotent_producer(brokers);
         producer_config
-            .set("bootstrap.servers", brokers)
-            // librdkafka leaves Nagle on by default: small requests then wait for delayed
-            // ACKs (tens of ms on loopback), and every request waits on this hop.
-            .set("socket.nagle.disable", "true")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
             // Many concurrent requests share a produce request (PRODUCE_LINGER_MS).
             .set("linger.ms", produce_linger_ms.to_string())
             .set("queue.buffering.max.messages", "200000")
@@ -140,10 +133,7 @@ impl Bus {
             .set(
                 "message.timeout.ms",
                 outcome_timeout.as_millis().max(1000).to_string(),
-            )
-            // Reconnect quickly after a broker restart (librdkafka's defaults back off to 10 s).
-            .set("reconnect.backoff.ms", "50")
-            .set("reconnect.backoff.max.ms", "1000");
+            );
         // Drill knob: the first producer bootstraps from these addresses instead. One where
         // nothing listens makes a producer that never delivers while the broker is fine, the
         // case the watchdog is for; its replacements use BROKERS. Its messages time out only
@@ -156,7 +146,7 @@ impl Bus {
             c
         });
         let slot = Arc::new(ProducerSlot::new(producer_config, first)?);
-        let mut probe_config = kafka_config();
+        let mut probe_config = kafka_config::base();
         probe_config.set("bootstrap.servers", brokers);
         // Longer than any append may take (the message timeout), so that only a producer that
         // has failed every append for that long is replaced.
@@ -169,20 +159,14 @@ impl Bus {
         ));
         let pending = Arc::new(Pending::new());
         let health = Arc::new(BusHealth::default());
-        let consumer: BaseConsumer = kafka_config()
-            .set("bootstrap.servers", brokers)
-            .set("socket.nagle.disable", "true")
-            .set("group.id", format!("flash-ingress-{ingress_id:016x}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "latest")
-            .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
-            .set("fetch.min.bytes", "1")
-            .set("reconnect.backoff.ms", "50")
-            .set("reconnect.backoff.max.ms", "1000")
-            .set("enable.partition.eof", "false")
-            .create()
-            .context("creating the outcomes consumer")?;
+        let consumer: BaseConsumer = kafka_config::assigned_consumer(
+            brokers,
+            format!("flash-ingress-{ingress_id:016x}"),
+            fetch_wait_max_ms,
+            "latest",
+        )
+        .create()
+        .context("creating the outcomes consumer")?;
         // Start exactly at today's end: every outcome for a request sent after this is at or
         // beyond it. (Offset::End would be resolved later, possibly after our first outcome.)
         let (_, high) = consumer
@@ -334,16 +318,6 @@ impl BrokerProbe {
         )?;
         Ok(high)
     }
-}
-
-/// A client configuration with librdkafka's own debug contexts when `KAFKA_DEBUG` names them
-/// (for example `eos,broker,protocol`): its log lines go to this process's log.
-fn kafka_config() -> ClientConfig {
-    let mut config = ClientConfig::new();
-    if let Ok(contexts) = std::env::var("KAFKA_DEBUG") {
-        config.set("debug", contexts);
-    }
-    config
 }
 
 fn listen(

@@ -127,36 +127,16 @@ pub struct LogIdentity {
 }
 
 pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> ClientConfig {
-    let mut config = ClientConfig::new();
+    let mut config = kafka_config::assigned_consumer(
+        brokers,
+        format!("flash-sequencer-{node_id}"),
+        fetch_wait_max_ms,
+        // Never jump silently to the start or end of the log: an offset the broker does not
+        // have surfaces as an error (AutoOffsetReset), which the reader turns into a lost log.
+        "error",
+    );
+    config.set("queued.max.messages.kbytes", "65536");
     config
-        .set("bootstrap.servers", brokers)
-        // librdkafka leaves Nagle on by default: small requests then wait for delayed ACKs
-        // (tens of ms on loopback). Every hop here is latency-critical.
-        .set("socket.nagle.disable", "true")
-        // Required by librdkafka even though no group protocol is used (assign, never subscribe).
-        .set("group.id", format!("flash-sequencer-{node_id}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // Never jump silently to the start or end of the log: an offset the broker does not have
-        // surfaces as an error (AutoOffsetReset), which the reader turns into a lost log.
-        .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
-        .set("fetch.min.bytes", "1")
-        .set("queued.max.messages.kbytes", "65536")
-        // Reconnect quickly after a broker restart (librdkafka's defaults back off to 10 s).
-        .set("reconnect.backoff.ms", "50")
-        .set("reconnect.backoff.max.ms", "1000")
-        .set("enable.partition.eof", "false");
-    debug_contexts(&mut config);
-    config
-}
-
-/// librdkafka's own debug contexts when `KAFKA_DEBUG` names them (for example `eos,broker`);
-/// its lines go to this process's log at debug level (`RUST_LOG=info,librdkafka=debug`).
-pub fn debug_contexts(config: &mut ClientConfig) {
-    if let Ok(contexts) = std::env::var("KAFKA_DEBUG") {
-        config.set("debug", contexts);
-    }
 }
 
 /// The low and high watermarks of partition 0, with a clear error when the topic is missing.

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bincode::{Decode, Encode};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
@@ -98,20 +97,11 @@ const QUEUE_FULL_WAIT_MAX: Duration = Duration::from_secs(5);
 
 impl Publisher {
     pub fn new(brokers: &str, topic: &str) -> anyhow::Result<Publisher> {
-        let mut config = ClientConfig::new();
-        crate::log::debug_contexts(&mut config);
-        let producer = config
-            .set("bootstrap.servers", brokers)
-            // Nagle off: see log::consumer_config.
-            .set("socket.nagle.disable", "true")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
+        // Through a broker restart librdkafka keeps retrying for message.timeout.ms (5 min by
+        // default), reconnecting quickly.
+        let producer = kafka_config::idempotent_producer(brokers)
             // Outcomes are latency-critical: a reply waits on this message.
             .set("linger.ms", "1")
-            // Through a broker restart librdkafka keeps retrying for message.timeout.ms (5 min
-            // by default); reconnect quickly rather than after a 10 s backoff.
-            .set("reconnect.backoff.ms", "50")
-            .set("reconnect.backoff.max.ms", "1000")
             .set("queue.buffering.max.messages", "100000")
             .create_with_context(DeliveryLogger)
             .context("creating the outcomes producer")?;

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use harness::jwt::hs256;
 use serde_json::{json, Value};
 use systest::{Options, Stack, ADMIN_TOKEN};
 
@@ -130,18 +130,8 @@ fn now_s() -> i64 {
         .as_secs() as i64
 }
 
-fn jwt(claims: Value, secret: &str) -> String {
-    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
-    )
-    .unwrap()
-}
-
 fn token_for(user: &str) -> String {
-    jwt(json!({"sub": user, "exp": now_s() + 300}), JWT_SECRET)
+    hs256(&json!({"sub": user, "exp": now_s() + 300}), JWT_SECRET)
 }
 
 /// Waits until the series reaches a value accepted by `ok`.
@@ -558,8 +548,8 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
         (
             "forged signature",
             with(
-                &jwt(
-                    json!({"sub": "alice", "exp": now_s() + 300}),
+                &hs256(
+                    &json!({"sub": "alice", "exp": now_s() + 300}),
                     "not-the-secret-0123456789abcdefghij",
                 ),
                 body(Some("alice"), "n2"),
@@ -570,7 +560,7 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
         (
             "expired",
             with(
-                &jwt(json!({"sub": "alice", "exp": now_s() - 120}), JWT_SECRET),
+                &hs256(&json!({"sub": "alice", "exp": now_s() - 120}), JWT_SECRET),
                 body(Some("alice"), "n3"),
             ),
             401,
@@ -579,7 +569,7 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
         (
             "no subject",
             with(
-                &jwt(json!({"exp": now_s() + 300}), JWT_SECRET),
+                &hs256(&json!({"exp": now_s() + 300}), JWT_SECRET),
                 body(None, "n4"),
             ),
             401,
@@ -763,8 +753,8 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
     let base = stack.base.clone();
     let http = stack.http.clone();
     let user = token_for("mallory");
-    let forged = jwt(
-        json!({"sub": "mallory", "exp": now_s() + 300}),
+    let forged = hs256(
+        &json!({"sub": "mallory", "exp": now_s() + 300}),
         "forged-secret-forged-secret-forged!!",
     );
     let alg_none = {

@@ -157,15 +157,7 @@ async fn writes_get_503_at_once_while_no_sequencer_commits_and_a_quiet_sale_stay
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, v) = stack.get("/v1/skus/s").await.unwrap();
-        let metrics = stack
-            .http
-            .get(format!("{}/metrics", stack.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = stack.ingress_metrics().await.unwrap();
         if metrics.contains("ingress_writes_in_flight 2") {
             break;
         }

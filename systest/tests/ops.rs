@@ -57,18 +57,7 @@ async fn sequencers_report_role_epoch_offsets_and_batch_metrics() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let metrics = stack
-        .http
-        .get(format!(
-            "http://127.0.0.1:{}/metrics",
-            stack.sequencers[active].status_port
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.sequencer_metrics(active).await.unwrap();
     for series in [
         "sequencer_batch_commit_seconds_bucket",
         "sequencer_batch_size_bucket",

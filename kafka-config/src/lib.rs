@@ -1,0 +1,59 @@
+//! The librdkafka settings every Kafka client of the system starts from. The ingress and the
+//! sequencer each add their own (group id, offset reset, linger, queue sizes, timeouts).
+
+use rdkafka::config::ClientConfig;
+
+/// An empty client configuration, with librdkafka's own debug contexts when `KAFKA_DEBUG` names
+/// them (for example `eos,broker,protocol`): its log lines go to this process's log at debug
+/// level (`RUST_LOG=info,librdkafka=debug`).
+pub fn base() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    if let Ok(contexts) = std::env::var("KAFKA_DEBUG") {
+        config.set("debug", contexts);
+    }
+    config
+}
+
+/// A client of `brokers` tuned for latency and broker restarts.
+fn client(brokers: &str) -> ClientConfig {
+    let mut config = base();
+    config
+        .set("bootstrap.servers", brokers)
+        // librdkafka leaves Nagle on by default: small requests then wait for delayed ACKs
+        // (tens of ms on loopback). Every hop here is latency-critical.
+        .set("socket.nagle.disable", "true")
+        // Reconnect quickly after a broker restart (librdkafka's defaults back off to 10 s).
+        .set("reconnect.backoff.ms", "50")
+        .set("reconnect.backoff.max.ms", "1000");
+    config
+}
+
+/// A consumer that is assigned its partition and offset (never subscribes, never commits
+/// offsets to Kafka: the offset of record is elsewhere) and gets each message as soon as it is
+/// there. `auto_offset_reset` is what an offset the broker does not have does.
+pub fn assigned_consumer(
+    brokers: &str,
+    group_id: String,
+    fetch_wait_max_ms: u64,
+    auto_offset_reset: &str,
+) -> ClientConfig {
+    let mut config = client(brokers);
+    config
+        // Required by librdkafka even though no group protocol is used (assign, never subscribe).
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", auto_offset_reset)
+        .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
+        .set("fetch.min.bytes", "1")
+        .set("enable.partition.eof", "false");
+    config
+}
+
+/// An idempotent producer acknowledged by every in-sync replica: librdkafka's retries (through
+/// broker restarts, until `message.timeout.ms`) never write a message twice.
+pub fn idempotent_producer(brokers: &str) -> ClientConfig {
+    let mut config = client(brokers);
+    config.set("enable.idempotence", "true").set("acks", "all");
+    config
+}
