@@ -281,6 +281,17 @@ impl Stack {
         Ok(())
     }
 
+    /// Freezes every sequencer (SIGSTOP), the active first; returns the active's index, so that
+    /// nothing is decided until they are sent CONT (a lost answer, a queue that waits).
+    pub async fn freeze_sequencers(&mut self) -> anyhow::Result<usize> {
+        let active = self.wait_for_active(Duration::from_secs(10)).await?;
+        self.signal_sequencer(active, "STOP")?;
+        for i in (0..self.sequencers.len()).filter(|&i| i != active) {
+            self.signal_sequencer(i, "STOP")?;
+        }
+        Ok(active)
+    }
+
     /// Waits for sequencer `i` to exit; returns its exit code.
     pub fn wait_sequencer_exit(
         &mut self,

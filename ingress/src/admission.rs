@@ -10,7 +10,7 @@
 
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,20 @@ use crate::metrics::{Metrics, Refusal};
 /// A lag measurement older than this is not trusted for admission (the in-flight bound still
 /// holds); readiness reports the broker separately.
 pub const LAG_SIGNAL_STALE_MS: i64 = 5_000;
+
+/// The window of the decide rate (tickets' ETAs).
+pub const RATE_WINDOW_MS: i64 = 5_000;
+
+/// Offsets committed per second between the first and last of `samples` (unix ms, offset); 0
+/// with fewer than two, or when the offset went back (a rebased log).
+pub fn rate_per_s(samples: &std::collections::VecDeque<(i64, i64)>) -> f64 {
+    match (samples.front(), samples.back()) {
+        (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 && c1 >= c0 => {
+            (c1 - c0) as f64 * 1000.0 / (t1 - t0) as f64
+        }
+        _ => 0.0,
+    }
+}
 
 /// Longer than this between two lag measurements (beyond the poll interval) is a gap: the stall
 /// clock restarts at the next measurement.
@@ -42,6 +56,9 @@ pub struct LagMonitor {
     pub measured_ms: AtomicI64,
     /// When the producer's client last completed a round trip to the broker, unix ms; 0 = never.
     pub broker_ok_ms: AtomicI64,
+    /// Decisions per second over the last [`RATE_WINDOW_MS`] (f64 bits): from the committed
+    /// offset's moves, for tickets' ETAs.
+    pub decide_rate_bits: AtomicU64,
     /// When the sequencer last showed progress, unix ms: the committed offset moved, or nothing
     /// was waiting (lag 0). 0 = never measured. A quiet sale keeps this fresh, so it is never
     /// mistaken for a stall.
@@ -49,6 +66,11 @@ pub struct LagMonitor {
 }
 
 impl LagMonitor {
+    /// Log messages decided per second lately (0 when nothing was, or nothing is known).
+    pub fn decide_rate(&self) -> f64 {
+        f64::from_bits(self.decide_rate_bits.load(Ordering::Relaxed))
+    }
+
     /// The lag to act on, or `None` when the signal is stale.
     pub fn current_lag(&self, now_ms: i64) -> Option<i64> {
         let measured = self.measured_ms.load(Ordering::Relaxed);
@@ -84,6 +106,8 @@ impl LagMonitor {
         let mut warned_broker = false;
         let mut last_committed: Option<i64> = None;
         let mut warned_stall = false;
+        // (when, committed offset) of the last RATE_WINDOW_MS: the decide rate.
+        let mut recent: std::collections::VecDeque<(i64, i64)> = Default::default();
         loop {
             tick.tick().await;
             let probe = probe.clone();
@@ -156,6 +180,15 @@ impl LagMonitor {
                 }
                 last_committed = Some(c);
                 self.measured_ms.store(now, Ordering::Relaxed);
+                recent.push_back((now, c));
+                while recent
+                    .front()
+                    .is_some_and(|&(t, _)| now - t > RATE_WINDOW_MS)
+                {
+                    recent.pop_front();
+                }
+                self.decide_rate_bits
+                    .store(rate_per_s(&recent).to_bits(), Ordering::Relaxed);
             }
         }
     }

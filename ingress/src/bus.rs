@@ -85,6 +85,9 @@ pub enum SendError {
     /// Appended or maybe appended, but no outcome arrived in time: answer 504, retry is safe.
     #[error("no outcome within the timeout: {0}")]
     Unknown(String),
+    /// Appended at `offset` (acknowledged), but no outcome arrived in time: 504, and a ticket.
+    #[error("no outcome within the timeout: {detail}")]
+    Late { offset: i64, detail: String },
 }
 
 pub struct Bus {
@@ -240,15 +243,42 @@ impl Bus {
         self.append_and_wait(request, rx).await
     }
 
+    /// Appends `request` and returns its log offset, without waiting for its outcome (a ticket's
+    /// write: `Prefer: respond-async`).
+    pub async fn append_only(&self, request: &Request) -> Result<i64, SendError> {
+        let deadline = tokio::time::Instant::now() + self.outcome_timeout;
+        self.append(request, deadline).await
+    }
+
     async fn append_and_wait(
         &self,
         request: &Request,
         rx: oneshot::Receiver<Outcome>,
     ) -> Result<Outcome, SendError> {
+        let deadline = tokio::time::Instant::now() + self.outcome_timeout;
+        let offset = self.append(request, deadline).await?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(SendError::Late {
+                offset,
+                detail: "the outcomes reader stopped".into(),
+            }),
+            Err(_) => Err(SendError::Late {
+                offset,
+                detail: "the sequencer did not answer in time".into(),
+            }),
+        }
+    }
+
+    /// Appends `request` by `deadline`; its offset in the requests log.
+    async fn append(
+        &self,
+        request: &Request,
+        deadline: tokio::time::Instant,
+    ) -> Result<i64, SendError> {
         let payload = wire::encode(request);
         let record: FutureRecord<'_, (), [u8]> =
             FutureRecord::to(&self.requests_topic).payload(&payload[..]);
-        let deadline = tokio::time::Instant::now() + self.outcome_timeout;
         let appending = std::time::Instant::now();
         let producer = self.producer.current();
         // Bounded by the outcome deadline too: a wedged producer may never report a delivery
@@ -260,25 +290,19 @@ impl Bus {
             return Err(SendError::Unknown(APPEND_UNACKNOWLEDGED.into()));
         };
         match delivery {
-            Ok(_) => {
+            Ok(delivered) => {
                 self.producer.delivered();
                 self.append_latency
                     .record(appending.elapsed().as_secs_f64());
+                Ok(delivered.offset)
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                return Err(SendError::Overloaded)
+                Err(SendError::Overloaded)
             }
             Err((e, _)) => {
                 self.producer.failed();
-                return Err(SendError::Unknown(format!("append failed: {e}")));
+                Err(SendError::Unknown(format!("append failed: {e}")))
             }
-        }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(_)) => Err(SendError::Unknown("the outcomes reader stopped".into())),
-            Err(_) => Err(SendError::Unknown(
-                "the sequencer did not answer in time".into(),
-            )),
         }
     }
 }

@@ -55,6 +55,8 @@ pub enum ApiError {
     OutcomeUnknown {
         idempotency_key: Option<String>,
         detail: String,
+        /// When the append was acknowledged: the ticket that follows the request.
+        ticket_id: Option<String>,
     },
     /// 503: a dependency (Postgres for reads) failed.
     Unavailable(String),
@@ -93,6 +95,10 @@ pub struct ErrorBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub idempotency_key: Option<Option<String>>,
+    /// Only with 504 `outcome_unknown` of a reservation whose append was acknowledged: the
+    /// ticket to follow it with (`GET /v1/tickets/{id}`) instead of retrying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ticket_id: Option<String>,
 }
 
 impl IntoResponse for ApiError {
@@ -101,6 +107,7 @@ impl IntoResponse for ApiError {
             error,
             detail,
             idempotency_key: None,
+            ticket_id: None,
         };
         let (status, body, retry_after) = match self {
             ApiError::MalformedBody(detail) => (
@@ -190,12 +197,14 @@ impl IntoResponse for ApiError {
             ApiError::OutcomeUnknown {
                 idempotency_key,
                 detail,
+                ticket_id,
             } => (
                 StatusCode::GATEWAY_TIMEOUT,
                 ErrorBody {
                     error: "outcome_unknown",
                     detail: Some(format!("{detail}; the outcome is unknown: retrying with the same idempotency key is safe and returns the original outcome").into()),
                     idempotency_key: Some(idempotency_key),
+                    ticket_id,
                 },
                 None,
             ),
@@ -253,6 +262,7 @@ mod tests {
             let (s, _, b) = render(ApiError::OutcomeUnknown {
                 idempotency_key: None,
                 detail: "late".into(),
+                ticket_id: None,
             })
             .await;
             assert_eq!(s, 504);
@@ -265,9 +275,11 @@ mod tests {
             let (_, _, b) = render(ApiError::OutcomeUnknown {
                 idempotency_key: Some("k1".into()),
                 detail: "late".into(),
+                ticket_id: Some("t".into()),
             })
             .await;
             assert_eq!(b["idempotency_key"], "k1");
+            assert_eq!(b["ticket_id"], "t");
             let (s, r, b) = render(ApiError::Overloaded {
                 retry_after_s: 1,
                 detail: "busy".into(),

@@ -46,6 +46,26 @@ pub async fn reservation(
     }))
 }
 
+/// The outbox of the newest batch that decided log offset `offset` (a ticket's request), if
+/// one has; and the committed offset (`sequencer_state.next_offset`) read in the same
+/// statement, so that "not decided yet" and "decided" cannot both be missed between two reads.
+pub async fn decided_at_offset(
+    pool: &PgPool,
+    offset: i64,
+) -> Result<(Option<Vec<u8>>, i64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT (SELECT outbox FROM batches
+                  WHERE next_offset > $1 AND first_offset <= $1
+                  ORDER BY batch_seq DESC LIMIT 1) AS outbox,
+                next_offset
+           FROM sequencer_state WHERE id = 1",
+    )
+    .bind(offset)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get("outbox")?, row.try_get("next_offset")?))
+}
+
 /// [`sku`], with the batch that last changed it (`updated_batch`): where a live stream of its
 /// counters starts.
 pub async fn sku_and_batch(

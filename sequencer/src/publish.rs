@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use bincode::{Decode, Encode};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
@@ -18,17 +17,7 @@ use wire::{IngressId, OutcomeBatch, Reply, Request, StockUpdate};
 
 use engine::BatchOutput;
 
-#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq, Default)]
-pub struct Outbox {
-    pub messages: Vec<OutboxMessage>,
-}
-
-#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
-pub struct OutboxMessage {
-    pub ingress_id: IngressId,
-    /// `wire::encode(&OutcomeBatch)`.
-    pub payload: Vec<u8>,
-}
+pub use wire::{Outbox, OutboxMessage};
 
 /// Groups the batch's replies per ingress, plus one [`StockUpdate`] (under
 /// [`wire::STOCK_UPDATES`]) when the batch changed SKUs; in ascending ingress id (deterministic).

@@ -67,13 +67,8 @@ async fn a_retried_restock_adds_its_units_once_across_a_timeout_a_failover_and_a
 
     // The answer is lost (both sequencers frozen: 504 naming the key); the command is decided
     // once they wake, and the operator's retry gets its outcome without adding units again.
-    let active = stack
-        .wait_for_active(Duration::from_secs(10))
-        .await
-        .unwrap();
+    let active = stack.freeze_sequencers().await.unwrap();
     let standby = 1 - active;
-    stack.signal_sequencer(active, "STOP").unwrap();
-    stack.signal_sequencer(standby, "STOP").unwrap();
     let (code, body) = restock(&stack, 5, Some("restock-2")).await;
     assert_eq!(code, 504, "{body}");
     assert_eq!(body["error"], "outcome_unknown", "{body}");

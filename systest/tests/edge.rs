@@ -15,13 +15,14 @@ type Route = (&'static str, &'static str);
 const JWT_SECRET: &str = "systest-jwt-secret-0123456789abcdef";
 
 /// Every route of the v1 API and the operations routes, as the README documents them.
-const ROUTES: [(&str, &str); 15] = [
+const ROUTES: [(&str, &str); 16] = [
     ("post", "/v1/reservations"),
     ("get", "/v1/reservations/{id}"),
     ("post", "/v1/reservations/{id}/confirm"),
     ("post", "/v1/reservations/{id}/cancel"),
     ("get", "/v1/skus/{sku}"),
     ("get", "/v1/skus/{sku}/events"),
+    ("get", "/v1/tickets/{id}"),
     ("put", "/v1/admin/skus/{sku}"),
     ("post", "/v1/admin/skus/{sku}/restock"),
     ("post", "/v1/admin/skus/{sku}/pause"),

@@ -353,6 +353,34 @@ pub struct OutcomeBatch {
     pub replies: Vec<Reply>,
 }
 
+/// A committed batch's outcome messages, as stored in its `batches.outbox` row (and published
+/// after COMMIT): one [`OutcomeBatch`] per ingress, and a [`StockUpdate`] under
+/// [`STOCK_UPDATES`]. A ticket's outcome is read back from here.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outbox {
+    pub messages: Vec<OutboxMessage>,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    pub ingress_id: IngressId,
+    /// `encode(&OutcomeBatch)`, or `encode(&StockUpdate)` under [`STOCK_UPDATES`].
+    pub payload: Vec<u8>,
+}
+
+impl Outbox {
+    /// The outcome of request `id` in this batch, if it is one of its commands.
+    pub fn outcome_of(&self, id: RequestId) -> Option<Outcome> {
+        self.messages
+            .iter()
+            .filter(|m| m.ingress_id != STOCK_UPDATES)
+            .filter_map(|m| decode::<OutcomeBatch>(&m.payload).ok())
+            .flat_map(|b| b.replies)
+            .find(|r| r.request_id == id)
+            .map(|r| r.outcome)
+    }
+}
+
 /// The ingress id under whose key ([`ingress_key`]) the outcomes topic carries
 /// [`StockUpdate`]s, read by every ingress. No ingress uses it as its own id.
 pub const STOCK_UPDATES: IngressId = 0;

@@ -23,6 +23,7 @@ mod reservations;
 pub mod router;
 mod skus;
 pub mod state;
+mod tickets;
 mod validate;
 
 pub use router::{route_table, router, routes, Route};

@@ -19,6 +19,7 @@ use super::dto::{
     SaleStatus, SkuOut, StatusOut, StockEventOut, UpsertBody,
 };
 use super::state::App;
+use super::tickets::{self, TicketOut, TicketStateOut};
 use super::{admin, ops, reservations, skus};
 use crate::error::ErrorBody;
 
@@ -36,6 +37,7 @@ use crate::error::ErrorBody;
         reservations::cancel_reservation,
         skus::get_sku,
         skus::sku_events,
+        tickets::get_ticket,
         admin::upsert_sku,
         admin::restock_sku,
         admin::pause_sku,
@@ -48,7 +50,8 @@ use crate::error::ErrorBody;
     ),
     components(schemas(
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
-        RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut
+        RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut, TicketOut,
+        TicketStateOut
     )),
     modifiers(&BearerSchemes),
     tags(

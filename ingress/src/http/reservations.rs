@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use uuid::Uuid;
@@ -13,12 +13,28 @@ use wire::limits::{IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, USER_ID_BYTES_MAX};
 use wire::{Command, Outcome};
 
 use super::answers::{BodyErrors, BuyerWriteErrors, OwnerErrors, SettleAnswers};
-use super::command::{db_unavailable, submit, unexpected};
-use super::dto::{ReservationOut, ReservationPath, ReserveBody};
+use super::command::{db_unavailable, submit, submit_async, unexpected};
+use super::dto::{PreferHeader, ReservationOut, ReservationPath, ReserveBody};
 use super::state::App;
+use super::tickets::{eta_ms, TicketOut};
 use super::validate::{self, parse_json, rfc3339};
 use crate::admission::Write;
 use crate::error::{ApiError, ErrorBody};
+
+/// Whether the `Prefer` headers ask for `respond-async` (RFC 7240: comma-separated
+/// preferences, case-insensitive names, parameters after `;`).
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            p.split(';')
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async"))
+        })
+}
 
 /// The buyer named by the bearer token in JWT mode; `None` when JWT verification is off.
 fn token_subject(app: &App, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -28,6 +44,11 @@ fn token_subject(app: &App, headers: &HeaderMap) -> Result<Option<String>, ApiEr
 #[utoipa::path(
     post, path = "/v1/reservations", tag = "reservations",
     summary = "Reserve units of a SKU (a hold that expires unless confirmed)",
+    description = "With `Prefer: respond-async` the answer is 202 with a ticket as soon as the \
+        request is in the log (its place in the queue and an ETA); `GET /v1/tickets/{id}` then \
+        tells where it stands and, once decided, the answer this call would have given. A 504 \
+        whose request reached the log carries a `ticket_id` too.",
+    params(PreferHeader),
     request_body(content = ReserveBody, content_type = "application/json"),
     security((), ("buyer_jwt" = [])),
     responses(
@@ -39,6 +60,11 @@ fn token_subject(app: &App, headers: &HeaderMap) -> Result<Option<String>, ApiEr
             ("CancelReservation" = (operation_id = "cancel_reservation",
                 parameters(("id" = "$response.body#/reservation_id")))),
         )),
+        (status = 202, description = "`Prefer: respond-async`: in the log, not decided yet", body = TicketOut,
+            headers(("Location" = String, description = "/v1/tickets/{ticket_id}"),
+                    ("Preference-Applied" = String, description = "respond-async")),
+            links(("GetTicket" = (operation_id = "get_ticket",
+                parameters(("id" = "$response.body#/ticket_id")))))),
         BodyErrors,
         BuyerWriteErrors,
         (status = 401, description = "unauthorized: JWT mode, token missing, forged or expired", body = ErrorBody),
@@ -85,6 +111,31 @@ pub(crate) async fn create_reservation(
         idempotency_key: key.clone(),
     };
     let write = Write::Reserve { user_id: &user_id };
+    if prefers_async(&headers) {
+        let ticket = submit_async(&app, write, command, Some(key)).await?;
+        let lag = &app.admission.lag;
+        let committed = lag
+            .committed_offset
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let position = (ticket.offset - committed).max(0);
+        let body = TicketOut {
+            ticket_id: ticket.to_string(),
+            position,
+            eta_ms: eta_ms(position, lag.decide_rate()),
+        };
+        return Ok((
+            StatusCode::ACCEPTED,
+            [
+                (header::LOCATION, format!("/v1/tickets/{ticket}")),
+                (
+                    header::HeaderName::from_static("preference-applied"),
+                    "respond-async".into(),
+                ),
+            ],
+            Json(body),
+        )
+            .into_response());
+    }
     match submit(&app, write, command, Some(key)).await? {
         Outcome::Held {
             reservation_id,

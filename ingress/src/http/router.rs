@@ -21,6 +21,7 @@ use super::reservations::{
 };
 use super::skus::{get_sku, sku_events};
 use super::state::{App, REQUEST_ID};
+use super::tickets::get_ticket;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
@@ -62,6 +63,7 @@ pub fn routes() -> Vec<Route> {
         Route::new("POST", "/v1/reservations/{id}/cancel", cancel_reservation),
         Route::new("GET", "/v1/skus/{sku}", get_sku),
         Route::new("GET", "/v1/skus/{sku}/events", sku_events),
+        Route::new("GET", "/v1/tickets/{id}", get_ticket),
         Route::new("PUT", "/v1/admin/skus/{sku}", upsert_sku),
         Route::new("POST", "/v1/admin/skus/{sku}/restock", restock_sku),
         Route::new("POST", "/v1/admin/skus/{sku}/pause", pause_sku),
