@@ -77,6 +77,24 @@ impl StockFeed {
             .subscribe()
     }
 
+    /// Drops `sku`'s slot if nothing was ever published for it and nobody watches it: a watch
+    /// of a name that turned out to be no SKU must not leave an entry behind (the map would
+    /// grow with every made-up name asked for).
+    pub fn forget_unknown(&self, sku: &str) {
+        let mut skus = self.skus.lock().unwrap_or_else(|e| e.into_inner());
+        if skus
+            .get(sku)
+            .is_some_and(|slot| slot.receiver_count() == 0 && slot.borrow().is_none())
+        {
+            skus.remove(sku);
+        }
+    }
+
+    /// How many SKUs have a slot.
+    pub fn slots(&self) -> usize {
+        self.skus.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Counts a new subscriber, unless `max` are already open.
     pub fn admit(&self, max: usize) -> Option<Subscriber> {
         self.subscribers
@@ -140,6 +158,21 @@ mod tests {
         let late = feed.watch("tv");
         assert_eq!(late.borrow().as_ref().unwrap().batch_seq, 4);
         assert_eq!(feed.updates.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_watch_of_a_name_that_is_no_sku_leaves_nothing_behind() {
+        let feed = StockFeed::default();
+        let rx = feed.watch("made-up");
+        feed.forget_unknown("made-up");
+        assert_eq!(feed.slots(), 1, "still watched");
+        drop(rx);
+        feed.forget_unknown("made-up");
+        assert_eq!(feed.slots(), 0);
+        // A SKU with counts keeps its slot.
+        feed.publish(update(1, "tv", 5));
+        feed.forget_unknown("tv");
+        assert_eq!(feed.slots(), 1);
     }
 
     #[test]

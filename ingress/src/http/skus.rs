@@ -82,10 +82,18 @@ pub(crate) async fn sku_events(
     // the watch (and one older than the read is skipped by its batch number).
     let mut updates = stock.watch(&sku);
     updates.borrow_and_update();
-    let (view, batch_seq) = persistence::reads::sku_and_batch(&app.pool, &sku)
-        .await
-        .map_err(db_unavailable)?
-        .ok_or(ApiError::NotFound("unknown_sku"))?;
+    let (view, batch_seq) = match persistence::reads::sku_and_batch(&app.pool, &sku).await {
+        Ok(Some(found)) => found,
+        other => {
+            // No stream: leave no slot behind for a name that is no SKU.
+            drop(updates);
+            stock.forget_unknown(&sku);
+            return Err(match other {
+                Err(e) => db_unavailable(e),
+                _ => ApiError::NotFound("unknown_sku"),
+            });
+        }
+    };
     let first = StockState { batch_seq, view };
     Ok(Sse::new(stock_events(first, updates, subscriber))
         .keep_alive(KeepAlive::new().interval(HEARTBEAT))
