@@ -88,7 +88,11 @@ impl LagMonitor {
         }
         let lag = self.current_lag(now_ms)?;
         let since = self.progress_ms.load(Ordering::Relaxed);
-        let stalled = now_ms - since;
+        // Measured, not extrapolated: the stall as of the last measurement. While nothing is
+        // measured (the broker away) the stall does not grow: the last lag seen may be seconds
+        // old, and the sequencer cannot show progress then either. Counting from `now_ms`
+        // refused every write for up to LAG_SIGNAL_STALE_MS after a broker died under load.
+        let stalled = self.measured_ms.load(Ordering::Relaxed) - since;
         (lag > 0 && since > 0 && stalled > stall_max_ms).then_some(stalled)
     }
 
@@ -519,6 +523,11 @@ mod tests {
             "not for longer than the bound"
         );
         assert_eq!(m.stalled_for(now, 0), None, "0 turns it off");
+        // Measurements stopped (the broker went away) 2 s after the last progress: the stall
+        // seen is 2 s, however late it is asked about.
+        m.measured_ms.store(now - 1_000, Ordering::Relaxed);
+        assert_eq!(m.stalled_for(now, 2_500), None, "only 2 s were measured");
+        assert_eq!(m.stalled_for(now + 3_000, 1_000), Some(2_000));
         m.measured_ms
             .store(now - LAG_SIGNAL_STALE_MS - 1, Ordering::Relaxed);
         assert_eq!(
