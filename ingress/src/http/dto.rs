@@ -37,20 +37,6 @@ pub struct SkuPath {
     pub sku: String,
 }
 
-/// `Prefer: respond-async` on a reservation: answer 202 with a ticket once it is in the log.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Header)]
-#[allow(dead_code)] // documents the header; the handler reads it from the request's headers
-pub struct PreferHeader {
-    /// `respond-async` for a 202 with a ticket instead of waiting for the decision.
-    #[param(
-        rename = "Prefer",
-        pattern = "^respond-async$",
-        example = "respond-async"
-    )]
-    pub prefer: Option<String>,
-}
-
 /// The optional `Idempotency-Key` header of an admin command.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
