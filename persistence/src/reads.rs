@@ -88,15 +88,5 @@ pub async fn sku_and_batch(
 }
 
 pub async fn sku(pool: &PgPool, name: &str) -> Result<Option<SkuView>, sqlx::Error> {
-    sqlx::query(
-        "SELECT sku, total, available, held, sold, per_user_limit, hold_ttl_ms, starts_at,
-                ends_at, paused
-           FROM skus WHERE sku = $1",
-    )
-    .bind(name)
-    .fetch_optional(pool)
-    .await?
-    .as_ref()
-    .map(sku_from_row)
-    .transpose()
+    Ok(sku_and_batch(pool, name).await?.map(|(view, _)| view))
 }
