@@ -66,25 +66,82 @@ pub async fn decided_at_offset(
     Ok((row.try_get("outbox")?, row.try_get("next_offset")?))
 }
 
+/// The columns [`crate::snapshot::sku_from_row`] reads, and the batch that last changed the SKU.
+const SKU_COLUMNS: &str = "sku, total, available, held, sold, per_user_limit, hold_ttl_ms,
+        starts_at, ends_at, paused, updated_batch";
+
 /// [`sku`], with the batch that last changed it (`updated_batch`): where a live stream of its
 /// counters starts.
 pub async fn sku_and_batch(
     pool: &PgPool,
     name: &str,
 ) -> Result<Option<(SkuView, u64)>, sqlx::Error> {
-    let Some(row) = sqlx::query(
-        "SELECT sku, total, available, held, sold, per_user_limit, hold_ttl_ms, starts_at,
-                ends_at, paused, updated_batch
-           FROM skus WHERE sku = $1",
-    )
-    .bind(name)
-    .fetch_optional(pool)
-    .await?
+    let Some(row) = sqlx::query(&format!("SELECT {SKU_COLUMNS} FROM skus WHERE sku = $1"))
+        .bind(name)
+        .fetch_optional(pool)
+        .await?
     else {
         return Ok(None);
     };
     let batch: i64 = row.try_get("updated_batch")?;
     Ok(Some((sku_from_row(&row)?, batch as u64)))
+}
+
+/// At most `limit` SKUs ordered by name, those after `after` when given (a page of the list:
+/// the next page starts after the last name of this one). One index range scan of the primary
+/// key.
+pub async fn skus(
+    pool: &PgPool,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<SkuView>, sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT {SKU_COLUMNS} FROM skus WHERE $1::text IS NULL OR sku > $1 ORDER BY sku LIMIT $2"
+    ))
+    .bind(after)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(sku_from_row)
+    .collect()
+}
+
+/// The writer as Postgres sees it: the fence row, and the time since its newest batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterView {
+    pub epoch: u64,
+    /// The node holding (or last holding) the lease; none after a graceful release.
+    pub leader: Option<String>,
+    /// Until the lease lapses, by the database's clock (negative: lapsed that long ago).
+    pub lease_remaining_ms: i64,
+    /// The committed offset: the next log offset to decide.
+    pub next_offset: i64,
+    pub batch_seq: u64,
+    /// Since the newest batch was decided, by the database's clock; none before the first.
+    pub last_batch_age_ms: Option<i64>,
+}
+
+/// [`WriterView`], in one statement (two primary-key lookups).
+pub async fn writer(pool: &PgPool) -> Result<WriterView, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT s.epoch, s.leader, s.next_offset, s.batch_seq,
+                GREATEST(LEAST(EXTRACT(EPOCH FROM (s.lease_expires_at - now())) * 1000,
+                               9e15), -9e15)::int8 AS lease_remaining_ms,
+                (EXTRACT(EPOCH FROM (now() - b.decided_at)) * 1000)::int8 AS last_batch_age_ms
+           FROM sequencer_state s LEFT JOIN batches b ON b.batch_seq = s.batch_seq
+          WHERE s.id = 1",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(WriterView {
+        epoch: row.try_get::<i64, _>("epoch")? as u64,
+        leader: row.try_get("leader")?,
+        lease_remaining_ms: row.try_get("lease_remaining_ms")?,
+        next_offset: row.try_get("next_offset")?,
+        batch_seq: row.try_get::<i64, _>("batch_seq")? as u64,
+        last_batch_age_ms: row.try_get("last_batch_age_ms")?,
+    })
 }
 
 pub async fn sku(pool: &PgPool, name: &str) -> Result<Option<SkuView>, sqlx::Error> {
