@@ -37,6 +37,25 @@ pub struct SkuPath {
     pub sku: String,
 }
 
+/// The query of `GET /v1/skus`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SkuListQuery {
+    /// Only SKUs whose names sort after this one (the `next_after` of the previous page).
+    #[param(schema_with = limits::sku_name)]
+    pub after: Option<String>,
+}
+
+/// A page of SKUs, ordered by name.
+#[derive(Serialize, ToSchema)]
+pub struct SkuListOut {
+    #[schema(max_items = 1000)]
+    pub skus: Vec<SkuOut>,
+    /// The last name of this page when more SKUs follow (pass it as `after`); null on the last
+    /// page.
+    pub next_after: Option<String>,
+}
+
 /// The optional `Idempotency-Key` header of an admin command.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]

@@ -16,7 +16,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::dto::{
     FreezeOut, ReadyChecks, ReadyOut, ReservationOut, ReservationStatus, ReserveBody, RestockBody,
-    SaleStatus, SkuOut, StatusOut, StockEventOut, UpsertBody,
+    SaleStatus, SkuListOut, SkuOut, StatusOut, StockEventOut, UpsertBody,
 };
 use super::state::App;
 use super::tickets::{self, TicketOut, TicketStateOut};
@@ -35,6 +35,7 @@ use crate::error::ErrorBody;
         reservations::get_reservation,
         reservations::confirm_reservation,
         reservations::cancel_reservation,
+        skus::list_skus,
         skus::get_sku,
         skus::sku_events,
         tickets::get_ticket,
@@ -51,7 +52,7 @@ use crate::error::ErrorBody;
     components(schemas(
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
         RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut, TicketOut,
-        TicketStateOut
+        TicketStateOut, SkuListOut
     )),
     modifiers(&BearerSchemes),
     tags(

@@ -19,7 +19,7 @@ use super::ops::{healthz, metrics_text, readyz};
 use super::reservations::{
     cancel_reservation, confirm_reservation, create_reservation, get_reservation,
 };
-use super::skus::{get_sku, sku_events};
+use super::skus::{get_sku, list_skus, sku_events};
 use super::state::{App, REQUEST_ID};
 use super::tickets::get_ticket;
 use crate::error::ApiError;
@@ -61,6 +61,7 @@ pub fn routes() -> Vec<Route> {
         Route::new("GET", "/v1/reservations/{id}", get_reservation),
         Route::new("POST", "/v1/reservations/{id}/confirm", confirm_reservation),
         Route::new("POST", "/v1/reservations/{id}/cancel", cancel_reservation),
+        Route::new("GET", "/v1/skus", list_skus),
         Route::new("GET", "/v1/skus/{sku}", get_sku),
         Route::new("GET", "/v1/skus/{sku}/events", sku_events),
         Route::new("GET", "/v1/tickets/{id}", get_ticket),

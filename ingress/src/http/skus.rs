@@ -1,11 +1,13 @@
-//! A SKU's counters as committed, for everyone: `GET /v1/skus/{sku}`, and the live stream of
-//! them, `GET /v1/skus/{sku}/events` (Server-Sent Events, see [`crate::stock`]).
+//! A SKU's counters as committed, for everyone: `GET /v1/skus/{sku}`, every SKU's a page at a
+//! time (`GET /v1/skus`), and the live stream of them, `GET /v1/skus/{sku}/events` (Server-Sent
+//! Events, see [`crate::stock`]).
 
 use std::sync::Arc;
 
 use std::convert::Infallible;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,7 +17,7 @@ use tokio::time::Instant;
 
 use super::answers::ReadErrors;
 use super::command::db_unavailable;
-use super::dto::{SkuOut, SkuPath, StockEventOut};
+use super::dto::{SkuListOut, SkuListQuery, SkuOut, SkuPath, StockEventOut};
 use super::state::App;
 use super::validate;
 use crate::error::{ApiError, ErrorBody};
@@ -44,6 +46,42 @@ pub(crate) async fn get_sku(
         .map_err(db_unavailable)?
         .ok_or(ApiError::NotFound("unknown_sku"))?;
     Ok(Json(SkuOut::from(view)).into_response())
+}
+
+/// Most SKUs in one answer of `GET /v1/skus`.
+pub const SKUS_PAGE_MAX: u32 = 1000;
+
+#[utoipa::path(
+    get, path = "/v1/skus", tag = "skus",
+    summary = "Every SKU's counters as committed in Postgres, by name, 1000 at a time",
+    description = "The SKUs ordered by name, at most 1000 per answer, each as `GET /v1/skus/{sku}` \
+        answers it. When there are more, `next_after` names the last one: ask again with \
+        `?after=` that name for the next page.",
+    params(SkuListQuery),
+    responses(
+        (status = 200, description = "a page of SKUs", body = SkuListOut),
+        (status = 422, description = "invalid_request: `after` is no SKU name", body = ErrorBody),
+        ReadErrors,
+    )
+)]
+pub(crate) async fn list_skus(
+    State(app): State<Arc<App>>,
+    query: Result<Query<SkuListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(SkuListQuery { after }) =
+        query.map_err(|e| ApiError::Invalid(format!("query: {}", e.body_text())))?;
+    if let Some(after) = &after {
+        validate::sku_name(after)?;
+    }
+    // One more than a page: whether another page follows.
+    let mut views = persistence::reads::skus(&app.pool, after.as_deref(), SKUS_PAGE_MAX + 1)
+        .await
+        .map_err(db_unavailable)?;
+    let more = views.len() > SKUS_PAGE_MAX as usize;
+    views.truncate(SKUS_PAGE_MAX as usize);
+    let skus: Vec<SkuOut> = views.into_iter().map(SkuOut::from).collect();
+    let next_after = more.then(|| skus.last().map(|s| s.sku.clone())).flatten();
+    Ok(Json(SkuListOut { skus, next_after }).into_response())
 }
 
 #[utoipa::path(
