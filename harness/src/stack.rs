@@ -183,6 +183,13 @@ impl Stack {
             "OUTCOME_TIMEOUT_MS",
             self.options.outcome_timeout_ms.to_string(),
         );
+        // The ops console's figures: each sequencer's status server, as `scripts/up` sets them.
+        let status_urls: Vec<String> = self
+            .sequencers
+            .iter()
+            .map(|s| format!("http://127.0.0.1:{}", s.status_port))
+            .collect();
+        cmd.env("SEQUENCER_STATUS_URLS", status_urls.join(","));
         for (k, v) in &self.options.extra_ingress_env {
             cmd.env(k, v);
         }

@@ -9,6 +9,7 @@ use clap::Parser;
 use ingress::admission::{Admission, AdmissionLimits, LagMonitor, UserLimiter};
 use ingress::auth::{JwtConfig, JwtVerifier};
 use ingress::bus::Bus;
+use ingress::console::{self, Console};
 use ingress::http::{route_table, router, App, AppConfig};
 use ingress::metrics::Metrics;
 use ingress::server::{self, ServerLimits};
@@ -114,6 +115,12 @@ struct Args {
     /// is also a connection: CONNECTIONS_MAX bounds them too.
     #[arg(long, env = "STREAM_SUBSCRIBERS_MAX", default_value_t = 5_000)]
     stream_subscribers_max: usize,
+    /// The sequencers' status servers (their STATUS_ADDR as `http://host:port`, comma-separated),
+    /// asked once a second for what the ops console shows: each one's role and epoch, commit
+    /// time, and the series its alerts read. Empty: the console shows the writer from Postgres
+    /// only, and those alerts as unknown.
+    #[arg(long, env = "SEQUENCER_STATUS_URLS", default_value = "")]
+    sequencer_status_urls: String,
     #[arg(long, env = "LOG_JSON")]
     log_json: bool,
 }
@@ -205,11 +212,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             ready_broker_max_age_ms: args.ready_broker_max_age_ms,
             body_read_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
             stream_subscribers_max: args.stream_subscribers_max,
+            connections_max: args.connections_max.max(1),
         },
         admission: Admission::new(limits, lag, limiter, metrics.clone()),
         metrics,
         jwt,
+        console: Console::new(&args.sequencer_status_urls),
     });
+    tokio::spawn(console::run(app.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen_addr).await?;
     tracing::info!(addr = %args.listen_addr, "ingress listening");
     let limits = ServerLimits {

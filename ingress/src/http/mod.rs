@@ -7,6 +7,7 @@
 //! - [`state`]: what the handlers share ([`App`]);
 //! - `validate`: reading the body and checking every field against `wire::limits`;
 //! - `reservations`, `skus`, `admin`, `ops`: the handlers, each with its OpenAPI annotation;
+//! - `console`: the ops console's page (`GET /ops`) and its summary (`GET /v1/ops/summary`);
 //! - `command`: a write's round trip (admission, then the single writer, then the outcome);
 //! - `dto`: bodies and answers; `limits`: the limits as the document declares them; `answers`:
 //!   the error answers shared by several operations;
@@ -15,6 +16,7 @@
 mod admin;
 mod answers;
 mod command;
+mod console;
 mod dto;
 mod limits;
 pub mod openapi;
@@ -28,3 +30,4 @@ mod validate;
 
 pub use router::{route_table, router, routes, Route};
 pub use state::{App, AppConfig};
+pub(crate) use validate::rfc3339;

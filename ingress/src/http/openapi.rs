@@ -20,7 +20,10 @@ use super::dto::{
 };
 use super::state::App;
 use super::tickets::{self, TicketOut, TicketStateOut};
-use super::{admin, ops, reservations, skus};
+use super::{admin, console, ops, reservations, skus};
+use crate::console::summary::{
+    AlertOut, IngressOut, LogOut, OpsSummaryOut, SequencerOut, ThroughputOut, WriterOut,
+};
 use crate::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -48,18 +51,21 @@ use crate::error::ErrorBody;
         ops::readyz,
         ops::metrics_text,
         openapi_json,
+        console::ops_summary,
+        console::ops_page,
     ),
     components(schemas(
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
         RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut, TicketOut,
-        TicketStateOut, SkuListOut
+        TicketStateOut, SkuListOut, OpsSummaryOut, IngressOut, LogOut, ThroughputOut, WriterOut,
+        SequencerOut, AlertOut
     )),
     modifiers(&BearerSchemes),
     tags(
         (name = "reservations", description = "buyers: hold, confirm, cancel"),
         (name = "skus", description = "stock as committed"),
         (name = "admin", description = "operators: `Authorization: Bearer <ADMIN_TOKEN>`"),
-        (name = "operations", description = "health, readiness, metrics, this document"),
+        (name = "operations", description = "health, readiness, metrics, the ops console, this document"),
     )
 )]
 pub struct ApiDoc;

@@ -14,6 +14,7 @@ use axum::Router;
 use uuid::Uuid;
 
 use super::admin::{freeze_all, pause_sku, restock_sku, resume_sku, upsert_sku};
+use super::console::{ops_page, ops_summary};
 use super::openapi::openapi_json;
 use super::ops::{healthz, metrics_text, readyz};
 use super::reservations::{
@@ -74,6 +75,8 @@ pub fn routes() -> Vec<Route> {
         Route::new("GET", "/readyz", readyz),
         Route::new("GET", "/metrics", metrics_text),
         Route::new("GET", "/openapi.json", openapi_json),
+        Route::new("GET", "/v1/ops/summary", ops_summary),
+        Route::new("GET", "/ops", ops_page),
     ]
 }
 

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::admission::Admission;
 use crate::auth::JwtVerifier;
 use crate::bus::Bus;
+use crate::console::Console;
 use crate::metrics::Metrics;
 
 pub struct AppConfig {
@@ -21,6 +22,8 @@ pub struct AppConfig {
     pub body_read_timeout: Duration,
     /// Most live stock streams open at once on this ingress (503 above).
     pub stream_subscribers_max: usize,
+    /// Most open HTTP connections (the ops console shows how near it is).
+    pub connections_max: usize,
 }
 
 pub struct App {
@@ -32,6 +35,8 @@ pub struct App {
     pub admission: Admission,
     /// Buyer identity from a JWT; `None` when JWT verification is off.
     pub jwt: Option<JwtVerifier>,
+    /// What the ops console shows, sampled once a second.
+    pub console: Console,
 }
 
 tokio::task_local! {

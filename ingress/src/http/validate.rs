@@ -146,7 +146,7 @@ pub(super) fn time(field: &str, s: Option<&str>) -> Result<Option<i64>, ApiError
 }
 
 /// Unix milliseconds as RFC 3339 with milliseconds, UTC.
-pub(super) fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
         .unwrap_or_default()

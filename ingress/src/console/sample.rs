@@ -1,0 +1,224 @@
+//! What the console's sampler records each second, and the last minutes of it: the windows its
+//! rates and alerts are computed over.
+
+use std::collections::VecDeque;
+
+use persistence::reads::WriterView;
+use serde::Deserialize;
+
+use super::prom::{increase, Scrape};
+
+/// How much history is kept: the longest window an alert looks at ("checkpoints stalled").
+pub const HISTORY_MS: i64 = 5 * 60_000;
+
+/// One second's sample.
+#[derive(Clone, Debug, Default)]
+pub struct Tick {
+    /// Unix ms, this host's clock.
+    pub at_ms: i64,
+    pub ingress: IngressTick,
+    /// The fence row; `None` when Postgres did not answer.
+    pub writer: Option<WriterView>,
+    /// Each configured sequencer; `None` when it did not answer.
+    pub peers: Vec<Option<PeerTick>>,
+}
+
+/// This ingress's own figures (its `/metrics`, its lag monitor, its bounds).
+#[derive(Clone, Debug, Default)]
+pub struct IngressTick {
+    /// Answers, all and by status (`ingress_http_requests_total`), but those of `/readyz`: its
+    /// 503 says "not ready" (while starting, say), not "refused".
+    pub answers: f64,
+    pub answers_503: f64,
+    pub answers_504: f64,
+    /// Writes refused with 503 `no_sequencer` (`ingress_admission_refused_total`).
+    pub refused_no_sequencer: f64,
+    pub connections_open: f64,
+    pub connections_refused: f64,
+    pub connections_max: f64,
+    /// The requests log's end and the committed offset as last measured, and the lag when the
+    /// measurement is fresh.
+    pub log_end: Option<i64>,
+    pub committed: Option<i64>,
+    pub lag: Option<i64>,
+    pub writes_in_flight: u64,
+    pub producer_queue_depth: u64,
+    pub stock_streams: u64,
+}
+
+impl IngressTick {
+    /// The figures of this ingress's own Prometheus text.
+    pub fn read(&mut self, scrape: &Scrape) {
+        let answers = |status: Option<&str>| {
+            let mut labels = vec![];
+            labels.extend(status.map(|s| ("status", s)));
+            let all = scrape.sum("ingress_http_requests_total", &labels);
+            labels.push(("route", "/readyz"));
+            let probes = scrape.sum("ingress_http_requests_total", &labels);
+            all.unwrap_or(0.0) - probes.unwrap_or(0.0)
+        };
+        self.answers = answers(None);
+        self.answers_503 = answers(Some("503"));
+        self.answers_504 = answers(Some("504"));
+        self.refused_no_sequencer = scrape
+            .sum(
+                "ingress_admission_refused_total",
+                &[("reason", "no_sequencer")],
+            )
+            .unwrap_or(0.0);
+        self.connections_open = scrape.value("ingress_http_connections_open").unwrap_or(0.0);
+        self.connections_refused = scrape
+            .value("ingress_http_connections_refused_total")
+            .unwrap_or(0.0);
+    }
+}
+
+/// What a sequencer's `/status` says (the fields the console shows).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PeerStatus {
+    pub node_id: Option<String>,
+    pub role: Option<String>,
+    pub epoch: Option<u64>,
+    pub ready: Option<bool>,
+    pub not_ready: Option<String>,
+    pub lag: Option<i64>,
+    pub committed_offset: Option<i64>,
+    pub last_batch_age_ms: Option<i64>,
+    pub last_batch_size: Option<u64>,
+    pub last_commit_us: Option<u64>,
+}
+
+/// One sequencer at one tick: its `/status` and the series of its `/metrics` the alerts read.
+/// Counters that do not exist yet (created on their first increment) read 0.
+#[derive(Clone, Debug, Default)]
+pub struct PeerTick {
+    pub status: PeerStatus,
+    pub oversell_skus: f64,
+    pub log_lost: f64,
+    pub commit_retries: f64,
+    pub batches: f64,
+    pub checkpoints: f64,
+    pub checkpoint_failures: f64,
+    pub checkpoint_load_failures: f64,
+    pub state_load_seconds: f64,
+    /// `sequencer_batch_commit_seconds` buckets: (upper bound, cumulative count).
+    pub commit_buckets: Vec<(f64, f64)>,
+}
+
+impl PeerTick {
+    pub fn new(status: PeerStatus, scrape: &Scrape) -> PeerTick {
+        let v = |name: &str| scrape.value(name).unwrap_or(0.0);
+        PeerTick {
+            status,
+            oversell_skus: v("sequencer_oversell_skus"),
+            log_lost: v("sequencer_log_lost"),
+            commit_retries: v("sequencer_commit_retries_total"),
+            batches: v("sequencer_batches_total"),
+            checkpoints: v("sequencer_checkpoints_total"),
+            checkpoint_failures: v("sequencer_checkpoint_failures_total"),
+            checkpoint_load_failures: v("sequencer_checkpoint_load_failures_total"),
+            state_load_seconds: v("sequencer_state_load_seconds"),
+            commit_buckets: scrape.buckets("sequencer_batch_commit_seconds"),
+        }
+    }
+
+    pub fn name(&self, index: usize) -> String {
+        self.status
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("sequencer {}", index + 1))
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.status.role.as_deref() == Some("active")
+    }
+}
+
+/// The ticks of the last [`HISTORY_MS`], oldest first.
+#[derive(Default, Debug)]
+pub struct History {
+    ticks: VecDeque<Tick>,
+}
+
+impl History {
+    pub fn push(&mut self, tick: Tick) {
+        let now = tick.at_ms;
+        self.ticks.push_back(tick);
+        while self
+            .ticks
+            .front()
+            .is_some_and(|t| now - t.at_ms > HISTORY_MS)
+        {
+            self.ticks.pop_front();
+        }
+    }
+
+    /// The newest tick.
+    pub fn now(&self) -> Option<&Tick> {
+        self.ticks.back()
+    }
+
+    /// The oldest tick at most `window_ms` before the newest (the newest itself when it is the
+    /// only one): where an increase over that window starts.
+    pub fn start_of(&self, window_ms: i64) -> Option<&Tick> {
+        let now = self.now()?.at_ms;
+        self.ticks.iter().find(|t| now - t.at_ms <= window_ms)
+    }
+
+    /// The increase of `f` over the last `window_ms` (0 with a single tick); `None` when `f` has
+    /// no value at either end.
+    pub fn increase(&self, window_ms: i64, f: impl Fn(&Tick) -> Option<f64>) -> Option<f64> {
+        let (old, new) = (f(self.start_of(window_ms)?)?, f(self.now()?)?);
+        Some(increase(old, new))
+    }
+
+    /// [`History::increase`] of sequencer `index`'s `f`, from the oldest tick in the window that
+    /// has it (a sequencer that did not answer then is skipped).
+    pub fn peer_increase(
+        &self,
+        index: usize,
+        window_ms: i64,
+        f: impl Fn(&PeerTick) -> f64,
+    ) -> Option<f64> {
+        let newest = self.now()?.peers.get(index)?.as_ref()?;
+        let oldest = self.peer_start(index, window_ms)?;
+        Some(increase(f(oldest), f(newest)))
+    }
+
+    /// Sequencer `index` at the oldest tick within `window_ms` that has it.
+    pub fn peer_start(&self, index: usize, window_ms: i64) -> Option<&PeerTick> {
+        let now = self.now()?.at_ms;
+        self.ticks
+            .iter()
+            .filter(|t| now - t.at_ms <= window_ms)
+            .find_map(|t| t.peers.get(index)?.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readiness_probe_is_no_answer_of_the_503_rate() {
+        let scrape = Scrape::parse(
+            r#"ingress_http_requests_total{method="GET",route="/readyz",status="503"} 3
+ingress_http_requests_total{method="GET",route="/readyz",status="200"} 5
+ingress_http_requests_total{method="POST",route="/v1/reservations",status="503"} 2
+ingress_http_requests_total{method="POST",route="/v1/reservations",status="201"} 40
+ingress_admission_refused_total{reason="no_sequencer"} 2
+ingress_http_connections_open 7
+"#,
+        );
+        let mut tick = IngressTick::default();
+        tick.read(&scrape);
+        assert_eq!(
+            (tick.answers, tick.answers_503, tick.answers_504),
+            (42.0, 2.0, 0.0)
+        );
+        assert_eq!(
+            (tick.refused_no_sequencer, tick.connections_open),
+            (2.0, 7.0)
+        );
+    }
+}
