@@ -123,6 +123,34 @@ ensure_schemathesis() {
   export FLASH_SCHEMATHESIS="$SCHEMATHESIS_VENV/bin/schemathesis"
 }
 
+# --- the browser test ---------------------------------------------------------------------------
+# systest/tests/ops_console.rs drives the ops console (/ops) in Debian's chromium, headless, with
+# playwright-core from npm (pinned in systest/browser/package.json and package-lock.json).
+# playwright never downloads a browser here: it runs Debian's (FLASH_CHROMIUM).
+ensure_chromium() {
+  export FLASH_CHROMIUM="${FLASH_CHROMIUM:-/usr/bin/chromium}"
+  [ -x "$FLASH_CHROMIUM" ] || apt_ensure chromium
+  [ -x "$FLASH_CHROMIUM" ] || die "no browser at $FLASH_CHROMIUM after installing Debian's chromium"
+}
+
+BROWSER_TEST_DIR="$ROOT/systest/browser"
+# node (20 or newer, as playwright-core needs) and `npm ci` in systest/browser, once per lockfile
+# (node_modules/.lock-sha256 records the lockfile it was installed from).
+ensure_browser_test() {
+  export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+  command -v node >/dev/null && command -v npm >/dev/null || apt_ensure nodejs npm
+  local major; major="$(node -p 'process.versions.node.split(".")[0]')"
+  [ "$major" -ge 20 ] || die "node $(node --version) is too old for playwright-core (20 or newer needed)"
+  local want have=""
+  want="$(sha256sum "$BROWSER_TEST_DIR/package-lock.json" | cut -c1-64)"
+  [ -f "$BROWSER_TEST_DIR/node_modules/.lock-sha256" ] && have="$(cat "$BROWSER_TEST_DIR/node_modules/.lock-sha256")"
+  [ "$want" = "$have" ] && [ -f "$BROWSER_TEST_DIR/node_modules/playwright-core/package.json" ] && return 0
+  log "installing the browser test's npm packages (npm ci in systest/browser)"
+  (cd "$BROWSER_TEST_DIR" && npm ci --no-audit --no-fund --loglevel=error) \
+    || die "npm ci in $BROWSER_TEST_DIR failed (output above)"
+  printf '%s' "$want" >"$BROWSER_TEST_DIR/node_modules/.lock-sha256"
+}
+
 kafka_tool() { java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.yaml" "$@"; }
 
 # Starts Apache Kafka on 127.0.0.1:$BROKER_PORT unless something already answers there. The
