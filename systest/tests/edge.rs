@@ -15,11 +15,12 @@ type Route = (&'static str, &'static str);
 const JWT_SECRET: &str = "systest-jwt-secret-0123456789abcdef";
 
 /// Every route of the v1 API and the operations routes, as the README documents them.
-const ROUTES: [(&str, &str); 16] = [
+const ROUTES: [(&str, &str); 19] = [
     ("post", "/v1/reservations"),
     ("get", "/v1/reservations/{id}"),
     ("post", "/v1/reservations/{id}/confirm"),
     ("post", "/v1/reservations/{id}/cancel"),
+    ("get", "/v1/skus"),
     ("get", "/v1/skus/{sku}"),
     ("get", "/v1/skus/{sku}/events"),
     ("get", "/v1/tickets/{id}"),
@@ -32,6 +33,8 @@ const ROUTES: [(&str, &str); 16] = [
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("get", "/v1/ops/summary"),
+    ("get", "/ops"),
 ];
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
