@@ -24,6 +24,8 @@ fn batch(epoch: u64, seq: u64, first: i64, next: i64) -> BatchRecord<'static> {
         transitions: vec![],
         skus: vec![],
         admin_keys: vec![],
+        queued: vec![],
+        released: vec![],
         outbox: vec![],
     }
 }

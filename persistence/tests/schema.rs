@@ -37,6 +37,7 @@ fn sku(held: u64) -> SkuView {
             hold_ttl_ms: 60_000,
             starts_at_ms: None,
             ends_at_ms: None,
+            queue: None,
         },
         paused: false,
     }
@@ -55,6 +56,8 @@ fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> Ba
         transitions: vec![],
         skus,
         admin_keys: vec![],
+        queued: vec![],
+        released: vec![],
         outbox: vec![],
     }
 }

@@ -11,15 +11,16 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
+use wire::limits::QUEUE_MAX;
 use wire::{
-    Command, Outcome, Reject, Request, RequestId, ReservationStatus, ReservationView, SkuConfig,
-    SkuView,
+    Command, Outcome, QueueWindow, Reject, Request, RequestId, ReservationStatus, ReservationView,
+    SkuConfig, SkuView,
 };
 
 use crate::model::Model;
 use crate::{
-    AdminKeyRecord, BatchOutput, Decision, Engine, RestoreError, Snapshot, StoredDecision,
-    Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
+    AdminKeyRecord, BatchOutput, Decision, Engine, QueuedRequest, Released, RestoreError, Snapshot,
+    StoredDecision, Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
 };
 
 mod admin;
@@ -29,6 +30,7 @@ mod hashing;
 mod invariants;
 mod layout;
 mod properties;
+mod queue;
 mod reserve;
 mod restore;
 mod script;
@@ -121,6 +123,7 @@ fn config(total_stock: u64, per_user_limit: u32, hold_ttl_ms: u64) -> SkuConfig 
         hold_ttl_ms,
         starts_at_ms: None,
         ends_at_ms: None,
+        queue: None,
     }
 }
 

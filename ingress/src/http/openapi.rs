@@ -15,8 +15,8 @@ use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi};
 
 use super::dto::{
-    FreezeOut, ReadyChecks, ReadyOut, ReservationOut, ReservationStatus, ReserveBody, RestockBody,
-    SaleStatus, SkuOut, StatusOut, StockEventOut, UpsertBody,
+    FreezeOut, QueueBody, QueueOut, ReadyChecks, ReadyOut, ReservationOut, ReservationStatus,
+    ReserveBody, RestockBody, SaleStatus, SkuOut, StatusOut, StockEventOut, UpsertBody,
 };
 use super::state::App;
 use super::tickets::{self, TicketOut, TicketStateOut};
@@ -51,7 +51,7 @@ use crate::error::ErrorBody;
     components(schemas(
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
         RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut, TicketOut,
-        TicketStateOut
+        TicketStateOut, QueueBody, QueueOut
     )),
     modifiers(&BearerSchemes),
     tags(
