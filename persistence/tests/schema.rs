@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::fresh_database;
+use common::{fresh_database, take_lease};
 use persistence::batch::{commit_batch, CommitError};
 use persistence::{audit, lease, BatchRecord, DecisionRow};
 use sqlx::PgPool;
@@ -65,11 +65,7 @@ fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> Ba
 async fn writer(name: &str) -> (PgPool, u64) {
     let url = fresh_database(name).await;
     let pool = persistence::connect_writer(&url, 2, LEASE).await.unwrap();
-    let epoch = lease::try_acquire(&pool, "test", LEASE)
-        .await
-        .unwrap()
-        .expect("free lease")
-        .epoch;
+    let epoch = take_lease(&pool, "test", LEASE).await;
     (pool, epoch)
 }
 

@@ -144,9 +144,14 @@ impl Sale {
     /// A sale with one SKU created at `T0`.
     fn with_sku(name: &str, cfg: SkuConfig) -> Self {
         let mut sale = Self::new();
-        let up = sale.reqs.upsert(name, cfg);
-        assert!(matches!(sale.one(T0, up), Outcome::Sku(_)));
+        sale.add_sku(name, cfg);
         sale
+    }
+
+    /// Creates a further SKU at `T0`.
+    fn add_sku(&mut self, name: &str, cfg: SkuConfig) {
+        let up = self.reqs.upsert(name, cfg);
+        assert!(matches!(self.one(T0, up), Outcome::Sku(_)));
     }
 
     fn batch(&mut self, now_ms: i64, requests: Vec<Request>) -> BatchOutput {
@@ -177,6 +182,14 @@ impl Sale {
         match self.reserve(now_ms, sku, user, quantity, key) {
             Outcome::Held { reservation_id, .. } => reservation_id,
             other => panic!("expected a hold, got {other:?}"),
+        }
+    }
+
+    /// Reserves and insists on a refusal; returns its reason.
+    fn refusal(&mut self, now_ms: i64, sku: &str, user: &str, quantity: u32, key: &str) -> Reject {
+        match self.reserve(now_ms, sku, user, quantity, key) {
+            Outcome::Rejected(reason) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 
