@@ -244,6 +244,7 @@ pub async fn run(args: &ColdStartArgs) -> anyhow::Result<ColdStartReport> {
                 hold_ttl_ms: 3_600_000,
                 starts_at_ms: None,
                 ends_at_ms: None,
+                queue: None,
             },
         },
     };

@@ -94,6 +94,7 @@ fn messages(args: &PipelineArgs, sku: &str, run: &str) -> Vec<Vec<u8>> {
                 hold_ttl_ms: 300_000,
                 starts_at_ms: None,
                 ends_at_ms: None,
+                queue: None,
             },
         },
     }));

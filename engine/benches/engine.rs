@@ -67,6 +67,7 @@ impl State {
                     hold_ttl_ms: 300_000,
                     starts_at_ms: None,
                     ends_at_ms: None,
+                    queue: None,
                 },
             },
         };

@@ -31,7 +31,8 @@ use crate::state::{refusal_user_len, Engine, Reservation, Span, User, NO_SKU};
 use crate::RowIdx;
 
 const DELTA_VERSION: u8 = 1;
-const HEAD_VERSION: u8 = 1;
+/// 2: the SKUs' configs carry their pre-sale queue windows.
+const HEAD_VERSION: u8 = 2;
 /// Bytes of one encoded decision row: id 16, key length 4, user 4, sku 4, quantity 4, result 1,
 /// and for a grant its expiry 8 (a refusal's row is 33 bytes).
 const ROW_BYTES: usize = 41;

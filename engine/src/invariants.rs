@@ -128,5 +128,6 @@ impl Engine {
                 "user {name} not indexed"
             );
         }
+        self.check_queues();
     }
 }

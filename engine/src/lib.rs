@@ -5,8 +5,9 @@
 //!
 //! One call to [`Engine::apply_batch`] does, in order:
 //! 1. expire every hold whose expiry is at or before the batch time (held -> available);
-//! 2. decide each command in log order and produce exactly one outcome for it;
-//! 3. assert the stock invariant on every SKU the batch touched.
+//! 2. decide the pre-sale queue of every SKU whose sale has started (see [`queue`]);
+//! 3. decide each command in log order and produce exactly one outcome for it;
+//! 4. assert the stock invariant on every SKU the batch touched.
 //!
 //! Alongside the outcomes it returns what changed ([`BatchOutput`]) so the persistence layer can
 //! write the batch as one transaction without re-deriving anything.
@@ -47,7 +48,8 @@
 //! [`state`] holds the rows and arenas and the lookups over them; [`index`] the hash index, the
 //! hashes and the prefetch hint; [`machine`] decides batches; [`output`] is what a batch hands
 //! back; [`restore`] rebuilds an engine from Postgres's rows and [`checkpoint`] from its compact
-//! binary form; [`invariants`] checks the state from scratch.
+//! binary form; [`queue`] keeps the pre-sale queues; [`invariants`] checks the state from
+//! scratch.
 
 mod checkpoint;
 mod index;
@@ -56,6 +58,7 @@ mod machine;
 #[cfg(test)]
 mod model;
 mod output;
+mod queue;
 mod restore;
 mod state;
 #[cfg(test)]
@@ -66,7 +69,8 @@ pub use checkpoint::{
     CheckpointMeta,
 };
 pub use output::{
-    AdminKeyApplied, AdminKeyRecord, BatchOutput, Decision, RestoreError, Snapshot, Transition,
+    AdminKeyApplied, AdminKeyRecord, BatchOutput, Decision, QueuedAt, QueuedRequest, Released,
+    RestoreError, Snapshot, Transition,
 };
 pub use restore::{DecisionRef, Restorer};
 pub use state::{Engine, Reservation};

@@ -10,7 +10,10 @@ use wire::{
 };
 
 use crate::index::{prefetch, HashKey, Hashes};
-use crate::output::{AdminKeyApplied, AdminKeyRecord, BatchOutput, Decision, Transition};
+use crate::output::{
+    AdminKeyApplied, AdminKeyRecord, BatchOutput, Decision, QueuedRequest, Released, Transition,
+};
+use crate::queue::AtQueue;
 use crate::state::{refusal_text, split_id, Engine, Reservation, Sku, Span};
 use crate::{RowIdx, SkuIdx, UserIdx, QUANTITY_MAX, STOCK_MAX};
 
@@ -24,8 +27,9 @@ const _: () = assert!(RING > 3 * STAGE && RING.is_power_of_two());
 /// its batch, and the hashes of its keys (computed once, when it entered the pipeline).
 #[derive(Debug, Clone, Copy)]
 struct NewReserve<'a> {
-    /// Index of the command within the batch.
-    index: u32,
+    /// Index of the command within the batch; `None` for a queued request decided at its
+    /// sale's start.
+    index: Option<u32>,
     request_id: RequestId,
     sku: &'a str,
     user_id: &'a str,
@@ -98,6 +102,7 @@ impl Engine {
             ..BatchOutput::default()
         };
         self.expire_due_holds(&mut out);
+        self.release_queues(&mut out);
         // The prefetch pipeline (see the module docs). At each step one command enters: it is
         // hashed and its index slots are prefetched. `STAGE` commands later, its user's slot
         // has arrived and names a user row to prefetch; `STAGE` later still, that row has
@@ -163,6 +168,37 @@ impl Engine {
         }
     }
 
+    /// Decides every pre-sale queue that is due (see `queue.rs`), each in queue order.
+    fn release_queues(&mut self, out: &mut BatchOutput) {
+        for (_, queue) in self.take_due_queues() {
+            for q in queue {
+                let hashes = self
+                    .hash_key
+                    .hashes(q.request_id, &q.user_id, &q.idempotency_key);
+                let released = out.released.len();
+                self.reserve(
+                    NewReserve {
+                        index: None,
+                        request_id: q.request_id,
+                        sku: &q.sku,
+                        user_id: &q.user_id,
+                        quantity: q.quantity,
+                        key: &q.idempotency_key,
+                        hashes,
+                    },
+                    out,
+                );
+                // Its key, id and quantity were checked when it joined, and nothing else may
+                // take them while it waits: it is decided, never answered about its input.
+                assert_eq!(
+                    out.released.len(),
+                    released + 1,
+                    "a queued request is decided"
+                );
+            }
+        }
+    }
+
     /// The row of reservation `id` if it is still held and expires at `at` (an expiry entry
     /// that is not stale).
     fn live_hold(&self, id: RequestId, at: i64) -> Option<RowIdx> {
@@ -194,7 +230,7 @@ impl Engine {
                 idempotency_key,
             } => self.reserve(
                 NewReserve {
-                    index,
+                    index: Some(index),
                     request_id: request.request_id,
                     sku,
                     user_id,
@@ -320,6 +356,15 @@ impl Engine {
                 Err(reason) => Outcome::Rejected(reason),
             };
         }
+        if !self.queues.is_empty() {
+            if let Some(place) = self.queues.find_key(user_id, key) {
+                // A retry of a queued request: its place in the queue, on the same terms.
+                if sku != Some(place.sku) || place.quantity != quantity {
+                    return Outcome::Rejected(Reject::IdempotencyKeyReused);
+                }
+                return self.queued_outcome(place.sku, place.request_id, place.position);
+            }
+        }
         // Answers about the input, not decisions about stock: nothing is recorded and the key
         // stays free, so a corrected retry (or one after the SKU exists) is decided anew.
         let Some(sku) = sku else {
@@ -328,11 +373,26 @@ impl Engine {
         if quantity == 0
             || quantity > QUANTITY_MAX
             || self.find_request(hashes.request, request_id).is_some()
+            || self.queues.has_id(request_id)
         {
             return Outcome::Rejected(Reject::InvalidCommand);
         }
         let user = self.find_user(hashes.user, user_id);
-        let decision = self.grant_or_refuse(sku, user, quantity);
+        let decision = match self.at_queue(sku, user, user_id, quantity) {
+            AtQueue::Closed => self.grant_or_refuse(sku, user, quantity),
+            AtQueue::Refuse(reason) => Err(reason),
+            AtQueue::Join => {
+                let queued = QueuedRequest {
+                    request_id,
+                    sku: sku_name.to_owned(),
+                    user_id: user_id.to_owned(),
+                    idempotency_key: key.to_owned(),
+                    quantity,
+                };
+                let index = index.expect("a queued request is decided after its queue closed");
+                return self.enqueue(index, queued, sku, out);
+            }
+        };
         let (user, key) = match decision {
             Ok(expires_at_ms) => {
                 let user = match user {
@@ -355,11 +415,17 @@ impl Engine {
             status: decision.map(|_| ReservationStatus::Held),
         };
         self.record(row, hashes);
-        out.decisions.push(Decision {
-            command_index: index,
-            request_id,
-            result: decision,
-        });
+        match index {
+            Some(index) => out.decisions.push(Decision {
+                command_index: index,
+                request_id,
+                result: decision,
+            }),
+            None => out.released.push(Released {
+                request_id,
+                result: decision,
+            }),
+        }
         match decision {
             Ok(expires_at_ms) => Outcome::Held {
                 reservation_id: request_id,

@@ -15,8 +15,11 @@ use wire::{
     SkuView,
 };
 
+use wire::limits::QUEUE_MAX;
+
 use crate::{
-    AdminKeyApplied, BatchOutput, Decision, Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
+    AdminKeyApplied, BatchOutput, Decision, QueuedAt, QueuedRequest, Released, Transition,
+    HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
 };
 
 #[derive(Debug, Clone)]
@@ -24,6 +27,24 @@ struct ModelSku {
     name: String,
     config: SkuConfig,
     paused: bool,
+    /// The pre-sale queue, in order.
+    queue: Vec<ModelQueued>,
+}
+
+#[derive(Debug, Clone)]
+struct ModelQueued {
+    id: RequestId,
+    user: String,
+    key: String,
+    quantity: u32,
+}
+
+/// What a new reservation gets.
+enum Fate {
+    Granted(RequestId),
+    Refused(Reject),
+    /// It joins its SKU's pre-sale queue.
+    Queued,
 }
 
 #[derive(Debug, Clone)]
@@ -110,13 +131,27 @@ impl Model {
             });
         }
 
-        // 2. One outcome per command, in order.
+        // 2. The pre-sale queues whose sale has started (SKU not paused), in creation order,
+        //    each in queue order, decided like any reservation.
+        for i in 0..self.skus.len() {
+            let sku = &self.skus[i];
+            let started = sku.config.starts_at_ms.is_none_or(|t| self.clock_ms >= t);
+            if sku.paused || !started {
+                continue;
+            }
+            let name = sku.name.clone();
+            for q in std::mem::take(&mut self.skus[i].queue) {
+                self.reserve(None, q.id, &name, &q.user, q.quantity, &q.key, &mut out);
+            }
+        }
+
+        // 3. One outcome per command, in order.
         for (index, request) in requests.iter().enumerate() {
             let outcome = self.decide(index as u32, request, &mut out);
             out.outcomes.push(outcome);
         }
 
-        // 3. The SKUs this batch changed, in creation order.
+        // 4. The SKUs this batch changed, in creation order.
         out.skus = self
             .skus
             .iter()
@@ -134,7 +169,7 @@ impl Model {
                 quantity,
                 idempotency_key,
             } => self.reserve(
-                index,
+                Some(index),
                 request.request_id,
                 sku,
                 user_id,
@@ -210,7 +245,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn reserve(
         &mut self,
-        index: u32,
+        index: Option<u32>,
         request_id: RequestId,
         sku: &str,
         user: &str,
@@ -231,13 +266,41 @@ impl Model {
                 Err(reason) => Outcome::Rejected(reason),
             };
         }
-
-        let decision = self.new_reservation(request_id, sku, user, quantity);
-        if let Err(reason @ (Reject::UnknownSku | Reject::InvalidCommand)) = decision {
-            // An answer about the input, not a decision about stock: nothing is recorded, no
-            // row is written, and the key stays free for a corrected retry.
-            return Outcome::Rejected(reason);
+        for s in &self.skus {
+            if let Some(position) = s.queue.iter().position(|q| q.user == user && q.key == key) {
+                let q = &s.queue[position];
+                if s.name != sku || q.quantity != quantity {
+                    return Outcome::Rejected(Reject::IdempotencyKeyReused);
+                }
+                return self.queued(&s.name, q.id, position);
+            }
         }
+
+        let decision = match self.new_reservation(request_id, sku, user, quantity) {
+            Fate::Granted(id) => Ok(id),
+            Fate::Refused(reason @ (Reject::UnknownSku | Reject::InvalidCommand)) => {
+                // An answer about the input, not a decision about stock: nothing is recorded,
+                // no row is written, and the key stays free for a corrected retry.
+                return Outcome::Rejected(reason);
+            }
+            Fate::Refused(reason) => Err(reason),
+            Fate::Queued => {
+                let s = self.sku_mut(sku).expect("known sku");
+                s.queue.push(ModelQueued {
+                    id: request_id,
+                    user: user.to_owned(),
+                    key: key.to_owned(),
+                    quantity,
+                });
+                let position = s.queue.len() - 1;
+                out.queued.push(QueuedAt {
+                    command_index: index.expect("queued from a command"),
+                    request_id,
+                    position: position as u32,
+                });
+                return self.queued(sku, request_id, position);
+            }
+        };
         self.keys.push(KeyRecord {
             user: user.to_owned(),
             key: key.to_owned(),
@@ -253,11 +316,14 @@ impl Model {
             Err(reason) => Err(reason),
         };
         self.decision_rows.push(request_id);
-        out.decisions.push(Decision {
-            command_index: index,
-            request_id,
-            result,
-        });
+        match index {
+            Some(index) => out.decisions.push(Decision {
+                command_index: index,
+                request_id,
+                result,
+            }),
+            None => out.released.push(Released { request_id, result }),
+        }
         match result {
             Ok(expires_at_ms) => Outcome::Held {
                 reservation_id: request_id,
@@ -267,26 +333,91 @@ impl Model {
         }
     }
 
+    /// The answer to a queued request (and to its retries).
+    fn queued(&self, sku: &str, id: RequestId, position: usize) -> Outcome {
+        let starts_at = self.sku_row(sku).expect("known sku").config.starts_at_ms;
+        Outcome::Queued {
+            reservation_id: id,
+            position: position as u32,
+            starts_at_ms: starts_at.unwrap_or(self.clock_ms),
+        }
+    }
+
     fn new_reservation(
         &mut self,
         request_id: RequestId,
         sku_name: &str,
         user: &str,
         quantity: u32,
-    ) -> Result<RequestId, Reject> {
+    ) -> Fate {
+        match self.check_new_reservation(request_id, sku_name, user, quantity) {
+            Ok(true) => Fate::Queued,
+            Ok(false) => {
+                let now = self.clock_ms;
+                let ttl = self.sku_row(sku_name).expect("known").config.hold_ttl_ms as i64;
+                self.reservations.push(ModelReservation {
+                    id: request_id,
+                    sku: sku_name.to_owned(),
+                    user: user.to_owned(),
+                    quantity,
+                    status: ReservationStatus::Held,
+                    expires_at_ms: now + ttl,
+                });
+                self.touch(sku_name);
+                Fate::Granted(request_id)
+            }
+            Err(reason) => Fate::Refused(reason),
+        }
+    }
+
+    /// The rules of a new reservation: `Ok(true)` if it joins the queue, `Ok(false)` if granted.
+    fn check_new_reservation(
+        &self,
+        request_id: RequestId,
+        sku_name: &str,
+        user: &str,
+        quantity: u32,
+    ) -> Result<bool, Reject> {
         let now = self.clock_ms;
         let Some(sku) = self.sku_row(sku_name) else {
             return Err(Reject::UnknownSku);
         };
-        // "Duplicate request id" means: the id already names a decision row, granted or not.
-        let id_taken = self.decision_rows.contains(&request_id);
+        // "Duplicate request id" means: the id already names a decision row, granted or not,
+        // or a queued request.
+        let id_taken = self.decision_rows.contains(&request_id)
+            || self
+                .skus
+                .iter()
+                .any(|s| s.queue.iter().any(|q| q.id == request_id));
         if quantity == 0 || quantity > QUANTITY_MAX || id_taken {
             return Err(Reject::InvalidCommand);
         }
         if sku.paused {
             return Err(Reject::SalePaused);
         }
+        let limit = u64::from(sku.config.per_user_limit);
         if let Some(starts_at) = sku.config.starts_at_ms {
+            let queue_open = sku
+                .config
+                .queue
+                .as_ref()
+                .is_some_and(|q| q.opens_at_ms <= now);
+            if now < starts_at && queue_open {
+                let max = sku.config.queue.as_ref().expect("open").max as usize;
+                if sku.queue.len() >= max {
+                    return Err(Reject::QueueFull);
+                }
+                let queued: u64 = sku
+                    .queue
+                    .iter()
+                    .filter(|q| q.user == user)
+                    .map(|q| u64::from(q.quantity))
+                    .sum();
+                if self.holding(user, sku_name) + queued + u64::from(quantity) > limit {
+                    return Err(Reject::LimitExceeded);
+                }
+                return Ok(true);
+            }
             if now < starts_at {
                 return Err(Reject::SaleNotStarted);
             }
@@ -296,24 +427,13 @@ impl Model {
                 return Err(Reject::SaleEnded);
             }
         }
-        let limit = u64::from(sku.config.per_user_limit);
-        let ttl = sku.config.hold_ttl_ms as i64;
         if self.holding(user, sku_name) + u64::from(quantity) > limit {
             return Err(Reject::LimitExceeded);
         }
         if self.available(sku_name) < u64::from(quantity) {
             return Err(Reject::SoldOut);
         }
-        self.reservations.push(ModelReservation {
-            id: request_id,
-            sku: sku_name.to_owned(),
-            user: user.to_owned(),
-            quantity,
-            status: ReservationStatus::Held,
-            expires_at_ms: now + ttl,
-        });
-        self.touch(sku_name);
-        Ok(request_id)
+        Ok(false)
     }
 
     fn settle(&mut self, id: RequestId, to: ReservationStatus, out: &mut BatchOutput) -> Outcome {
@@ -350,12 +470,20 @@ impl Model {
             (Some(starts_at), Some(ends_at)) => starts_at < ends_at,
             _ => true,
         };
+        let queue_ok = match (&config.queue, config.starts_at_ms) {
+            (None, _) => true,
+            (Some(q), Some(starts_at)) => {
+                q.opens_at_ms >= 0 && q.opens_at_ms < starts_at && q.max >= 1 && q.max <= QUEUE_MAX
+            }
+            (Some(_), None) => false,
+        };
         let valid = config.total_stock <= STOCK_MAX
             && config.per_user_limit >= 1
             && config.per_user_limit <= QUANTITY_MAX
             && config.hold_ttl_ms >= 1
             && config.hold_ttl_ms <= HOLD_TTL_MS_MAX
-            && window_ok;
+            && window_ok
+            && queue_ok;
         if !valid {
             return Outcome::Rejected(Reject::InvalidCommand);
         }
@@ -371,6 +499,7 @@ impl Model {
                 name: name.to_owned(),
                 config: config.clone(),
                 paused: false,
+                queue: Vec::new(),
             });
         }
         self.touch(name);
@@ -423,6 +552,31 @@ impl Model {
             status: r.status,
             expires_at_ms: r.expires_at_ms,
         })
+    }
+
+    /// Every queued request, SKUs in creation order, each queue in order.
+    pub fn queued_requests(&self) -> Vec<QueuedRequest> {
+        self.skus
+            .iter()
+            .flat_map(|s| {
+                s.queue.iter().map(|q| QueuedRequest {
+                    request_id: q.id,
+                    sku: s.name.clone(),
+                    user_id: q.user.clone(),
+                    idempotency_key: q.key.clone(),
+                    quantity: q.quantity,
+                })
+            })
+            .collect()
+    }
+
+    /// The earliest start among the unpaused SKUs with a queue (the clock if one has none).
+    pub fn next_release_ms(&self) -> Option<i64> {
+        self.skus
+            .iter()
+            .filter(|s| !s.queue.is_empty() && !s.paused)
+            .map(|s| s.config.starts_at_ms.unwrap_or(self.clock_ms))
+            .min()
     }
 
     /// Earliest expiry among the current holds.

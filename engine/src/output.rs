@@ -35,6 +35,41 @@ pub struct BatchOutput {
     /// Keyed admin commands applied by this batch (not their replays): each key is stored with
     /// its command and outcome in the batch's transaction.
     pub admin_keys: Vec<AdminKeyApplied>,
+    /// Reservations that joined a pre-sale queue in this batch, in command order.
+    pub queued: Vec<QueuedAt>,
+    /// Queued reservations this batch decided (their queues' sales started), in queue order,
+    /// SKUs in creation order, before every command of the batch. Each is a new decision row
+    /// whose strings are the queued request's (stored when it was queued).
+    pub released: Vec<Released>,
+}
+
+/// A reserve command that joined its SKU's pre-sale queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedAt {
+    /// Index of the command within the batch (its strings are found there).
+    pub command_index: u32,
+    pub request_id: RequestId,
+    /// Requests queued before it on its SKU.
+    pub position: u32,
+}
+
+/// A queued reservation decided when its sale started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    pub request_id: RequestId,
+    /// `Ok(expires_at_ms)` for a hold, `Err(reason)` for a refusal.
+    pub result: Result<i64, Reject>,
+}
+
+/// A reservation waiting in its SKU's pre-sale queue: what a restored engine needs to decide it
+/// at the sale's start (`queued_requests`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedRequest {
+    pub request_id: RequestId,
+    pub sku: String,
+    pub user_id: String,
+    pub idempotency_key: String,
+    pub quantity: u32,
 }
 
 /// A keyed admin command applied for the first time under its key.
@@ -67,6 +102,8 @@ pub struct Snapshot {
     pub decisions: Vec<StoredDecision>,
     /// Admin keys applied up to `batch_seq` (`admin_commands`).
     pub admin_keys: Vec<AdminKeyRecord>,
+    /// The pre-sale queues as they stood after `batch_seq`, each SKU's in queue order.
+    pub queued: Vec<QueuedRequest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,4 +128,6 @@ pub enum RestoreError {
     DuplicateSku { sku: String },
     #[error("user {user_id:?} appears twice")]
     DuplicateUser { user_id: String },
+    #[error("queued request {request_id:032x} is queued twice, or also has a decision row")]
+    DuplicateQueued { request_id: RequestId },
 }

@@ -141,6 +141,7 @@ impl Engine {
         }
         let mut engine = restorer.finish()?;
         engine.restore_admin_keys(snapshot.admin_keys);
+        engine.restore_queue(snapshot.queued)?;
         Ok(engine)
     }
 

@@ -174,6 +174,8 @@ pub struct Engine {
     /// Keyed admin commands applied so far: key -> (encoded command, first outcome). Admin
     /// commands are rare; these are few. Not in checkpoints: loaded from `admin_commands`.
     pub(crate) admin_keys: FxHashMap<String, (Vec<u8>, Outcome)>,
+    /// The pre-sale queues (see `queue.rs`). Not in checkpoints: loaded from `queued_requests`.
+    pub(crate) queues: crate::queue::Queues,
 }
 
 impl Engine {

@@ -50,6 +50,54 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// `n` sequencer processes (one active, the others standby), the rest as by default.
+    pub fn sequencers(n: usize) -> Options {
+        Options {
+            sequencers: n,
+            ..Options::default()
+        }
+    }
+
+    /// How long the ingress waits for an outcome before it answers 504.
+    pub fn with_outcome_timeout_ms(self, ms: u64) -> Options {
+        Options {
+            outcome_timeout_ms: ms,
+            ..self
+        }
+    }
+
+    /// The writer lease and how often it is renewed.
+    pub fn with_lease_ms(self, lease_ms: u64, renew_ms: u64) -> Options {
+        Options {
+            lease_ms,
+            renew_ms,
+            ..self
+        }
+    }
+
+    /// The broker (`host:port`) instead of the shared one.
+    pub fn with_brokers(self, brokers: String) -> Options {
+        Options {
+            brokers: Some(brokers),
+            ..self
+        }
+    }
+
+    /// Adds these `(name, value)` pairs to the ingress's environment.
+    pub fn with_ingress_env(mut self, pairs: &[(&str, &str)]) -> Options {
+        self.extra_ingress_env
+            .extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// Adds `name=value` to the environment of sequencer `i`.
+    pub fn with_sequencer_env(mut self, i: usize, name: &str, value: &str) -> Options {
+        self.sequencer_env.push((i, name.into(), value.into()));
+        self
+    }
+}
+
 pub struct Sequencer {
     pub node_id: String,
     pub status_port: u16,
@@ -251,6 +299,16 @@ impl Stack {
         }
     }
 
+    /// Waits for one sequencer to report `active` and every other one `standby`; returns the
+    /// active one's index.
+    pub async fn wait_active_and_standby(&self, within: Duration) -> anyhow::Result<usize> {
+        let active = self.wait_for_active(within).await?;
+        for i in (0..self.sequencers.len()).filter(|&i| i != active) {
+            self.wait_role(i, "standby", within).await?;
+        }
+        Ok(active)
+    }
+
     pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
         self.wait_answers("/readyz", within).await
     }
@@ -288,6 +346,17 @@ impl Stack {
         Ok(())
     }
 
+    /// Kills sequencer `i` (SIGKILL) and waits up to `within` for one to report `active`; returns
+    /// its index (another one's: a killed process answers nothing).
+    pub async fn kill_and_wait_active(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> anyhow::Result<usize> {
+        self.signal_sequencer(i, "KILL")?;
+        self.wait_for_active(within).await
+    }
+
     /// Freezes every sequencer (SIGSTOP), the active first; returns the active's index, so that
     /// nothing is decided until they are sent CONT (a lost answer, a queue that waits).
     pub async fn freeze_sequencers(&mut self) -> anyhow::Result<usize> {
@@ -297,6 +366,33 @@ impl Stack {
             self.signal_sequencer(i, "STOP")?;
         }
         Ok(active)
+    }
+
+    /// Sends `signal` (TERM, or CONT to a stopped one) to sequencer `i` and waits for it to exit;
+    /// returns its exit code.
+    pub fn signal_and_wait_exit(
+        &mut self,
+        i: usize,
+        signal: &str,
+        within: Duration,
+    ) -> anyhow::Result<Option<i32>> {
+        self.signal_sequencer(i, signal)?;
+        self.wait_sequencer_exit(i, within)
+    }
+
+    /// The sequencers whose process has exited (or was never started again after a kill).
+    pub fn exited_sequencers(&mut self) -> anyhow::Result<Vec<usize>> {
+        let mut exited = Vec::new();
+        for (i, s) in self.sequencers.iter_mut().enumerate() {
+            let running = match s.child.as_mut() {
+                Some(child) => child.try_wait()?.is_none(),
+                None => false,
+            };
+            if !running {
+                exited.push(i);
+            }
+        }
+        Ok(exited)
     }
 
     /// Waits for sequencer `i` to exit; returns its exit code.
@@ -398,13 +494,14 @@ impl Stack {
         .await
     }
 
+    /// The ingress's whole answer to `GET path`, headers included.
+    pub async fn get_response(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(self.http.get(format!("{}{path}", self.base)).send().await?)
+    }
+
     /// The ingress's Prometheus text.
     pub async fn ingress_metrics(&self) -> anyhow::Result<String> {
-        let r = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await?;
+        let r = self.get_response("/metrics").await?;
         Ok(r.error_for_status()?.text().await?)
     }
 
@@ -419,7 +516,7 @@ impl Stack {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        answer(self.http.get(format!("{}{path}", self.base)).send().await?).await
+        answer(self.get_response(path).await?).await
     }
 
     /// Appends raw messages to this stack's requests topic, as any producer could, and waits
@@ -442,6 +539,11 @@ impl Stack {
             run.report
         );
         Ok(run.report)
+    }
+
+    /// The one `bigint` that `sql` selects from this stack's database (a count, a maximum).
+    pub async fn query_i64(&self, sql: &str) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
     }
 
     /// Counters of one SKU as Postgres holds them.

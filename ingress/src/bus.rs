@@ -229,8 +229,9 @@ impl Bus {
         }
     }
 
-    /// Appends `request` to the log and waits for its outcome.
-    pub async fn call(&self, request: &Request) -> Result<Outcome, SendError> {
+    /// Appends `request` to the log and waits for its outcome; the outcome and the request's
+    /// log offset.
+    pub async fn call(&self, request: &Request) -> Result<(Outcome, i64), SendError> {
         let id = request.request_id;
         let rx = self.pending.insert(id);
         // Removed however this future ends: answered, timed out, or dropped because the client
@@ -254,11 +255,11 @@ impl Bus {
         &self,
         request: &Request,
         rx: oneshot::Receiver<Outcome>,
-    ) -> Result<Outcome, SendError> {
+    ) -> Result<(Outcome, i64), SendError> {
         let deadline = tokio::time::Instant::now() + self.outcome_timeout;
         let offset = self.append(request, deadline).await?;
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Ok(outcome)) => Ok((outcome, offset)),
             Ok(Err(_)) => Err(SendError::Late {
                 offset,
                 detail: "the outcomes reader stopped".into(),

@@ -75,7 +75,8 @@ pub fn reject_status(r: Reject) -> StatusCode {
         | Reject::ReservationCancelled
         | Reject::ReservationConfirmed
         | Reject::StockBelowCommitted
-        | Reject::StockOverflow => StatusCode::CONFLICT,
+        | Reject::StockOverflow
+        | Reject::QueueFull => StatusCode::CONFLICT,
         Reject::UnknownSku | Reject::UnknownReservation => StatusCode::NOT_FOUND,
         Reject::IdempotencyKeyReused | Reject::InvalidCommand => StatusCode::UNPROCESSABLE_ENTITY,
     }

@@ -13,6 +13,7 @@ use ingress::console::{self, Console};
 use ingress::http::{route_table, router, App, AppConfig};
 use ingress::metrics::Metrics;
 use ingress::server::{self, ServerLimits};
+use kafka_config::LogArgs;
 
 #[derive(Parser)]
 #[command(
@@ -28,12 +29,8 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/flash"
     )]
     database_url: String,
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
-    requests_topic: String,
-    #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
-    outcomes_topic: String,
+    #[command(flatten)]
+    log: LogArgs,
     /// Bearer token for /v1/admin routes. Required: the ingress refuses to start without one.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     admin_token: String,
@@ -183,9 +180,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let monitor_pool = persistence::connect(&args.database_url, 1).await?;
     let metrics = Arc::new(Metrics::new(&route_table()));
     let bus = Bus::start(
-        &args.brokers,
-        &args.requests_topic,
-        &args.outcomes_topic,
+        &args.log.brokers,
+        &args.log.requests_topic,
+        &args.log.outcomes_topic,
         Duration::from_millis(args.outcome_timeout_ms),
         args.fetch_wait_max_ms,
         args.produce_linger_ms,

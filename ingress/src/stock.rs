@@ -134,6 +134,7 @@ mod tests {
                     hold_ttl_ms: 1_000,
                     starts_at_ms: None,
                     ends_at_ms: None,
+                    queue: None,
                 },
                 paused: false,
             }],

@@ -1,11 +1,24 @@
 //! The librdkafka settings every Kafka client of the system starts from. The ingress and the
-//! sequencer each add their own (group id, offset reset, linger, queue sizes, timeouts).
+//! sequencer each add their own (group id, offset reset, linger, queue sizes, timeouts). Both
+//! take where the log is ([`LogArgs`]) the same way.
 
 use rdkafka::config::ClientConfig;
 
 /// An empty client configuration, with librdkafka's own debug contexts when `KAFKA_DEBUG` names
 /// them (for example `eos,broker,protocol`): its log lines go to this process's log at debug
 /// level (`RUST_LOG=info,librdkafka=debug`).
+/// Where the log is: the broker and the two topics, from the command line or the environment
+/// (`#[command(flatten)]` in the ingress's and the sequencer's arguments).
+#[derive(clap::Args, Clone, Debug)]
+pub struct LogArgs {
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
+    pub requests_topic: String,
+    #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
+    pub outcomes_topic: String,
+}
+
 pub fn base() -> ClientConfig {
     let mut config = ClientConfig::new();
     if let Ok(contexts) = std::env::var("KAFKA_DEBUG") {

@@ -68,6 +68,17 @@ const CHECKS: &[(&str, &str)] = &[
           WHERE status <> 'rejected' AND NOT EXISTS (SELECT 1 FROM skus s WHERE s.sku = r.sku)",
     ),
     (
+        "queued requests are decided once, by the batch that released them",
+        "SELECT format('queued request %s (released by batch %s) has %s', q.request_id,
+                       coalesce(q.released_batch::text, 'none'),
+                       CASE WHEN r.reservation_id IS NULL THEN 'no decision row'
+                            ELSE format('a decision row of batch %s', r.batch_seq) END)
+           FROM queued_requests q
+           LEFT JOIN reservations r ON r.reservation_id = q.request_id
+          WHERE (q.released_batch IS NULL) <> (r.reservation_id IS NULL)
+             OR r.batch_seq <> q.released_batch",
+    ),
+    (
         "one decision per idempotency key",
         "SELECT format('user %s key %s decided %s times', user_id, idempotency_key, count(*))
            FROM reservations GROUP BY user_id, idempotency_key HAVING count(*) > 1",

@@ -53,6 +53,11 @@ pub struct BatchRecord<'a> {
     pub skus: Vec<SkuView>,
     /// Keyed admin commands this batch applied (usually none).
     pub admin_keys: Vec<AdminKeyRow<'a>>,
+    /// Reservations that joined a pre-sale queue (`queued_requests`); `result` is unused.
+    pub queued: Vec<(DecisionRow<'a>, u32)>,
+    /// Queued reservations this batch decided: `(request id, Ok(expires_at_ms) or Err(reason))`.
+    /// Each gets its decision row from its `queued_requests` row.
+    pub released: Vec<(RequestId, Result<i64, Reject>)>,
     /// Encoded outcomes to publish after commit (re-published after a takeover).
     pub outbox: Vec<u8>,
 }
@@ -115,7 +120,9 @@ pub async fn commit_batch(
         }
         .into());
     }
+    release_queued(&mut tx, batch).await?;
     insert_decisions(&mut tx, batch).await?;
+    insert_queued(&mut tx, batch).await?;
     apply_transitions(&mut tx, batch).await?;
     upsert_skus(&mut tx, batch).await?;
     insert_admin_keys(&mut tx, batch).await?;
@@ -187,6 +194,125 @@ pub async fn admin_keys_up_to(
     .await
 }
 
+/// Queued reservations decided by this batch: each `queued_requests` row is marked with the
+/// batch, and its decision row is inserted from it (the strings were stored when it was queued).
+async fn release_queued(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &BatchRecord<'_>,
+) -> Result<(), CommitError> {
+    if batch.released.is_empty() {
+        return Ok(());
+    }
+    let n = batch.released.len();
+    let ids: Vec<Uuid> = batch
+        .released
+        .iter()
+        .map(|r| Uuid::from_u128(r.0))
+        .collect();
+    let (statuses, reasons, expiries) = result_columns(batch.released.iter().map(|r| r.1));
+    let inserted = sqlx::query(
+        "WITH released AS (
+           UPDATE queued_requests q SET released_batch = $5
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS t(id, st, r, e)
+            WHERE q.request_id = t.id AND q.released_batch IS NULL
+         RETURNING q.request_id, q.user_id, q.idempotency_key, q.sku, q.quantity,
+                   q.request_offset, t.st, t.r, t.e)
+         INSERT INTO reservations (reservation_id, user_id, idempotency_key, sku, quantity, status,
+                                   reject_reason, decided_at, expires_at, updated_at,
+                                   request_offset, batch_seq)
+         SELECT request_id, user_id, idempotency_key, sku, quantity, st, r, $6, e, $6,
+                request_offset, $5
+           FROM released",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&expiries)
+    .bind(batch.batch_seq as i64)
+    .bind(ts(batch.batch_time_ms))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    expect_rows(batch, "queued requests decided", inserted, n)
+}
+
+/// Reservations that joined a pre-sale queue in this batch.
+async fn insert_queued(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &BatchRecord<'_>,
+) -> Result<(), CommitError> {
+    if batch.queued.is_empty() {
+        return Ok(());
+    }
+    let q = &batch.queued;
+    let ids: Vec<Uuid> = q
+        .iter()
+        .map(|(d, _)| Uuid::from_u128(d.reservation_id))
+        .collect();
+    let users: Vec<&str> = q.iter().map(|(d, _)| d.user_id).collect();
+    let keys: Vec<&str> = q.iter().map(|(d, _)| d.idempotency_key).collect();
+    let skus: Vec<&str> = q.iter().map(|(d, _)| d.sku).collect();
+    let quantities: Vec<i32> = q.iter().map(|(d, _)| d.quantity as i32).collect();
+    let positions: Vec<i32> = q.iter().map(|&(_, p)| p as i32).collect();
+    let offsets: Vec<i64> = q.iter().map(|(d, _)| d.request_offset).collect();
+    let inserted = sqlx::query(
+        "INSERT INTO queued_requests (request_id, user_id, idempotency_key, sku, quantity, position,
+                                      request_offset, queued_batch)
+         SELECT *, $8 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[],
+                                  $6::int4[], $7::int8[])",
+    )
+    .bind(&ids)
+    .bind(&users)
+    .bind(&keys)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&positions)
+    .bind(&offsets)
+    .bind(batch.batch_seq as i64)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    expect_rows(batch, "queued requests inserted", inserted, q.len())
+}
+
+/// The requests queued by batches up to `batch_seq` and not decided by them, each SKU's in
+/// queue order: `(request id, sku, user id, key, quantity)`. What an engine loaded at that
+/// batch must hold in its queues (later ones come back as their batches are replayed).
+pub async fn queued_as_of(
+    pool: &sqlx::PgPool,
+    batch_seq: u64,
+) -> Result<Vec<(Uuid, String, String, String, i32)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT request_id, sku, user_id, idempotency_key, quantity FROM queued_requests
+          WHERE queued_batch <= $1 AND (released_batch IS NULL OR released_batch > $1)
+          ORDER BY queued_batch, position",
+    )
+    .bind(batch_seq as i64)
+    .fetch_all(pool)
+    .await
+}
+
+/// The `status`, `reject_reason` and `expires_at` columns of new decision rows.
+type ResultColumns = (
+    Vec<&'static str>,
+    Vec<Option<&'static str>>,
+    Vec<Option<chrono::DateTime<chrono::Utc>>>,
+);
+
+fn result_columns(results: impl Iterator<Item = Result<i64, Reject>>) -> ResultColumns {
+    let mut columns: ResultColumns = Default::default();
+    for result in results {
+        let (status, reason, expiry) = match result {
+            Ok(expires_at_ms) => ("held", None, Some(ts(expires_at_ms))),
+            Err(reason) => ("rejected", Some(reason.code()), None),
+        };
+        columns.0.push(status);
+        columns.1.push(reason);
+        columns.2.push(expiry);
+    }
+    columns
+}
+
 async fn insert_decisions(
     tx: &mut Transaction<'_, Postgres>,
     batch: &BatchRecord<'_>,
@@ -200,9 +326,6 @@ async fn insert_decisions(
     let mut keys = Vec::with_capacity(n);
     let mut skus = Vec::with_capacity(n);
     let mut quantities = Vec::with_capacity(n);
-    let mut statuses = Vec::with_capacity(n);
-    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(n);
-    let mut expiries = Vec::with_capacity(n);
     let mut offsets = Vec::with_capacity(n);
     for d in &batch.decisions {
         ids.push(Uuid::from_u128(d.reservation_id));
@@ -210,20 +333,9 @@ async fn insert_decisions(
         keys.push(d.idempotency_key);
         skus.push(d.sku);
         quantities.push(d.quantity as i32);
-        match d.result {
-            Ok(expires_at_ms) => {
-                statuses.push("held");
-                reasons.push(None);
-                expiries.push(Some(ts(expires_at_ms)));
-            }
-            Err(reason) => {
-                statuses.push("rejected");
-                reasons.push(Some(reason.code()));
-                expiries.push(None);
-            }
-        }
         offsets.push(d.request_offset);
     }
+    let (statuses, reasons, expiries) = result_columns(batch.decisions.iter().map(|d| d.result));
     let inserted = sqlx::query(
         "INSERT INTO reservations (reservation_id, user_id, idempotency_key, sku, quantity, status,
                                    reject_reason, decided_at, expires_at, updated_at,
@@ -309,17 +421,26 @@ async fn upsert_skus(
     let starts: Vec<_> = s.iter().map(|v| v.config.starts_at_ms.map(ts)).collect();
     let ends: Vec<_> = s.iter().map(|v| v.config.ends_at_ms.map(ts)).collect();
     let paused: Vec<bool> = s.iter().map(|v| v.paused).collect();
+    let queue_opens: Vec<_> = s
+        .iter()
+        .map(|v| v.config.queue.as_ref().map(|q| ts(q.opens_at_ms)))
+        .collect();
+    let queue_max: Vec<Option<i32>> = s
+        .iter()
+        .map(|v| v.config.queue.as_ref().map(|q| q.max as i32))
+        .collect();
     sqlx::query(
         "INSERT INTO skus (sku, total, available, held, sold, per_user_limit, hold_ttl_ms,
-                           starts_at, ends_at, paused, updated_batch)
-         SELECT *, $11 FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[],
+                           starts_at, ends_at, paused, queue_opens_at, queue_max, updated_batch)
+         SELECT *, $13 FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[],
                                    $6::int4[], $7::int8[], $8::timestamptz[], $9::timestamptz[],
-                                   $10::bool[])
+                                   $10::bool[], $11::timestamptz[], $12::int4[])
          ON CONFLICT (sku) DO UPDATE SET
              total = EXCLUDED.total, available = EXCLUDED.available, held = EXCLUDED.held,
              sold = EXCLUDED.sold, per_user_limit = EXCLUDED.per_user_limit,
              hold_ttl_ms = EXCLUDED.hold_ttl_ms, starts_at = EXCLUDED.starts_at,
              ends_at = EXCLUDED.ends_at, paused = EXCLUDED.paused,
+             queue_opens_at = EXCLUDED.queue_opens_at, queue_max = EXCLUDED.queue_max,
              updated_batch = EXCLUDED.updated_batch",
     )
     .bind(&names)
@@ -332,6 +453,8 @@ async fn upsert_skus(
     .bind(&starts)
     .bind(&ends)
     .bind(&paused)
+    .bind(&queue_opens)
+    .bind(&queue_max)
     .bind(batch.batch_seq as i64)
     .execute(&mut **tx)
     .await?;

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use wire::SkuView;
 
 use crate::ms;
-use crate::snapshot::sku_from_row;
+use crate::snapshot::{sku_from_row, SKU_COLUMNS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReservationRecord {
@@ -25,17 +25,18 @@ pub async fn reservation(
     pool: &PgPool,
     id: Uuid,
 ) -> Result<Option<ReservationRecord>, sqlx::Error> {
-    let Some(row) = sqlx::query(
+    let row = sqlx::query(
         "SELECT reservation_id, user_id, sku, quantity, status, expires_at, decided_at
            FROM reservations WHERE reservation_id = $1 AND status <> 'rejected'",
     )
     .bind(id)
     .fetch_optional(pool)
-    .await?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(ReservationRecord {
+    .await?;
+    row.as_ref().map(record_from_row).transpose()
+}
+
+fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ReservationRecord, sqlx::Error> {
+    Ok(ReservationRecord {
         reservation_id: row.try_get("reservation_id")?,
         user_id: row.try_get("user_id")?,
         sku: row.try_get("sku")?,
@@ -43,7 +44,30 @@ pub async fn reservation(
         status: row.try_get("status")?,
         expires_at_ms: ms(row.try_get("expires_at")?),
         decided_at_ms: ms(row.try_get("decided_at")?),
-    }))
+    })
+}
+
+/// The decision of request `id`, granted or refused: `Ok(reservation)` or `Err(reason code)`;
+/// `None` while it has none (a queued request before its sale starts).
+pub async fn decision(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<Result<ReservationRecord, String>>, sqlx::Error> {
+    let Some(row) = sqlx::query(
+        "SELECT reservation_id, user_id, sku, quantity, status, reject_reason, expires_at,
+                decided_at
+           FROM reservations WHERE reservation_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    if let Some(reason) = row.try_get::<Option<String>, _>("reject_reason")? {
+        return Ok(Some(Err(reason)));
+    }
+    Ok(Some(Ok(record_from_row(&row)?)))
 }
 
 /// The outbox of the newest batch that decided log offset `offset` (a ticket's request), if
@@ -66,20 +90,18 @@ pub async fn decided_at_offset(
     Ok((row.try_get("outbox")?, row.try_get("next_offset")?))
 }
 
-/// The columns [`crate::snapshot::sku_from_row`] reads, and the batch that last changed the SKU.
-const SKU_COLUMNS: &str = "sku, total, available, held, sold, per_user_limit, hold_ttl_ms,
-        starts_at, ends_at, paused, updated_batch";
-
 /// [`sku`], with the batch that last changed it (`updated_batch`): where a live stream of its
 /// counters starts.
 pub async fn sku_and_batch(
     pool: &PgPool,
     name: &str,
 ) -> Result<Option<(SkuView, u64)>, sqlx::Error> {
-    let Some(row) = sqlx::query(&format!("SELECT {SKU_COLUMNS} FROM skus WHERE sku = $1"))
-        .bind(name)
-        .fetch_optional(pool)
-        .await?
+    let Some(row) = sqlx::query(&format!(
+        "SELECT {SKU_COLUMNS}, updated_batch FROM skus WHERE sku = $1"
+    ))
+    .bind(name)
+    .fetch_optional(pool)
+    .await?
     else {
         return Ok(None);
     };

@@ -8,7 +8,7 @@
 use futures_util::TryStreamExt;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
-use wire::{Reject, ReservationStatus, SkuConfig, SkuView, StoredDecision};
+use wire::{QueueWindow, Reject, ReservationStatus, SkuConfig, SkuView, StoredDecision};
 
 use crate::lease::{read_state, SequencerState};
 use crate::ms;
@@ -44,11 +44,9 @@ pub async fn stream_rows<R>(
         .execute(&mut *tx)
         .await?;
     let state = read_state(&mut *tx).await?;
-    let skus = sqlx::query(
-        "SELECT sku, total, available, held, sold, per_user_limit, hold_ttl_ms, starts_at,
-                ends_at, paused
-           FROM skus ORDER BY updated_batch, sku",
-    )
+    let skus = sqlx::query(&format!(
+        "SELECT {SKU_COLUMNS} FROM skus ORDER BY updated_batch, sku"
+    ))
     .fetch_all(&mut *tx)
     .await?
     .iter()
@@ -149,9 +147,15 @@ fn refill(buffer: &mut String, value: &str) {
     buffer.push_str(value);
 }
 
+/// The columns of `skus` that [`sku_from_row`] reads.
+pub(crate) const SKU_COLUMNS: &str = "sku, total, available, held, sold, per_user_limit, \
+     hold_ttl_ms, starts_at, ends_at, paused, queue_opens_at, queue_max";
+
 pub(crate) fn sku_from_row(row: &sqlx::postgres::PgRow) -> Result<SkuView, sqlx::Error> {
     let starts: Option<chrono::DateTime<chrono::Utc>> = row.try_get("starts_at")?;
     let ends: Option<chrono::DateTime<chrono::Utc>> = row.try_get("ends_at")?;
+    let queue_opens: Option<chrono::DateTime<chrono::Utc>> = row.try_get("queue_opens_at")?;
+    let queue_max: Option<i32> = row.try_get("queue_max")?;
     Ok(SkuView {
         sku: row.try_get("sku")?,
         total: row.try_get::<i64, _>("total")? as u64,
@@ -164,6 +168,10 @@ pub(crate) fn sku_from_row(row: &sqlx::postgres::PgRow) -> Result<SkuView, sqlx:
             hold_ttl_ms: row.try_get::<i64, _>("hold_ttl_ms")? as u64,
             starts_at_ms: starts.map(ms),
             ends_at_ms: ends.map(ms),
+            queue: queue_opens.zip(queue_max).map(|(opens, max)| QueueWindow {
+                opens_at_ms: ms(opens),
+                max: max as u32,
+            }),
         },
         paused: row.try_get("paused")?,
     })

@@ -4,30 +4,30 @@
 use std::time::{Duration, Instant};
 
 use persistence::lease;
+use sqlx::PgPool;
 mod common;
 
-use common::fresh_database;
+use common::{fresh_database, take_lease};
+
+/// Two writer pools of `size` connections on one database: two would-be leaders.
+async fn two_writers(url: &str, size: u32, lease: Duration) -> (PgPool, PgPool) {
+    let one = persistence::connect_writer(url, size, lease).await.unwrap();
+    let other = persistence::connect_writer(url, size, lease).await.unwrap();
+    (one, other)
+}
 
 #[tokio::test]
 async fn a_writer_paused_inside_its_transaction_cannot_block_a_takeover() {
     let url = fresh_database("paused").await;
     let lease_len = Duration::from_millis(300);
-    let old = persistence::connect_writer(&url, 2, lease_len)
-        .await
-        .unwrap();
-    let new = persistence::connect_writer(&url, 2, lease_len)
-        .await
-        .unwrap();
-    let taken = lease::try_acquire(&old, "old", lease_len)
-        .await
-        .unwrap()
-        .expect("free lease");
+    let (old, new) = two_writers(&url, 2, lease_len).await;
+    let taken = take_lease(&old, "old", lease_len).await;
 
     // The old leader runs its fence update (taking the row lock) and then goes silent, as a
     // process stopped between the fence and COMMIT does.
     let mut tx = old.begin().await.unwrap();
     sqlx::query("UPDATE sequencer_state SET next_offset = next_offset WHERE epoch = $1")
-        .bind(taken.epoch as i64)
+        .bind(taken as i64)
         .execute(&mut *tx)
         .await
         .unwrap();
@@ -45,14 +45,14 @@ async fn a_writer_paused_inside_its_transaction_cannot_block_a_takeover() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(won.epoch, taken.epoch + 1);
+    assert_eq!(won.epoch, taken + 1);
     // The paused writer wakes up: its transaction was aborted and cannot commit.
     assert!(
         tx.commit().await.is_err(),
         "the silent transaction was ended by Postgres"
     );
     assert!(
-        !lease::renew(&old, taken.epoch, lease_len).await.unwrap(),
+        !lease::renew(&old, taken, lease_len).await.unwrap(),
         "the old epoch cannot renew"
     );
 }
@@ -61,17 +61,8 @@ async fn a_writer_paused_inside_its_transaction_cannot_block_a_takeover() {
 async fn the_lease_is_taken_once_and_bumps_the_epoch_each_time() {
     let url = fresh_database("lease").await;
     let lease_len = Duration::from_millis(200);
-    let a = persistence::connect_writer(&url, 1, lease_len)
-        .await
-        .unwrap();
-    let b = persistence::connect_writer(&url, 1, lease_len)
-        .await
-        .unwrap();
-    let first = lease::try_acquire(&a, "a", lease_len)
-        .await
-        .unwrap()
-        .expect("free");
-    assert_eq!(first.epoch, 1);
+    let (a, b) = two_writers(&url, 1, lease_len).await;
+    assert_eq!(take_lease(&a, "a", lease_len).await, 1);
     assert!(
         lease::try_acquire(&b, "b", lease_len)
             .await
@@ -81,11 +72,7 @@ async fn the_lease_is_taken_once_and_bumps_the_epoch_each_time() {
     );
     assert!(lease::renew(&a, 1, lease_len).await.unwrap());
     assert!(lease::release(&a, 1).await.unwrap());
-    let second = lease::try_acquire(&b, "b", lease_len)
-        .await
-        .unwrap()
-        .expect("released");
-    assert_eq!(second.epoch, 2);
+    assert_eq!(take_lease(&b, "b", lease_len).await, 2, "released");
     assert!(
         !lease::renew(&a, 1, lease_len).await.unwrap(),
         "a deposed epoch cannot renew"

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::fresh_database;
+use common::{fresh_database, take_lease};
 use persistence::batch::{commit_batch, CommitError};
 use persistence::loggen::{self, RebaseError, RebaseRequest};
 use persistence::{audit, lease, BatchRecord};
@@ -24,6 +24,8 @@ fn batch(epoch: u64, seq: u64, first: i64, next: i64) -> BatchRecord<'static> {
         transitions: vec![],
         skus: vec![],
         admin_keys: vec![],
+        queued: vec![],
+        released: vec![],
         outbox: vec![],
     }
 }
@@ -59,11 +61,7 @@ async fn a_rebase_fences_the_old_writer_and_starts_a_generation_the_audit_accept
         .unwrap();
     assert_eq!(again.topic_id.as_deref(), Some("old-id"));
 
-    let epoch = lease::try_acquire(&pool, "old", LEASE)
-        .await
-        .unwrap()
-        .unwrap()
-        .epoch;
+    let epoch = take_lease(&pool, "old", LEASE).await;
     let mut conn = pool.acquire().await.unwrap();
     commit_batch(&mut conn, &batch(epoch, 1, 0, 10))
         .await
@@ -111,11 +109,7 @@ async fn a_rebase_fences_the_old_writer_and_starts_a_generation_the_audit_accept
         other => panic!("expected the old writer fenced, got {other:?}"),
     }
     // A new leader continues at the base offset of the new log.
-    let new_epoch = lease::try_acquire(&pool, "new", LEASE)
-        .await
-        .unwrap()
-        .unwrap()
-        .epoch;
+    let new_epoch = take_lease(&pool, "new", LEASE).await;
     commit_batch(&mut conn, &batch(new_epoch, 3, 3, 8))
         .await
         .unwrap();
@@ -130,11 +124,7 @@ async fn a_rebase_fences_the_old_writer_and_starts_a_generation_the_audit_accept
 async fn the_audit_finds_a_generation_that_does_not_start_at_its_base_offset() {
     let url = fresh_database("rebase_bad").await;
     let pool = persistence::connect_writer(&url, 2, LEASE).await.unwrap();
-    let epoch = lease::try_acquire(&pool, "w", LEASE)
-        .await
-        .unwrap()
-        .unwrap()
-        .epoch;
+    let epoch = take_lease(&pool, "w", LEASE).await;
     let mut conn = pool.acquire().await.unwrap();
     commit_batch(&mut conn, &batch(epoch, 1, 0, 10))
         .await

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use persistence::{lease, reads};
+use persistence::reads;
 mod common;
 
-use common::fresh_database;
+use common::{fresh_database, take_lease};
 
 #[tokio::test]
 async fn skus_come_a_page_at_a_time_by_name_and_the_writer_from_the_fence_row() {
@@ -45,11 +45,8 @@ async fn skus_come_a_page_at_a_time_by_name_and_the_writer_from_the_fence_row() 
     assert_eq!((b.sku.as_str(), b.total, b.available), ("b", 2, 2));
 
     // A leader: its name, its epoch and a live lease.
-    lease::try_acquire(&pool, "seq-a", Duration::from_secs(5))
-        .await
-        .unwrap()
-        .expect("a free lease");
+    let epoch = take_lease(&pool, "seq-a", Duration::from_secs(5)).await;
     let w = reads::writer(&pool).await.unwrap();
-    assert_eq!((w.epoch, w.leader.as_deref()), (1, Some("seq-a")));
+    assert_eq!((w.epoch, w.leader.as_deref()), (epoch, Some("seq-a")));
     assert!((4_000..=5_000).contains(&w.lease_remaining_ms), "{w:?}");
 }

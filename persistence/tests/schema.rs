@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::fresh_database;
+use common::{fresh_database, take_lease};
 use persistence::batch::{commit_batch, CommitError};
 use persistence::{audit, lease, BatchRecord, DecisionRow};
 use sqlx::PgPool;
@@ -37,6 +37,7 @@ fn sku(held: u64) -> SkuView {
             hold_ttl_ms: 60_000,
             starts_at_ms: None,
             ends_at_ms: None,
+            queue: None,
         },
         paused: false,
     }
@@ -55,6 +56,8 @@ fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> Ba
         transitions: vec![],
         skus,
         admin_keys: vec![],
+        queued: vec![],
+        released: vec![],
         outbox: vec![],
     }
 }
@@ -62,11 +65,7 @@ fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> Ba
 async fn writer(name: &str) -> (PgPool, u64) {
     let url = fresh_database(name).await;
     let pool = persistence::connect_writer(&url, 2, LEASE).await.unwrap();
-    let epoch = lease::try_acquire(&pool, "test", LEASE)
-        .await
-        .unwrap()
-        .expect("free lease")
-        .epoch;
+    let epoch = take_lease(&pool, "test", LEASE).await;
     (pool, epoch)
 }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use kafka_config::LogArgs;
 use sequencer::admin;
 use sequencer::runtime::{Config, Sequencer, Stop};
 
@@ -89,12 +90,8 @@ enum Command {
     },
     /// Create the requests and outcomes topics (one partition each) if they do not exist.
     CreateTopics {
-        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-        brokers: String,
-        #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
-        requests_topic: String,
-        #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
-        outcomes_topic: String,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Delete topics, and every message in them (wiping a test stack; never in operation).
     DeleteTopics {
@@ -119,12 +116,8 @@ const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/flash";
 struct RunArgs {
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     database_url: String,
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reservation-requests")]
-    requests_topic: String,
-    #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
-    outcomes_topic: String,
+    #[command(flatten)]
+    log: LogArgs,
     /// Name of this process in the lease row and the logs (default: host-pid).
     #[arg(long, env = "NODE_ID")]
     node_id: Option<String>,
@@ -242,15 +235,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CreateTopics {
-            brokers,
-            requests_topic,
-            outcomes_topic,
-        } => {
+        Command::CreateTopics { log } => {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(admin::create_topics(
-                &brokers,
-                &[requests_topic, outcomes_topic],
+                &log.brokers,
+                &[log.requests_topic, log.outcomes_topic],
             )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -303,9 +292,9 @@ fn run(args: RunArgs) -> ExitCode {
     });
     let config = Config {
         database_url: args.database_url,
-        brokers: args.brokers,
-        requests_topic: args.requests_topic,
-        outcomes_topic: args.outcomes_topic,
+        brokers: args.log.brokers,
+        requests_topic: args.log.requests_topic,
+        outcomes_topic: args.log.outcomes_topic,
         node_id: node_id.clone(),
         batch_size_max: args.batch_size_max,
         batch_size_backlog_max: args.batch_size_backlog_max,

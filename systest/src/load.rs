@@ -104,6 +104,34 @@ impl Load {
     pub async fn wait(self) -> Vec<Answer> {
         self.handle.await.expect("load task")
     }
+
+    /// Runs a load of `count` buyers to its end (at most 60 s) and returns every answer.
+    pub async fn run(
+        stack: &Stack,
+        sku: &str,
+        prefix: &str,
+        count: usize,
+        concurrency: usize,
+    ) -> Vec<Answer> {
+        let load = Load::start(
+            stack,
+            sku,
+            prefix,
+            count,
+            concurrency,
+            Duration::from_secs(60),
+        );
+        load.wait().await
+    }
+}
+
+/// The answers that are not a hold (201), as status and body: empty when every buyer got a unit.
+pub fn not_held(answers: &[Answer]) -> Vec<(u16, Value)> {
+    answers
+        .iter()
+        .filter(|a| a.status != 201)
+        .map(|a| (a.status, a.body.clone()))
+        .collect()
 }
 
 #[derive(Debug, Default, Clone)]
@@ -136,14 +164,7 @@ pub async fn verify_with(
     for a in answers {
         match a.status {
             201 | 409 => {
-                let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-                    "SELECT reservation_id::text, status, reject_reason FROM reservations
-                      WHERE user_id = $1 AND idempotency_key = $2",
-                )
-                .bind(&a.user)
-                .bind(&a.key)
-                .fetch_all(&stack.pool)
-                .await?;
+                let rows = decisions(stack, a).await?;
                 ensure!(
                     rows.len() == 1,
                     "{}/{} answered {} {} but has {} rows",
@@ -186,13 +207,11 @@ pub async fn verify_with(
         }
     }
     for a in unknown {
-        let before: Option<String> = sqlx::query_scalar(
-            "SELECT reservation_id::text FROM reservations WHERE user_id = $1 AND idempotency_key = $2 AND status <> 'rejected'",
-        )
-        .bind(&a.user)
-        .bind(&a.key)
-        .fetch_optional(&stack.pool)
-        .await?;
+        let before = decisions(stack, a)
+            .await?
+            .into_iter()
+            .find(|(_, status, _)| status != "rejected")
+            .map(|(id, ..)| id);
         let (status, body) = retry_until_definitive(stack, sku, &a.user, &a.key).await?;
         if let Some(id) = before {
             ensure!(
@@ -213,14 +232,11 @@ pub async fn verify_with(
                 .as_str()
                 .is_some_and(|d| d.contains("append failed") || d.contains("not acknowledged"));
         if let (true, Some(original)) = (appended, &a.request_id) {
-            let decided: Option<String> = sqlx::query_scalar(
-                "SELECT reservation_id::text FROM reservations
-                  WHERE user_id = $1 AND idempotency_key = $2",
-            )
-            .bind(&a.user)
-            .bind(&a.key)
-            .fetch_optional(&stack.pool)
-            .await?;
+            let decided = decisions(stack, a)
+                .await?
+                .into_iter()
+                .next()
+                .map(|(id, ..)| id);
             ensure!(
                 decided.as_deref() == Some(original.as_str()),
                 "{}/{}: the original request {original} was never decided (decision: {decided:?}): a log message was skipped",
@@ -246,6 +262,21 @@ pub async fn verify_with(
         "audit found violations: {report}"
     );
     Ok(v)
+}
+
+/// The decision rows of an answer's buyer and key: reservation id, status, refusal reason.
+async fn decisions(
+    stack: &Stack,
+    a: &Answer,
+) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT reservation_id::text, status, reject_reason FROM reservations
+          WHERE user_id = $1 AND idempotency_key = $2",
+    )
+    .bind(&a.user)
+    .bind(&a.key)
+    .fetch_all(&stack.pool)
+    .await?)
 }
 
 async fn retry_until_definitive(

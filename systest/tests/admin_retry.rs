@@ -22,19 +22,11 @@ async fn total(stack: &Stack) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retried_restock_adds_its_units_once_across_a_timeout_a_failover_and_a_restart() {
-    let mut stack = Stack::start(
-        "admin_retry",
-        Options {
-            sequencers: 2,
-            outcome_timeout_ms: 1_500,
-            sequencer_env: (0..2)
-                .map(|i| (i, "CHECKPOINT_INTERVAL_MS".into(), "300".into()))
-                .collect(),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2)
+        .with_outcome_timeout_ms(1_500)
+        .with_sequencer_env(0, "CHECKPOINT_INTERVAL_MS", "300")
+        .with_sequencer_env(1, "CHECKPOINT_INTERVAL_MS", "300");
+    let mut stack = Stack::start("admin_retry", options).await.unwrap();
     stack.put_sku("tee", 10, 1, 60.0).await.unwrap();
 
     // Without a key a restock is refused before the log: a retry could not be recognised.
@@ -87,12 +79,8 @@ async fn a_retried_restock_adds_its_units_once_across_a_timeout_a_failover_and_a
             stack.spawn_sequencer(i).unwrap();
         }
     }
-    let active = stack
-        .wait_for_active(Duration::from_secs(10))
-        .await
-        .unwrap();
     stack
-        .wait_role(1 - active, "standby", Duration::from_secs(20))
+        .wait_active_and_standby(Duration::from_secs(20))
         .await
         .unwrap();
 
@@ -102,9 +90,8 @@ async fn a_retried_restock_adds_its_units_once_across_a_timeout_a_failover_and_a
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await; // a checkpoint of the keyed batches
-    stack.signal_sequencer(active, "KILL").unwrap();
     let new_active = stack
-        .wait_for_active(Duration::from_secs(10))
+        .kill_and_wait_active(active, Duration::from_secs(10))
         .await
         .unwrap();
     assert_ne!(new_active, active);

@@ -10,16 +10,12 @@ const SKEW_MS: i64 = 120_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_with_a_skewed_host_clock_decides_on_the_database_clock() {
-    let mut stack = Stack::start(
-        "clock_skew",
-        Options {
-            sequencers: 2,
-            sequencer_env: vec![(1, "FAULT_HOST_CLOCK_SKEW_MS".into(), SKEW_MS.to_string())],
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2).with_sequencer_env(
+        1,
+        "FAULT_HOST_CLOCK_SKEW_MS",
+        &SKEW_MS.to_string(),
+    );
+    let mut stack = Stack::start("clock_skew", options).await.unwrap();
     let first = stack
         .wait_for_active(Duration::from_secs(30))
         .await
@@ -32,9 +28,8 @@ async fn a_leader_with_a_skewed_host_clock_decides_on_the_database_clock() {
         .unwrap();
     assert_eq!(status, 201, "{held}");
 
-    stack.signal_sequencer(first, "KILL").unwrap();
     let second = stack
-        .wait_for_active(Duration::from_secs(30))
+        .kill_and_wait_active(first, Duration::from_secs(30))
         .await
         .unwrap();
     assert_ne!(first, second);
@@ -58,8 +53,8 @@ async fn a_leader_with_a_skewed_host_clock_decides_on_the_database_clock() {
     .fetch_one(&stack.pool)
     .await
     .unwrap();
-    let batches: i64 = sqlx::query_scalar("SELECT count(*) FROM batches")
-        .fetch_one(&stack.pool)
+    let batches = stack
+        .query_i64("SELECT count(*) FROM batches")
         .await
         .unwrap();
     assert!(batches >= 3, "both leaders committed batches ({batches})");

@@ -333,10 +333,9 @@ async fn a_sequencer_killed_mid_load_loses_nothing_and_decides_nothing_twice() {
     // Small batches, so that commits often end inside one of the ingress's produce batches and
     // the restarted sequencer must resume reading in the middle of one.
     let options = Options {
-        outcome_timeout_ms: 3_000,
         batch_size_max: 10,
         batch_size_backlog_max: 10,
-        ..Options::default()
+        ..Options::default().with_outcome_timeout_ms(3_000)
     };
     let mut stack = Stack::start("crash", options).await.unwrap();
     let UnderLoad { load, .. } = under_load(&stack, "crashy", 2_000, 3_000, 64, 400)
@@ -640,12 +639,7 @@ async fn every_answer_carries_a_request_id_that_names_its_decision_row() {
         "the refusal's row is keyed by the request id"
     );
 
-    let read = stack
-        .http
-        .get(format!("{}/v1/skus/trace", stack.base))
-        .send()
-        .await
-        .unwrap();
+    let read = stack.get_response("/v1/skus/trace").await.unwrap();
     assert!(
         read.headers().contains_key("x-request-id"),
         "reads carry one too"

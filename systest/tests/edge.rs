@@ -37,25 +37,14 @@ const ROUTES: [(&str, &str); 19] = [
     ("get", "/ops"),
 ];
 
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// A sequencer that can be stopped for a few seconds without its lease lapsing (nor the
 /// ingress calling it stalled: STALL_MAX_MS is a minute unless `extra` says otherwise).
 fn patient(extra: &[(&str, &str)]) -> Options {
-    let mut ingress_env = env(&[("STALL_MAX_MS", "60000")]);
-    ingress_env.extend(env(extra));
-    Options {
-        lease_ms: 30_000,
-        renew_ms: 1_000,
-        outcome_timeout_ms: 20_000,
-        extra_ingress_env: ingress_env,
-        ..Options::default()
-    }
+    Options::default()
+        .with_lease_ms(30_000, 1_000)
+        .with_outcome_timeout_ms(20_000)
+        .with_ingress_env(&[("STALL_MAX_MS", "60000")])
+        .with_ingress_env(extra)
 }
 
 struct Answer {
@@ -88,12 +77,7 @@ fn reserve(stack: &Stack, body: Value) -> reqwest::RequestBuilder {
 }
 
 async fn metrics_text(stack: &Stack) -> String {
-    let r = stack
-        .http
-        .get(format!("{}/metrics", stack.base))
-        .send()
-        .await
-        .unwrap();
+    let r = stack.get_response("/metrics").await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
     assert!(ct.starts_with("text/plain"), "{ct}");
@@ -111,11 +95,14 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// How many writes the ingress refused for `reason` (its admission counter).
+fn refused_count(text: &str, reason: &str) -> Option<f64> {
+    let series = format!(r#"ingress_admission_refused_total{{reason="{reason}"}}"#);
+    sample(text, &series)
+}
+
 async fn rows(stack: &Stack, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap()
+    stack.query_i64(sql).await.unwrap()
 }
 
 async fn key_was_written(stack: &Stack, key: &str) -> bool {
@@ -159,15 +146,8 @@ async fn wait_for_sample(stack: &Stack, series: &str, ok: impl Fn(f64) -> bool) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_requests_latency_in_flight_queue_depth_outcomes_and_lag() {
     // Rate limiting off: one user may send as fast as it likes.
-    let stack = Stack::start(
-        "metrics",
-        Options {
-            extra_ingress_env: env(&[("RATE_LIMIT_PER_USER_PER_S", "0")]),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::default().with_ingress_env(&[("RATE_LIMIT_PER_USER_PER_S", "0")]);
+    let stack = Stack::start("metrics", options).await.unwrap();
     stack.put_sku("m", 3, 100, 300.0).await.unwrap();
     let mut held = 0;
     for i in 0..30 {
@@ -281,18 +261,11 @@ async fn metrics_expose_requests_latency_in_flight_queue_depth_outcomes_and_lag(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_rate_limit_answers_429_with_retry_after_and_writes_nothing() {
-    let stack = Stack::start(
-        "ratelimit",
-        Options {
-            extra_ingress_env: env(&[
-                ("RATE_LIMIT_PER_USER_PER_S", "1"),
-                ("RATE_LIMIT_BURST", "2"),
-            ]),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::default().with_ingress_env(&[
+        ("RATE_LIMIT_PER_USER_PER_S", "1"),
+        ("RATE_LIMIT_BURST", "2"),
+    ]);
+    let stack = Stack::start("ratelimit", options).await.unwrap();
     stack.put_sku("rl", 100, 50, 300.0).await.unwrap();
     let body = |user: &str, key: &str| json!({"sku": "rl", "user_id": user, "quantity": 1, "idempotency_key": key});
     for k in ["g1", "g2"] {
@@ -329,13 +302,7 @@ async fn per_user_rate_limit_answers_429_with_retry_after_and_writes_nothing() {
         3
     );
     let text = metrics_text(&stack).await;
-    assert_eq!(
-        sample(
-            &text,
-            r#"ingress_admission_refused_total{reason="rate_limited"}"#
-        ),
-        Some(1.0)
-    );
+    assert_eq!(refused_count(&text, "rate_limited"), Some(1.0));
     assert_eq!(
         sample(
             &text,
@@ -347,9 +314,8 @@ async fn per_user_rate_limit_answers_429_with_retry_after_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_bound_answers_503_with_retry_after_at_once_and_appends_nothing() {
-    let mut stack = Stack::start("inflight", patient(&[("IN_FLIGHT_MAX", "1")]))
-        .await
-        .unwrap();
+    let options = patient(&[("IN_FLIGHT_MAX", "1")]);
+    let mut stack = Stack::start("inflight", options).await.unwrap();
     stack.put_sku("f", 10, 5, 300.0).await.unwrap();
     stack.signal_sequencer(0, "STOP").unwrap();
     let first = {
@@ -397,28 +363,15 @@ async fn in_flight_bound_answers_503_with_retry_after_at_once_and_appends_nothin
     assert!(key_was_written(&stack, "waits").await);
     assert_eq!(rows(&stack, "SELECT count(*) FROM reservations").await, 1);
     let text = metrics_text(&stack).await;
-    assert_eq!(
-        sample(
-            &text,
-            r#"ingress_admission_refused_total{reason="in_flight"}"#
-        ),
-        Some(1.0)
-    );
+    assert_eq!(refused_count(&text, "in_flight"), Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_frees_its_in_flight_slot_at_once() {
     // Outcomes would take two minutes to time out; the slots must be freed long before
     // (wait_for_sample gives up after 20 s).
-    let mut stack = Stack::start(
-        "goneaway",
-        Options {
-            outcome_timeout_ms: 120_000,
-            ..patient(&[])
-        },
-    )
-    .await
-    .unwrap();
+    let options = patient(&[]).with_outcome_timeout_ms(120_000);
+    let mut stack = Stack::start("goneaway", options).await.unwrap();
     stack.put_sku("g", 10, 5, 300.0).await.unwrap();
     stack.signal_sequencer(0, "STOP").unwrap();
     let impatient = reqwest::Client::builder()
@@ -445,9 +398,8 @@ fn spawn_reserve(stack: &Stack, body: Value) -> tokio::task::JoinHandle<Answer> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_bound_answers_503_when_the_sequencer_falls_behind_but_lets_admin_through() {
-    let mut stack = Stack::start("lag", patient(&[("LAG_MAX", "3")]))
-        .await
-        .unwrap();
+    let options = patient(&[("LAG_MAX", "3")]);
+    let mut stack = Stack::start("lag", options).await.unwrap();
     stack.put_sku("l", 100, 5, 300.0).await.unwrap();
     stack.put_sku("other", 1, 1, 300.0).await.unwrap();
     wait_for_sample(&stack, "ingress_sequencer_lag_messages", |v| v == 0.0).await;
@@ -517,23 +469,13 @@ async fn lag_bound_answers_503_when_the_sequencer_falls_behind_but_lets_admin_th
     );
     assert_eq!(rows(&stack, "SELECT count(*) FROM reservations").await, 6);
     let text = metrics_text(&stack).await;
-    assert_eq!(
-        sample(&text, r#"ingress_admission_refused_total{reason="lag"}"#),
-        Some(2.0)
-    );
+    assert_eq!(refused_count(&text, "lag"), Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_mode_makes_the_token_subject_the_buyer() {
-    let stack = Stack::start(
-        "jwt",
-        Options {
-            extra_ingress_env: env(&[("JWT_HS256_SECRET", JWT_SECRET)]),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::default().with_ingress_env(&[("JWT_HS256_SECRET", JWT_SECRET)]);
+    let stack = Stack::start("jwt", options).await.unwrap();
     stack.put_sku("j", 10, 5, 300.0).await.unwrap();
     let with = |token: &str, body: Value| reserve(&stack, body).bearer_auth(token);
     let body = |user: Option<&str>, key: &str| match user {
@@ -737,15 +679,8 @@ const STABLE_CODES: [&str; 9] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
-    let stack = Stack::start(
-        "hostile",
-        Options {
-            extra_ingress_env: env(&[("JWT_HS256_SECRET", JWT_SECRET)]),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::default().with_ingress_env(&[("JWT_HS256_SECRET", JWT_SECRET)]);
+    let stack = Stack::start("hostile", options).await.unwrap();
     stack.put_sku("good", 5, 2, 300.0).await.unwrap();
     let sku_before = stack.sku_row("good").await.unwrap();
     let batches_before = rows(

@@ -4,52 +4,59 @@
 
 use std::time::Duration;
 
-use systest::load::{epoch, now_ms, takeover_gap_ms, under_load, verify, UnderLoad};
+use systest::load::{
+    epoch, now_ms, takeover_gap_ms, under_load, verify, Answer, Load, UnderLoad, Verdict,
+};
 use systest::{Options, Stack};
 
-fn two_sequencers() -> Options {
-    Options {
-        sequencers: 2,
-        outcome_timeout_ms: 4_000,
-        ..Options::default()
-    }
+/// Two sequencers, and a load on "hot" (`stock` units, `count` buyers at `concurrency`) that has
+/// `decided` decisions committed: the moment for the fault.
+async fn under_load_on_two(
+    test: &str,
+    stock: u64,
+    count: usize,
+    concurrency: usize,
+    decided: i64,
+) -> (Stack, UnderLoad) {
+    let options = Options::sequencers(2).with_outcome_timeout_ms(4_000);
+    let stack = Stack::start(test, options).await.unwrap();
+    let under = under_load(&stack, "hot", stock, count, concurrency, decided)
+        .await
+        .unwrap();
+    (stack, under)
+}
+
+/// Waits for the load to end, then checks every answer against Postgres ([`verify`]).
+async fn answers_verified(stack: &Stack, load: Load) -> (Vec<Answer>, Verdict) {
+    let answers = load.wait().await;
+    let verdict = verify(stack, "hot", &answers).await.unwrap();
+    (answers, verdict)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_the_active_lets_the_standby_decide_with_nothing_lost() {
-    let mut stack = Stack::start("failover_kill", two_sequencers())
-        .await
-        .unwrap();
-    let UnderLoad {
-        load,
-        active,
-        old_epoch,
-    } = under_load(&stack, "hot", 2_500, 4_000, 64, 500)
-        .await
-        .unwrap();
+    let (mut stack, under) = under_load_on_two("failover_kill", 2_500, 4_000, 64, 500).await;
 
     let killed_at = now_ms();
-    stack.signal_sequencer(active, "KILL").unwrap();
-    let gap = takeover_gap_ms(&stack, old_epoch, killed_at, Duration::from_secs(20))
-        .await
-        .unwrap();
     let standby = stack
-        .wait_for_active(Duration::from_secs(10))
+        .kill_and_wait_active(under.active, Duration::from_secs(10))
         .await
         .unwrap();
-    assert_ne!(standby, active, "the other process took over");
+    assert_ne!(standby, under.active, "the other process took over");
+    let gap = takeover_gap_ms(&stack, under.old_epoch, killed_at, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert!(
-        epoch(&stack).await.unwrap() > old_epoch,
+        epoch(&stack).await.unwrap() > under.old_epoch,
         "takeover bumped the epoch"
     );
     // The killed process, restarted (as the supervisor in scripts/up does), rejoins as standby.
-    stack.spawn_sequencer(active).unwrap();
+    stack.spawn_sequencer(under.active).unwrap();
     stack
-        .wait_role(active, "standby", Duration::from_secs(30))
+        .wait_role(under.active, "standby", Duration::from_secs(30))
         .await
         .unwrap();
-    let answers = load.wait().await;
-    let verdict = verify(&stack, "hot", &answers).await.unwrap();
+    let (_, verdict) = answers_verified(&stack, under.load).await;
     println!("takeover gap after SIGKILL: {gap} ms; {verdict:?}");
     assert_eq!(
         verdict.errors_5xx, 0,
@@ -64,27 +71,18 @@ async fn sigkill_of_the_active_lets_the_standby_decide_with_nothing_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_leader_that_wakes_after_takeover_is_fenced_and_commits_nothing() {
-    let mut stack = Stack::start("failover_stop", two_sequencers())
-        .await
-        .unwrap();
-    let UnderLoad {
-        load,
-        active,
-        old_epoch,
-    } = under_load(&stack, "hot", 100_000, 3_000, 32, 300)
-        .await
-        .unwrap();
+    let (mut stack, under) = under_load_on_two("failover_stop", 100_000, 3_000, 32, 300).await;
 
-    stack.signal_sequencer(active, "STOP").unwrap();
+    stack.signal_sequencer(under.active, "STOP").unwrap();
     let stopped_at = now_ms();
-    let gap = takeover_gap_ms(&stack, old_epoch, stopped_at, Duration::from_secs(20))
+    let gap = takeover_gap_ms(&stack, under.old_epoch, stopped_at, Duration::from_secs(20))
         .await
         .unwrap();
     let new_epoch = epoch(&stack).await.unwrap();
-    assert!(new_epoch > old_epoch);
+    assert!(new_epoch > under.old_epoch);
     let last_old: i64 =
         sqlx::query_scalar("SELECT coalesce(max(batch_seq), 0) FROM batches WHERE epoch = $1")
-            .bind(old_epoch)
+            .bind(under.old_epoch)
             .fetch_one(&stack.pool)
             .await
             .unwrap();
@@ -92,20 +90,19 @@ async fn a_paused_leader_that_wakes_after_takeover_is_fenced_and_commits_nothing
     // Wake the old leader while the new one is deciding: its next commit or renewal must fail
     // its fence, and it must stop (exit code 3) without writing anything.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stack.signal_sequencer(active, "CONT").unwrap();
     let code = stack
-        .wait_sequencer_exit(active, Duration::from_secs(20))
+        .signal_and_wait_exit(under.active, "CONT", Duration::from_secs(20))
         .unwrap();
     assert_eq!(
         code,
         Some(3),
         "the deposed leader stops writing and says so"
     );
-    let answers = load.wait().await;
+    let answers = under.load.wait().await;
 
     let late_old: i64 =
         sqlx::query_scalar("SELECT count(*) FROM batches WHERE epoch = $1 AND batch_seq > $2")
-            .bind(old_epoch)
+            .bind(under.old_epoch)
             .bind(last_old)
             .fetch_one(&stack.pool)
             .await
@@ -128,28 +125,17 @@ async fn a_paused_leader_that_wakes_after_takeover_is_fenced_and_commits_nothing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_hands_over_to_the_standby_without_a_single_error() {
-    let mut stack = Stack::start("failover_term", two_sequencers())
-        .await
-        .unwrap();
-    let UnderLoad {
-        load,
-        active,
-        old_epoch,
-    } = under_load(&stack, "hot", 100_000, 3_000, 32, 300)
-        .await
-        .unwrap();
+    let (mut stack, under) = under_load_on_two("failover_term", 100_000, 3_000, 32, 300).await;
 
     let term_at = now_ms();
-    stack.signal_sequencer(active, "TERM").unwrap();
     let code = stack
-        .wait_sequencer_exit(active, Duration::from_secs(20))
+        .signal_and_wait_exit(under.active, "TERM", Duration::from_secs(20))
         .unwrap();
     assert_eq!(code, Some(0), "graceful exit");
-    let gap = takeover_gap_ms(&stack, old_epoch, term_at, Duration::from_secs(20))
+    let gap = takeover_gap_ms(&stack, under.old_epoch, term_at, Duration::from_secs(20))
         .await
         .unwrap();
-    let answers = load.wait().await;
-    let verdict = verify(&stack, "hot", &answers).await.unwrap();
+    let (answers, verdict) = answers_verified(&stack, under.load).await;
     println!("handover gap after SIGTERM: {gap} ms; {verdict:?}");
     assert_eq!(
         (verdict.timed_out, verdict.errors_5xx),

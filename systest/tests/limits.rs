@@ -10,13 +10,6 @@ use systest::{Options, Stack, ADMIN_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn addr(stack: &Stack) -> String {
     stack.base.trim_start_matches("http://").to_owned()
 }
@@ -84,19 +77,11 @@ const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: ingress\r\n\r\n";
 async fn writes_get_503_at_once_while_no_sequencer_commits_and_a_quiet_sale_stays_ready() {
     // Outcomes would time out after two minutes, the client gives up after 15 s: a 503 can
     // only come from the stall check.
-    let mut stack = Stack::start(
-        "stall",
-        Options {
-            sequencers: 2,
-            lease_ms: 30_000,
-            renew_ms: 1_000,
-            outcome_timeout_ms: 120_000,
-            extra_ingress_env: env(&[("STALL_MAX_MS", "1000")]),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2)
+        .with_lease_ms(30_000, 1_000)
+        .with_outcome_timeout_ms(120_000)
+        .with_ingress_env(&[("STALL_MAX_MS", "1000")]);
+    let mut stack = Stack::start("stall", options).await.unwrap();
     stack.put_sku("s", 100, 5, 300.0).await.unwrap();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
@@ -180,27 +165,17 @@ async fn writes_get_503_at_once_while_no_sequencer_commits_and_a_quiet_sale_stay
         assert!(Instant::now() < deadline, "never ready again: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap();
-    assert_eq!(n, 1, "the refused buyers left no trace");
+    let n = stack.query_i64("SELECT count(*) FROM reservations").await;
+    assert_eq!(n.unwrap(), 1, "the refused buyers left no trace");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_cut_off_after_the_header_and_body_deadlines() {
-    let stack = Stack::start(
-        "slowloris",
-        Options {
-            extra_ingress_env: env(&[
-                ("HEADER_READ_TIMEOUT_MS", "1000"),
-                ("BODY_READ_TIMEOUT_MS", "1000"),
-            ]),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::default().with_ingress_env(&[
+        ("HEADER_READ_TIMEOUT_MS", "1000"),
+        ("BODY_READ_TIMEOUT_MS", "1000"),
+    ]);
+    let stack = Stack::start("slowloris", options).await.unwrap();
 
     // Half a header, then nothing: closed after the header deadline.
     let mut half = TcpStream::connect(addr(&stack)).await.unwrap();
@@ -249,18 +224,11 @@ async fn a_slow_client_is_cut_off_after_the_header_and_body_deadlines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_refused_while_the_held_ones_are_served() {
     const MAX: usize = 4;
-    let stack = Stack::start(
-        "connmax",
-        Options {
-            extra_ingress_env: env(&[
-                ("CONNECTIONS_MAX", "4"),
-                ("HEADER_READ_TIMEOUT_MS", "60000"),
-            ]),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::default().with_ingress_env(&[
+        ("CONNECTIONS_MAX", "4"),
+        ("HEADER_READ_TIMEOUT_MS", "60000"),
+    ]);
+    let stack = Stack::start("connmax", options).await.unwrap();
     // The stack's own client may hold a few idle connections already: open more until one is
     // refused, which must happen by the (MAX+1)th.
     let mut held = Vec::new();

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use systest::load::{verify_with, wait_decided, Answer, Load};
+use systest::load::{not_held, verify_with, wait_decided, Answer, Load};
 use systest::{bin_dir, create_topics, delete_topics, Options, Stack};
 
 /// Every reservation row of `sku`: id -> (status, user, key).
@@ -52,48 +52,21 @@ async fn get_text(stack: &Stack, i: usize, path: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// Waits until every sequencer reports `log_lost` (a role it keeps until the log is rebased).
 async fn wait_all_log_lost(stack: &Stack, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut lost = 0;
-        for i in 0..stack.sequencers.len() {
-            if stack
-                .sequencer_status(i)
-                .await
-                .is_some_and(|d| d["role"] == "log_lost")
-            {
-                lost += 1;
-            }
-        }
-        if lost == stack.sequencers.len() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not every sequencer reported log_lost within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..stack.sequencers.len() {
+        stack.wait_role(i, "log_lost", within).await.unwrap();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recreated_requests_topic_stops_the_sale_loudly_and_rebase_log_recovers_it() {
-    let mut stack = Stack::start(
-        "lost_log",
-        Options {
-            sequencers: 2,
-            outcome_timeout_ms: 3_000,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2).with_outcome_timeout_ms(3_000);
+    let mut stack = Stack::start("lost_log", options).await.unwrap();
     stack.put_sku("hot", 1_000, 1, 300.0).await.unwrap();
 
     // Before the loss: 400 buyers served; one hold confirmed, one cancelled.
-    let before = Load::start(&stack, "hot", "before", 400, 32, Duration::from_secs(60))
-        .wait()
-        .await;
+    let before = Load::run(&stack, "hot", "before", 400, 32).await;
     assert!(before.iter().all(|a| a.status == 201), "all 400 held");
     let confirmed = before[0].body["reservation_id"]
         .as_str()
@@ -146,13 +119,8 @@ async fn a_recreated_requests_topic_stops_the_sale_loudly_and_rebase_log_recover
 
     // A sequencer stopped in that state exits 4 (not 3, "deposed"); started again, its start-up
     // check finds the same loss.
-    stack.signal_sequencer(1, "TERM").unwrap();
-    assert_eq!(
-        stack
-            .wait_sequencer_exit(1, Duration::from_secs(10))
-            .unwrap(),
-        Some(4)
-    );
+    let code = stack.signal_and_wait_exit(1, "TERM", Duration::from_secs(10));
+    assert_eq!(code.unwrap(), Some(4));
     stack.spawn_sequencer(1).unwrap();
     wait_all_log_lost(&stack, Duration::from_secs(30)).await;
 
@@ -169,12 +137,8 @@ async fn a_recreated_requests_topic_stops_the_sale_loudly_and_rebase_log_recover
     assert_eq!(code, 1, "{text}");
 
     // The sequencers come back by themselves: one active, one standby.
-    let active = stack
-        .wait_for_active(Duration::from_secs(30))
-        .await
-        .unwrap();
     stack
-        .wait_role(1 - active, "standby", Duration::from_secs(30))
+        .wait_active_and_standby(Duration::from_secs(30))
         .await
         .unwrap();
 
@@ -187,18 +151,9 @@ async fn a_recreated_requests_topic_stops_the_sale_loudly_and_rebase_log_recover
     assert_eq!(rows_after[&cancelled].0, "cancelled");
 
     // New reservations are decided, on the new log generation.
-    let after = Load::start(&stack, "hot", "after", 100, 16, Duration::from_secs(60))
-        .wait()
-        .await;
-    assert!(
-        after.iter().all(|a| a.status == 201),
-        "after the rebase: {:?}",
-        after
-            .iter()
-            .filter(|a| a.status != 201)
-            .map(|a| (a.status, a.body.clone()))
-            .collect::<Vec<_>>()
-    );
+    let after = Load::run(&stack, "hot", "after", 100, 16).await;
+    let refused = not_held(&after);
+    assert!(refused.is_empty(), "after the rebase: {refused:?}");
     let gen2: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM reservations r JOIN log_generations g ON g.generation = 2
           WHERE r.batch_seq >= g.first_batch_seq AND r.user_id LIKE 'after-%'",
@@ -254,20 +209,10 @@ async fn truncate_to_end(brokers: &str, topic: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_deleted_before_they_were_read_stop_the_sequencer_until_rebase_log() {
-    let mut stack = Stack::start(
-        "truncated_log",
-        Options {
-            sequencers: 1,
-            outcome_timeout_ms: 2_000,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::default().with_outcome_timeout_ms(2_000);
+    let mut stack = Stack::start("truncated_log", options).await.unwrap();
     stack.put_sku("hot", 500, 1, 300.0).await.unwrap();
-    let before = Load::start(&stack, "hot", "before", 100, 16, Duration::from_secs(60))
-        .wait()
-        .await;
+    let before = Load::run(&stack, "hot", "before", 100, 16).await;
     assert!(before.iter().all(|a| a.status == 201));
 
     // The sequencer is frozen while 50 requests are appended; then the log is truncated past
@@ -299,13 +244,8 @@ async fn requests_deleted_before_they_were_read_stop_the_sequencer_until_rebase_
     let why = doc["log_lost"].as_str().unwrap().to_owned();
     assert!(why.contains("no longer has offset"), "{why}");
     // Restarted, the start-up check says the same in its own words.
-    stack.signal_sequencer(0, "TERM").unwrap();
-    assert_eq!(
-        stack
-            .wait_sequencer_exit(0, Duration::from_secs(10))
-            .unwrap(),
-        Some(4)
-    );
+    let code = stack.signal_and_wait_exit(0, "TERM", Duration::from_secs(10));
+    assert_eq!(code.unwrap(), Some(4));
     stack.spawn_sequencer(0).unwrap();
     wait_all_log_lost(&stack, Duration::from_secs(30)).await;
     let doc = stack.sequencer_status(0).await.unwrap();
@@ -326,9 +266,7 @@ async fn requests_deleted_before_they_were_read_stop_the_sequencer_until_rebase_
         .wait_for_active(Duration::from_secs(30))
         .await
         .unwrap();
-    let after = Load::start(&stack, "hot", "after", 50, 16, Duration::from_secs(60))
-        .wait()
-        .await;
+    let after = Load::run(&stack, "hot", "after", 50, 16).await;
     assert!(after.iter().all(|a| a.status == 201));
     let mut answers = before;
     answers.extend(unread);

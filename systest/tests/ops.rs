@@ -9,15 +9,8 @@ use systest::{bin_dir, Options, Stack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequencers_report_role_epoch_offsets_and_batch_metrics() {
-    let stack = Stack::start(
-        "ops_status",
-        Options {
-            sequencers: 2,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2);
+    let stack = Stack::start("ops_status", options).await.unwrap();
     stack.put_sku("m", 10, 10, 300.0).await.unwrap();
     for i in 0..5 {
         assert_eq!(
@@ -30,11 +23,7 @@ async fn sequencers_report_role_epoch_offsets_and_batch_metrics() {
         );
     }
     let active = stack
-        .wait_for_active(Duration::from_secs(10))
-        .await
-        .unwrap();
-    stack
-        .wait_role(1 - active, "standby", Duration::from_secs(10))
+        .wait_active_and_standby(Duration::from_secs(10))
         .await
         .unwrap();
     let doc = stack.sequencer_status(active).await.unwrap();

@@ -33,6 +33,7 @@ async fn poison_messages_on_the_requests_topic_are_refused_and_the_sale_goes_on(
         hold_ttl_ms: 60_000,
         starts_at_ms: Some(i64::MAX),
         ends_at_ms: None,
+        queue: None,
     };
     let poison = vec![
         // A NUL byte: Postgres text cannot store it, so a decision row would fail every commit.

@@ -33,16 +33,8 @@ fn restart_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarting_postgres_under_load_pauses_writers_and_loses_nothing() {
-    let mut stack = Stack::start(
-        "pg_restart",
-        Options {
-            sequencers: 2,
-            outcome_timeout_ms: 4_000,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2).with_outcome_timeout_ms(4_000);
+    let mut stack = Stack::start("pg_restart", options).await.unwrap();
     let UnderLoad { load, .. } = under_load(&stack, "hot", 2_000, 3_000, 32, 300)
         .await
         .unwrap();
@@ -51,23 +43,11 @@ async fn restarting_postgres_under_load_pauses_writers_and_loses_nothing() {
 
     // Whichever sequencer lost its lease during the outage has stopped (exit 3); like the
     // supervisor in scripts/up, start it again so the group is whole, then check everything.
-    for i in 0..stack.sequencers.len() {
-        let exited = stack.sequencers[i]
-            .child
-            .as_mut()
-            .map(|c| c.try_wait().unwrap().is_some())
-            .unwrap_or(true);
-        if exited {
-            stack.sequencers[i].child = None;
-            stack.spawn_sequencer(i).unwrap();
-        }
+    for i in stack.exited_sequencers().unwrap() {
+        stack.spawn_sequencer(i).unwrap();
     }
-    let active = stack
-        .wait_for_active(Duration::from_secs(30))
-        .await
-        .unwrap();
     stack
-        .wait_role(1 - active, "standby", Duration::from_secs(30))
+        .wait_active_and_standby(Duration::from_secs(30))
         .await
         .unwrap();
     let verdict = verify(&stack, "hot", &answers).await.unwrap();

@@ -14,26 +14,12 @@ const STALL_AT: i64 = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_whose_reader_hangs_is_not_ready_then_exits_and_the_standby_decides() {
-    let mut stack = Stack::start(
-        "reader_stall",
-        Options {
-            sequencers: 2,
-            lease_ms: 3_000,
-            renew_ms: 500,
-            outcome_timeout_ms: 3_000,
-            sequencer_env: vec![
-                (
-                    0,
-                    "FAULT_READER_STALL_AT_OFFSET".into(),
-                    STALL_AT.to_string(),
-                ),
-                (0, "READER_STALL_EXIT_MS".into(), "9000".into()),
-            ],
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2)
+        .with_lease_ms(3_000, 500)
+        .with_outcome_timeout_ms(3_000)
+        .with_sequencer_env(0, "FAULT_READER_STALL_AT_OFFSET", &STALL_AT.to_string())
+        .with_sequencer_env(0, "READER_STALL_EXIT_MS", "9000");
+    let mut stack = Stack::start("reader_stall", options).await.unwrap();
     // The knob is on sequencer 0: make it the leader.
     if stack
         .wait_for_active(Duration::from_secs(30))

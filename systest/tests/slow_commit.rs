@@ -12,15 +12,8 @@ use systest::{Options, Stack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_two_second_lock_under_load_keeps_the_leader_and_loses_nothing() {
-    let mut stack = Stack::start(
-        "slow_commit",
-        Options {
-            sequencers: 2,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2);
+    let mut stack = Stack::start("slow_commit", options).await.unwrap();
     let under = under_load(&stack, "hot", 1_000, 2_000, 32, 200)
         .await
         .unwrap();
@@ -41,13 +34,11 @@ async fn a_two_second_lock_under_load_keeps_the_leader_and_loses_nothing() {
         under.old_epoch,
         "the leader kept its lease through the slow commit"
     );
-    for (i, s) in stack.sequencers.iter_mut().enumerate() {
-        let child = s.child.as_mut().unwrap();
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "sequencer {i} exited during the slow commit"
-        );
-    }
+    let exited = stack.exited_sequencers().unwrap();
+    assert!(
+        exited.is_empty(),
+        "sequencers {exited:?} exited during the slow commit"
+    );
     assert_eq!(
         stack.sequencer_status(under.active).await.unwrap()["role"],
         "active"

@@ -41,16 +41,8 @@ async fn until_decided(stack: &Stack, ticket: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_ticket_shows_its_place_in_the_queue_then_its_decision_across_a_failover() {
-    let mut stack = Stack::start(
-        "tickets",
-        Options {
-            sequencers: 2,
-            outcome_timeout_ms: 1_500,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let options = Options::sequencers(2).with_outcome_timeout_ms(1_500);
+    let mut stack = Stack::start("tickets", options).await.unwrap();
     stack.put_sku("tv", 3, 1, 300.0).await.unwrap();
 
     // While nothing decides, five tickets queue up behind each other in the log.

@@ -8,7 +8,7 @@
 use bincode::{Decode, Encode};
 
 /// Bumped whenever the encoding of any message below changes incompatibly.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// First byte of every message: guards against reading a foreign topic's bytes as ours.
 const MAGIC: u8 = 0xF5;
 /// The largest message we are willing to decode; anything larger is corrupt or hostile.
@@ -37,6 +37,9 @@ pub mod limits {
     /// Sale windows lie between 1970 and the end of year 9999 (Unix milliseconds): inside what
     /// Postgres `timestamptz` and RFC 3339 can say, and far from `i64` overflow.
     pub const TIME_MS_MAX: i64 = 253_402_300_799_999;
+    /// Longest pre-sale queue of one SKU: the whole queue is decided in the first batch at the
+    /// sale's start, in one transaction.
+    pub const QUEUE_MAX: u32 = 100_000;
 
     /// A SKU name appears in URLs and logs: 1 to [`SKU_BYTES_MAX`] of `A-Z a-z 0-9 . _ : -`.
     pub fn sku_name_ok(name: &str) -> bool {
@@ -94,6 +97,18 @@ impl SkuConfig {
                 (Some(s), Some(e)) => s < e,
                 _ => true,
             }
+            && self.queue.as_ref().is_none_or(|q| {
+                time_ok(Some(q.opens_at_ms))
+                    && self.starts_at_ms.is_some_and(|s| q.opens_at_ms < s)
+                    && (1..=limits::QUEUE_MAX).contains(&q.max)
+            })
+    }
+
+    /// Whether a reservation at `now_ms` joins the pre-sale queue: the queue is open and the
+    /// sale has not started.
+    pub fn queue_open_at(&self, now_ms: i64) -> bool {
+        self.queue.as_ref().is_some_and(|q| q.opens_at_ms <= now_ms)
+            && self.starts_at_ms.is_some_and(|s| now_ms < s)
     }
 }
 
@@ -128,6 +143,19 @@ impl Command {
                     && command.is_admin()
                     && command.fields_ok()
             }
+        }
+    }
+
+    /// The fields of a reserve command: `(sku, user_id, quantity, idempotency_key)`.
+    pub fn as_reserve(&self) -> Option<(&str, &str, u32, &str)> {
+        match self {
+            Command::Reserve {
+                sku,
+                user_id,
+                quantity,
+                idempotency_key,
+            } => Some((sku, user_id, *quantity, idempotency_key)),
+            _ => None,
         }
     }
 
@@ -201,6 +229,20 @@ pub struct SkuConfig {
     pub starts_at_ms: Option<i64>,
     /// Unix milliseconds; reservations at or after it are refused with `sale_ended`.
     pub ends_at_ms: Option<i64>,
+    /// The pre-sale queue (the waiting room), if the sale has one.
+    pub queue: Option<QueueWindow>,
+}
+
+/// A pre-sale queue: reservations from `opens_at_ms` until the sale's `starts_at_ms` are not
+/// refused `sale_not_started` but queued in log order, up to `max` of them (beyond: refused
+/// `queue_full`), and decided in that order in the first batch at `starts_at_ms`, before any
+/// request decided in that batch or later.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub struct QueueWindow {
+    /// Unix milliseconds, before the sale's `starts_at_ms`.
+    pub opens_at_ms: i64,
+    /// 1 to [`limits::QUEUE_MAX`].
+    pub max: u32,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
@@ -219,6 +261,14 @@ pub enum Outcome {
         skus_paused: u32,
     },
     Rejected(Reject),
+    /// A reservation joined its SKU's pre-sale queue (or is a retry of one that did): it will
+    /// be decided, under `reservation_id` as its request id, in the first batch at
+    /// `starts_at_ms`, after the `position` requests queued before it.
+    Queued {
+        reservation_id: RequestId,
+        position: u32,
+        starts_at_ms: i64,
+    },
 }
 
 #[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -292,10 +342,12 @@ pub enum Reject {
     /// A command that the ingress would never send (zero quantity, zero limit, ...): it came
     /// from a buggy or hostile producer and is refused rather than allowed to crash the writer.
     InvalidCommand,
+    /// The SKU's pre-sale queue holds `QueueWindow::max` requests already.
+    QueueFull,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 15] = [
         Reject::SoldOut,
         Reject::LimitExceeded,
         Reject::SalePaused,
@@ -310,6 +362,7 @@ impl Reject {
         Reject::StockBelowCommitted,
         Reject::StockOverflow,
         Reject::InvalidCommand,
+        Reject::QueueFull,
     ];
 
     /// The stable error code clients see in `{"error": ...}` and Postgres stores.
@@ -329,6 +382,7 @@ impl Reject {
             Reject::StockBelowCommitted => "stock_below_committed",
             Reject::StockOverflow => "stock_overflow",
             Reject::InvalidCommand => "invalid_request",
+            Reject::QueueFull => "queue_full",
         }
     }
 

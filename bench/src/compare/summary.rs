@@ -183,34 +183,22 @@ pub(super) fn markdown(r: &CompareReport, dir: &Path) -> String {
         );
     }
     if let (Some(s), Some(n)) = (peak(sys), peak(naive)) {
-        let _ = writeln!(
-            m,
-            "| >= 10x naive Postgres throughput (peak decisions/s, one hot SKU, every request a grant: `ramp`) | {} vs {} = {:.1}x | {} |",
-            f0(s),
-            f0(n),
-            s / n,
-            verdict(s >= 10.0 * n)
+        ten_times_row(
+            &mut m,
+            ">= 10x naive Postgres throughput (peak decisions/s, one hot SKU, every request a grant: `ramp`)",
+            s,
+            n,
         );
     }
     if let (Some(s), Some(n)) = (knee(sys), knee(naive)) {
-        let _ = writeln!(
-            m,
-            "| (the same at p99 <= 120 ms: ramp knee) | {} vs {} = {:.1}x | {} |",
-            f0(s),
-            f0(n),
-            s / n,
-            verdict(s >= 10.0 * n)
-        );
+        ten_times_row(&mut m, "(the same at p99 <= 120 ms: ramp knee)", s, n);
     }
     // Engine.
     if !r.engine.is_empty() {
-        let _ = writeln!(
-            m,
-            "\n### Engine (criterion, `Engine::apply_batch`, one thread)\n"
-        );
-        let _ = writeln!(
-            m,
-            "| benchmark | batch | time per batch | decisions/s |\n| --- | --- | --- | --- |"
+        table_start(
+            &mut m,
+            "Engine (criterion, `Engine::apply_batch`, one thread)",
+            &["benchmark", "batch", "time per batch", "decisions/s"],
         );
         for e in &r.engine {
             let _ = writeln!(
@@ -225,14 +213,22 @@ pub(super) fn markdown(r: &CompareReport, dir: &Path) -> String {
     }
     // Pipeline.
     if !r.pipeline.is_empty() {
-        let _ = writeln!(
-            m,
-            "\n### Pipeline (one release sequencer, pre-filled topic, fresh database)\n"
-        );
-        let _ = writeln!(m, "| BATCH_SIZE_MAX | requests | decisions/s (batches table) | decisions/s (wall, incl. start) | bare consumer read rate (broker ceiling) | one watermark query | batches | batch size p50 / p99 / max | commit ms p50 / p99 / max (sampled) | batch interval ms p50 / p99 / max | audit |");
-        let _ = writeln!(
-            m,
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        table_start(
+            &mut m,
+            "Pipeline (one release sequencer, pre-filled topic, fresh database)",
+            &[
+                "BATCH_SIZE_MAX",
+                "requests",
+                "decisions/s (batches table)",
+                "decisions/s (wall, incl. start)",
+                "bare consumer read rate (broker ceiling)",
+                "one watermark query",
+                "batches",
+                "batch size p50 / p99 / max",
+                "commit ms p50 / p99 / max (sampled)",
+                "batch interval ms p50 / p99 / max",
+                "audit",
+            ],
         );
         for p in &r.pipeline {
             let _ = writeln!(
@@ -410,4 +406,25 @@ pub(super) fn markdown(r: &CompareReport, dir: &Path) -> String {
         }
     }
     m
+}
+
+/// A section's heading and the header of its table (names, then one `---` per column).
+fn table_start(m: &mut String, title: &str, columns: &[&str]) {
+    use std::fmt::Write;
+    let _ = writeln!(m, "\n### {title}\n");
+    let _ = writeln!(m, "| {} |", columns.join(" | "));
+    let _ = writeln!(m, "|{}", " --- |".repeat(columns.len()));
+}
+
+/// A target row: this system's rate `s` against the naive baseline's `n`, met at ten times.
+fn ten_times_row(m: &mut String, target: &str, s: f64, n: f64) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        m,
+        "| {target} | {} vs {} = {:.1}x | {} |",
+        f0(s),
+        f0(n),
+        s / n,
+        verdict(s >= 10.0 * n)
+    );
 }

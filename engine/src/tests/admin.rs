@@ -46,8 +46,8 @@ fn upsert_of_existing_sku_keeps_counters_and_recomputes_available() {
     let r = sale.reqs.resume("tv");
     sale.one(T0, r);
     assert_eq!(
-        sale.reserve(T0, "tv", "ann", 1, "k2"),
-        rejected(Reject::LimitExceeded)
+        sale.refusal(T0, "tv", "ann", 1, "k2"),
+        Reject::LimitExceeded
     );
     let bob = sale.hold(T0, "tv", "bob", 2, "k");
     assert_eq!(
@@ -137,10 +137,7 @@ fn pause_refuses_new_reservations_and_resume_reopens_the_sale() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
     let p = sale.reqs.pause("tv");
     assert!(matches!(sale.one(T0, p), Outcome::Sku(v) if v.paused));
-    assert_eq!(
-        sale.reserve(T0, "tv", "ann", 1, "k1"),
-        rejected(Reject::SalePaused)
-    );
+    assert_eq!(sale.refusal(T0, "tv", "ann", 1, "k1"), Reject::SalePaused);
     assert_eq!(sale.counters("tv"), (10, 0, 0));
     let r = sale.reqs.resume("tv");
     assert!(matches!(sale.one(T0, r), Outcome::Sku(v) if !v.paused));
@@ -178,18 +175,14 @@ fn pause_all_pauses_every_sku() {
         "only the skus it changed are reported"
     );
     for sku in ["a", "b", "c"] {
-        assert_eq!(
-            sale.reserve(T0, sku, "ann", 1, sku),
-            rejected(Reject::SalePaused)
-        );
+        assert_eq!(sale.refusal(T0, sku, "ann", 1, sku), Reject::SalePaused);
     }
     let again = sale.reqs.pause_all();
     let out = sale.batch(T0, vec![again]);
     assert_eq!(out.outcomes, vec![Outcome::Frozen { skus_paused: 0 }]);
     assert!(out.skus.is_empty());
     // A sku created after the freeze is not paused by it.
-    let up = sale.reqs.upsert("d", config(5, 5, 1_000));
-    sale.one(T0, up);
+    sale.add_sku("d", config(5, 5, 1_000));
     sale.hold(T0, "d", "ann", 1, "d");
 }
 
@@ -202,14 +195,14 @@ fn sale_window_is_enforced() {
     };
     let mut sale = Sale::with_sku("tv", cfg);
     assert_eq!(
-        sale.reserve(T0 + 999, "tv", "ann", 1, "k1"),
-        rejected(Reject::SaleNotStarted)
+        sale.refusal(T0 + 999, "tv", "ann", 1, "k1"),
+        Reject::SaleNotStarted
     );
     sale.hold(T0 + 1_000, "tv", "ann", 1, "k2");
     sale.hold(T0 + 1_999, "tv", "ann", 1, "k3");
     assert_eq!(
-        sale.reserve(T0 + 2_000, "tv", "ann", 1, "k4"),
-        rejected(Reject::SaleEnded)
+        sale.refusal(T0 + 2_000, "tv", "ann", 1, "k4"),
+        Reject::SaleEnded
     );
     assert_eq!(sale.counters("tv"), (8, 2, 0));
 }
@@ -231,14 +224,14 @@ fn open_ended_sale_windows_apply_only_their_bound() {
     ];
     sale.batch(T0, reqs);
     assert_eq!(
-        sale.reserve(T0, "starts", "ann", 1, "k1"),
-        rejected(Reject::SaleNotStarted)
+        sale.refusal(T0, "starts", "ann", 1, "k1"),
+        Reject::SaleNotStarted
     );
     sale.hold(T0, "ends", "ann", 1, "k2");
     sale.hold(T0 + 1_000_000, "starts", "ann", 1, "k3");
     assert_eq!(
-        sale.reserve(T0 + 1_000_000, "ends", "ann", 1, "k4"),
-        rejected(Reject::SaleEnded)
+        sale.refusal(T0 + 1_000_000, "ends", "ann", 1, "k4"),
+        Reject::SaleEnded
     );
 }
 

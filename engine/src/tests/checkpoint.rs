@@ -52,8 +52,9 @@ proptest! {
         cut(&original, &mut chain, end);
         let head = original.encode_head();
         let mut loaded = load(&chain, &head).expect("a real chain loads");
-        // Checkpoints do not carry admin keys: the sequencer reads them from Postgres.
+        // Checkpoints do not carry admin keys or queues: the sequencer reads them from Postgres.
         loaded.restore_admin_keys(original.admin_keys());
+        loaded.restore_queue(original.queued().cloned()).expect("the queues restore");
         loaded.check_invariants();
         let mut all = first_part;
         all.extend(second_part.iter().cloned());
@@ -90,6 +91,7 @@ proptest! {
         }
         let mut loaded = load(&chain, &head).expect("a chain written by a restored engine loads");
         loaded.restore_admin_keys(restored.admin_keys());
+        loaded.restore_queue(restored.queued().cloned()).expect("the queues restore");
         let mut all = first_part;
         all.extend(middle_part);
         all.extend(second_part.iter().cloned());

@@ -37,20 +37,14 @@ fn users_whose_ids_share_a_32_bit_hash_are_told_apart() {
     // Not a repeat of a's key, and not counted against a's limit.
     let rb = sale.hold(T0, "tv", &b, 2, "k");
     assert_ne!(ra, rb);
-    assert_eq!(
-        sale.reserve(T0, "tv", &a, 1, "k2"),
-        rejected(Reject::LimitExceeded)
-    );
+    assert_eq!(sale.refusal(T0, "tv", &a, 1, "k2"), Reject::LimitExceeded);
     assert_eq!(sale.reserve(T0, "tv", &b, 2, "k"), held(rb, T0 + 1_000));
     assert_eq!(sale.reserve(T0, "tv", &a, 2, "k"), held(ra, T0 + 1_000));
     assert_eq!(sale.engine.reservation(ra).unwrap().user_id, a);
     assert_eq!(sale.engine.reservation(rb).unwrap().user_id, b);
     // Releasing b's hold frees b's limit only.
     assert!(matches!(sale.cancel(T0, rb), Outcome::Reservation(_)));
-    assert_eq!(
-        sale.reserve(T0, "tv", &a, 1, "k3"),
-        rejected(Reject::LimitExceeded)
-    );
+    assert_eq!(sale.refusal(T0, "tv", &a, 1, "k3"), Reject::LimitExceeded);
     sale.hold(T0, "tv", &b, 1, "k3");
 }
 
@@ -121,8 +115,8 @@ fn keys_of_one_user_sharing_a_32_bit_hash_are_told_apart() {
         held(r2, T0 + 1_010)
     );
     assert_eq!(
-        sale.reserve(T0 + 20, "tv", "ann", 2, &k1),
-        rejected(Reject::IdempotencyKeyReused)
+        sale.refusal(T0 + 20, "tv", "ann", 2, &k1),
+        Reject::IdempotencyKeyReused
     );
 }
 

@@ -15,8 +15,7 @@ fn check_invariants_catches_a_drifted_first_sku_holding() {
 #[should_panic(expected = "holding missing")]
 fn check_invariants_catches_a_missing_holding_on_a_further_sku() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    let up = sale.reqs.upsert("pc", config(10, 5, 1_000));
-    sale.one(T0, up);
+    sale.add_sku("pc", config(10, 5, 1_000));
     sale.hold(T0, "tv", "ann", 2, "k");
     sale.hold(T0, "pc", "ann", 1, "k2");
     sale.engine.more_holdings.clear();

@@ -133,8 +133,8 @@ fn repeated_granted_key_answers_the_original_hold_after_confirm_cancel_or_expiry
         held(expired, T0 + 1_002)
     );
     assert_eq!(
-        sale.reserve(T0 + 5_000, "tv", "cat", 2, "c"),
-        rejected(Reject::IdempotencyKeyReused)
+        sale.refusal(T0 + 5_000, "tv", "cat", 2, "c"),
+        Reject::IdempotencyKeyReused
     );
     assert_eq!(sale.counters("tv"), before);
 }

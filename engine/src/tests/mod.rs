@@ -11,15 +11,16 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
+use wire::limits::QUEUE_MAX;
 use wire::{
-    Command, Outcome, Reject, Request, RequestId, ReservationStatus, ReservationView, SkuConfig,
-    SkuView,
+    Command, Outcome, QueueWindow, Reject, Request, RequestId, ReservationStatus, ReservationView,
+    SkuConfig, SkuView,
 };
 
 use crate::model::Model;
 use crate::{
-    AdminKeyRecord, BatchOutput, Decision, Engine, RestoreError, Snapshot, StoredDecision,
-    Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
+    AdminKeyRecord, BatchOutput, Decision, Engine, QueuedRequest, Released, RestoreError, Snapshot,
+    StoredDecision, Transition, HOLD_TTL_MS_MAX, QUANTITY_MAX, STOCK_MAX,
 };
 
 mod admin;
@@ -29,6 +30,7 @@ mod hashing;
 mod invariants;
 mod layout;
 mod properties;
+mod queue;
 mod reserve;
 mod restore;
 mod script;
@@ -121,6 +123,7 @@ fn config(total_stock: u64, per_user_limit: u32, hold_ttl_ms: u64) -> SkuConfig 
         hold_ttl_ms,
         starts_at_ms: None,
         ends_at_ms: None,
+        queue: None,
     }
 }
 
@@ -141,9 +144,14 @@ impl Sale {
     /// A sale with one SKU created at `T0`.
     fn with_sku(name: &str, cfg: SkuConfig) -> Self {
         let mut sale = Self::new();
-        let up = sale.reqs.upsert(name, cfg);
-        assert!(matches!(sale.one(T0, up), Outcome::Sku(_)));
+        sale.add_sku(name, cfg);
         sale
+    }
+
+    /// Creates a further SKU at `T0`.
+    fn add_sku(&mut self, name: &str, cfg: SkuConfig) {
+        let up = self.reqs.upsert(name, cfg);
+        assert!(matches!(self.one(T0, up), Outcome::Sku(_)));
     }
 
     fn batch(&mut self, now_ms: i64, requests: Vec<Request>) -> BatchOutput {
@@ -174,6 +182,14 @@ impl Sale {
         match self.reserve(now_ms, sku, user, quantity, key) {
             Outcome::Held { reservation_id, .. } => reservation_id,
             other => panic!("expected a hold, got {other:?}"),
+        }
+    }
+
+    /// Reserves and insists on a refusal; returns its reason.
+    fn refusal(&mut self, now_ms: i64, sku: &str, user: &str, quantity: u32, key: &str) -> Reject {
+        match self.reserve(now_ms, sku, user, quantity, key) {
+            Outcome::Rejected(reason) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 

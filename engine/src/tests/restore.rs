@@ -61,6 +61,7 @@ fn small_snapshot() -> Snapshot {
             stored(4, "cat", "k1", 9, Err(Reject::LimitExceeded), 0),
         ],
         admin_keys: Vec::new(),
+        queued: Vec::new(),
     }
 }
 
@@ -283,6 +284,7 @@ fn restore_rebuilds_holdings_from_held_and_confirmed_rows_only() {
             row(5, "c", "5", 3, Err(Reject::LimitExceeded)),
         ],
         admin_keys: Vec::new(),
+        queued: Vec::new(),
     };
     let mut engine = Engine::restore(snapshot).expect("valid snapshot");
     engine.check_invariants();

@@ -88,13 +88,23 @@ pub(super) fn sku_config() -> impl Strategy<Value = SkuConfig> {
     ];
     let starts = proptest::option::weighted(0.25, (T0 - 2_000)..(T0 + 8_000));
     let ends = proptest::option::weighted(0.25, T0..(T0 + 15_000));
-    (total, limit, ttl, starts, ends).prop_map(
-        |(total_stock, per_user_limit, hold_ttl_ms, starts_at_ms, ends_at_ms)| SkuConfig {
+    // A pre-sale queue: mostly opening before the start, a few too long or empty.
+    let queue = proptest::option::weighted(
+        0.3,
+        (
+            (T0 - 4_000)..(T0 + 6_000),
+            prop_oneof![10 => 1u32..=4, 1 => Just(0), 1 => Just(QUEUE_MAX + 1)],
+        )
+            .prop_map(|(opens_at_ms, max)| QueueWindow { opens_at_ms, max }),
+    );
+    (total, limit, ttl, starts, ends, queue).prop_map(
+        |(total_stock, per_user_limit, hold_ttl_ms, starts_at_ms, ends_at_ms, queue)| SkuConfig {
             total_stock,
             per_user_limit,
             hold_ttl_ms,
             starts_at_ms,
             ends_at_ms,
+            queue,
         },
     )
 }
@@ -167,7 +177,18 @@ impl Script {
         let mut reqs = Reqs::new();
         let setup = vec![
             reqs.upsert("a", config(6, 3, 3_000)),
-            reqs.upsert("b", config(3, 2, 1_500)),
+            // "b" opens with a pre-sale queue: its sale starts 3 s in.
+            reqs.upsert(
+                "b",
+                SkuConfig {
+                    starts_at_ms: Some(T0 + 3_000),
+                    queue: Some(QueueWindow {
+                        opens_at_ms: T0,
+                        max: 4,
+                    }),
+                    ..config(3, 2, 1_500)
+                },
+            ),
         ];
         let script = Self {
             reqs,
@@ -285,16 +306,11 @@ pub(super) struct IdempotencyLedger {
 impl IdempotencyLedger {
     pub(super) fn check(&mut self, requests: &[Request], out: &BatchOutput) {
         for (request, outcome) in requests.iter().zip(&out.outcomes) {
-            let Command::Reserve {
-                sku,
-                user_id,
-                quantity,
-                idempotency_key,
-            } = &request.command
+            let Some((sku, user_id, quantity, idempotency_key)) = request.command.as_reserve()
             else {
                 continue;
             };
-            let k = (user_id.clone(), idempotency_key.clone());
+            let k = (user_id.to_owned(), idempotency_key.to_owned());
             match self.first.get(&k) {
                 None => {
                     assert_ne!(*outcome, rejected(Reject::IdempotencyKeyReused));
@@ -304,12 +320,29 @@ impl IdempotencyLedger {
                         .contains(outcome);
                     if !input_error {
                         self.first
-                            .insert(k, (sku.clone(), *quantity, outcome.clone()));
+                            .insert(k, (sku.to_owned(), quantity, outcome.clone()));
                     }
                 }
-                Some((s, q, first)) if s == sku && q == quantity => {
-                    assert_eq!(outcome, first, "{k:?} answered differently");
-                }
+                Some((s, q, first)) if s == sku && *q == quantity => match (first, outcome) {
+                    // Queued, then decided when its sale started: a retry gets the decision.
+                    (Outcome::Queued { .. }, Outcome::Held { .. } | Outcome::Rejected(_)) => {
+                        self.first
+                            .insert(k, (sku.to_owned(), quantity, outcome.clone()));
+                    }
+                    (
+                        Outcome::Queued {
+                            reservation_id,
+                            position,
+                            ..
+                        },
+                        Outcome::Queued {
+                            reservation_id: again,
+                            position: at,
+                            ..
+                        },
+                    ) => assert_eq!((reservation_id, position), (again, at), "{k:?} moved"),
+                    _ => assert_eq!(outcome, first, "{k:?} answered differently"),
+                },
                 Some(_) => assert_eq!(*outcome, rejected(Reject::IdempotencyKeyReused)),
             }
         }
@@ -333,6 +366,11 @@ pub(super) fn assert_same_state(engine: &mut Engine, model: &Model, ids: &[Reque
         );
     }
     assert_eq!(engine.next_expiry_ms(), model.next_expiry_ms());
+    assert_eq!(
+        engine.queued().cloned().collect::<Vec<_>>(),
+        model.queued_requests()
+    );
+    assert_eq!(engine.next_release_ms(), model.next_release_ms());
 }
 
 /// Every id a request in `batches` used or pointed at.
@@ -357,46 +395,67 @@ pub(super) fn ids_in(batches: &[(i64, Vec<Request>)]) -> Vec<RequestId> {
 pub(super) fn snapshot_of(engine: &Engine, history: &[(Vec<Request>, BatchOutput)]) -> Snapshot {
     let mut decisions: Vec<StoredDecision> = Vec::new();
     let mut granted: BTreeMap<RequestId, usize> = BTreeMap::new();
+    // What `queued_requests` holds: queued and not yet decided.
+    let mut queued: Vec<QueuedRequest> = Vec::new();
+    let mut decide = |q: QueuedRequest, result: Result<i64, Reject>| {
+        let (status, expires_at_ms) = match result {
+            Ok(expires_at_ms) => {
+                let clash = granted.insert(q.request_id, decisions.len());
+                assert!(clash.is_none(), "two grants with id {}", q.request_id);
+                (Ok(ReservationStatus::Held), expires_at_ms)
+            }
+            Err(reason) => (Err(reason), 0),
+        };
+        decisions.push(StoredDecision {
+            request_id: q.request_id,
+            user_id: q.user_id,
+            idempotency_key: q.idempotency_key,
+            sku: q.sku,
+            quantity: q.quantity,
+            status,
+            expires_at_ms,
+        });
+    };
+    let reserve = |request: &Request| {
+        let (sku, user_id, quantity, idempotency_key) = request
+            .command
+            .as_reserve()
+            .expect("decisions come from reserve commands");
+        QueuedRequest {
+            request_id: request.request_id,
+            sku: sku.to_owned(),
+            user_id: user_id.to_owned(),
+            idempotency_key: idempotency_key.to_owned(),
+            quantity,
+        }
+    };
+    let mut moves = Vec::new();
     for (requests, out) in history {
+        for r in &out.released {
+            let i = queued
+                .iter()
+                .position(|q| q.request_id == r.request_id)
+                .expect("a released request was queued");
+            decide(queued.remove(i), r.result);
+        }
         for d in &out.decisions {
             let request = &requests[d.command_index as usize];
             assert_eq!(request.request_id, d.request_id);
-            let Command::Reserve {
-                sku,
-                user_id,
-                quantity,
-                idempotency_key,
-            } = &request.command
-            else {
-                panic!("decision for a command that is not a reserve: {request:?}");
-            };
-            let (status, expires_at_ms) = match d.result {
-                Ok(expires_at_ms) => {
-                    let clash = granted.insert(d.request_id, decisions.len());
-                    assert!(clash.is_none(), "two grants with id {}", d.request_id);
-                    (Ok(ReservationStatus::Held), expires_at_ms)
-                }
-                Err(reason) => (Err(reason), 0),
-            };
-            decisions.push(StoredDecision {
-                request_id: d.request_id,
-                user_id: user_id.clone(),
-                idempotency_key: idempotency_key.clone(),
-                sku: sku.clone(),
-                quantity: *quantity,
-                status,
-                expires_at_ms,
-            });
+            decide(reserve(request), d.result);
         }
-        for t in &out.transitions {
-            let row = &mut decisions[granted[&t.reservation_id]];
-            assert_eq!(
-                row.status,
-                Ok(ReservationStatus::Held),
-                "{t:?} leaves a non-held row"
-            );
-            row.status = Ok(t.status);
+        for q in &out.queued {
+            queued.push(reserve(&requests[q.command_index as usize]));
         }
+        moves.extend(out.transitions.iter().cloned());
+    }
+    for t in moves {
+        let row = &mut decisions[granted[&t.reservation_id]];
+        assert_eq!(
+            row.status,
+            Ok(ReservationStatus::Held),
+            "{t:?} leaves a non-held row"
+        );
+        row.status = Ok(t.status);
     }
     // The rows agree with what the engine shows.
     for (&id, &i) in &granted {
@@ -449,6 +508,7 @@ pub(super) fn snapshot_of(engine: &Engine, history: &[(Vec<Request>, BatchOutput
         skus: engine.skus().collect(),
         decisions,
         admin_keys,
+        queued,
     }
 }
 
@@ -522,6 +582,10 @@ pub(super) fn assert_continue_alike(
         k
     };
     prop_assert_eq!(keys(loaded), keys(original));
+    prop_assert_eq!(
+        loaded.queued().collect::<Vec<_>>(),
+        original.queued().collect::<Vec<_>>()
+    );
     for (now, requests) in second_part {
         let a = original.apply_batch(*now, requests);
         let b = loaded.apply_batch(*now, requests);

@@ -7,8 +7,8 @@ fn expired_hold_returns_units_and_later_buyer_gets_them() {
     let mut sale = Sale::with_sku("tv", config(1, 1, 1_000));
     let a = sale.hold(T0, "tv", "ann", 1, "k");
     assert_eq!(
-        sale.reserve(T0 + 999, "tv", "bob", 1, "k1"),
-        rejected(Reject::SoldOut)
+        sale.refusal(T0 + 999, "tv", "bob", 1, "k1"),
+        Reject::SoldOut
     );
     assert_eq!(sale.status(a), ReservationStatus::Held);
     // At exactly expires_at the hold is released before the batch's commands are decided.

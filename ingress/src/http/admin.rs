@@ -9,15 +9,18 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use wire::limits::{HOLD_TTL_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, STOCK_MAX};
-use wire::{Command, Outcome, SkuConfig};
+use wire::limits::{
+    HOLD_TTL_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, QUEUE_MAX, STOCK_MAX,
+};
+use wire::{Command, Outcome, QueueWindow, SkuConfig};
 
 use serde::de::DeserializeOwned;
 
 use super::answers::{AdminErrors, SkuBodyAnswers, SkuSwitchAnswers};
 use super::command::{submit, unexpected};
 use super::dto::{
-    AdminKeyHeader, FreezeOut, RestockBody, RestockKeyHeader, SkuOut, SkuPath, UpsertBody,
+    AdminKeyHeader, FreezeOut, QueueBody, RestockBody, RestockKeyHeader, SkuOut, SkuPath,
+    UpsertBody,
 };
 use super::state::App;
 use super::validate::{self, parse_json};
@@ -64,21 +67,39 @@ pub(crate) async fn upsert_sku(
             return Err(ApiError::Invalid("starts_at must be before ends_at".into()));
         }
     }
+    let queue = b.queue.map(|q| queue_window(q, starts_at_ms)).transpose()?;
     let config = SkuConfig {
         total_stock: b.total_stock as u64,
         per_user_limit: b.per_user_limit as u32,
         hold_ttl_ms: ttl_ms as u64,
         starts_at_ms,
         ends_at_ms,
+        queue,
     };
     if !config.is_valid() {
-        // What is left after the checks above: a sale window outside 1970 to 9999.
+        // What is left after the checks above: a time outside 1970 to 9999.
         return Err(ApiError::Invalid(
-            "starts_at and ends_at must lie between 1970 and 9999".into(),
+            "starts_at, ends_at and queue.opens_at must lie between 1970 and 9999".into(),
         ));
     }
     admin_call(&app, &headers, Command::UpsertSku { sku, config }).await
 }
+
+/// The pre-sale queue of an upsert body; it must open before the sale's start.
+fn queue_window(q: QueueBody, starts_at_ms: Option<i64>) -> Result<QueueWindow, ApiError> {
+    validate::integer("queue.max", q.max, 1, i64::from(QUEUE_MAX))?;
+    let opens_at_ms = validate::time("queue.opens_at", Some(&q.opens_at))?.unwrap_or_default();
+    if starts_at_ms.is_none_or(|s| opens_at_ms >= s) {
+        return Err(ApiError::Invalid(QUEUE_BEFORE_START.into()));
+    }
+    Ok(QueueWindow {
+        opens_at_ms,
+        max: q.max as u32,
+    })
+}
+
+/// The 422 detail of a queue that does not open before a sale start.
+pub(super) const QUEUE_BEFORE_START: &str = "queue.opens_at must be before starts_at";
 
 #[utoipa::path(
     post, path = "/v1/admin/skus/{sku}/restock", tag = "admin",

@@ -18,11 +18,24 @@ pub(super) async fn submit(
     command: Command,
     idempotency_key: Option<String>,
 ) -> Result<Outcome, ApiError> {
+    Ok(submit_ticketed(app, write, command, idempotency_key)
+        .await?
+        .0)
+}
+
+/// [`submit`], with the ticket of the request (its id and log offset): what a reservation
+/// that joined a pre-sale queue is answered with.
+pub(super) async fn submit_ticketed(
+    app: &App,
+    write: Write<'_>,
+    command: Command,
+    idempotency_key: Option<String>,
+) -> Result<(Outcome, Ticket), ApiError> {
     let request = admitted(app, write, command)?;
     let request_id = request.request_id;
     match app.bus.call(&request).await {
-        Ok(Outcome::Rejected(reason)) => Err(ApiError::Rejected(reason)),
-        Ok(outcome) => Ok(outcome),
+        Ok((Outcome::Rejected(reason), _)) => Err(ApiError::Rejected(reason)),
+        Ok((outcome, offset)) => Ok((outcome, Ticket { request_id, offset })),
         Err(e) => Err(send_error(app, request_id, e, idempotency_key)),
     }
 }

@@ -140,6 +140,8 @@ pub enum SaleStatus {
     OnSale,
     SoldOut,
     Paused,
+    /// Before the start, with the pre-sale queue open: reservations are queued.
+    Queueing,
     NotStarted,
     Ended,
 }
@@ -160,6 +162,16 @@ pub struct SkuOut {
     pub starts_at: Option<String>,
     #[schema(format = DateTime)]
     pub ends_at: Option<String>,
+    /// The pre-sale queue, if the sale has one.
+    pub queue: Option<QueueOut>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueOut {
+    #[schema(format = DateTime)]
+    pub opens_at: String,
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub max: u32,
 }
 
 /// The emergency freeze's answer.
@@ -183,6 +195,22 @@ pub struct UpsertBody {
     pub starts_at: Option<String>,
     #[schema(schema_with = limits::ends_at)]
     pub ends_at: Option<String>,
+    /// A pre-sale queue (the waiting room), or null for none. It needs `starts_at`, and opens
+    /// before it.
+    pub queue: Option<QueueBody>,
+}
+
+/// A pre-sale queue: reservations from `opens_at` until the sale's `starts_at` are answered 202
+/// with a ticket instead of 409 `sale_not_started`, queued in log order (at most `max`; beyond:
+/// 409 `queue_full`; at most the per-user limit of units per buyer), and decided in that order
+/// when the sale starts, before anything that arrives later.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct QueueBody {
+    #[schema(schema_with = limits::queue_opens_at)]
+    pub opens_at: String,
+    #[schema(schema_with = limits::queue_max)]
+    #[serde(deserialize_with = "integral")]
+    pub max: i64,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -264,6 +292,8 @@ impl From<SkuView> for SkuOut {
         let now = now_ms();
         let status = if v.paused {
             "paused"
+        } else if v.config.queue_open_at(now) {
+            "queueing"
         } else if v.config.starts_at_ms.is_some_and(|t| now < t) {
             "not_started"
         } else if v.config.ends_at_ms.is_some_and(|t| now >= t) {
@@ -284,6 +314,10 @@ impl From<SkuView> for SkuOut {
             hold_ttl_seconds: v.config.hold_ttl_ms as f64 / 1000.0,
             starts_at: v.config.starts_at_ms.map(rfc3339),
             ends_at: v.config.ends_at_ms.map(rfc3339),
+            queue: v.config.queue.map(|q| QueueOut {
+                opens_at: rfc3339(q.opens_at_ms),
+                max: q.max,
+            }),
         }
     }
 }

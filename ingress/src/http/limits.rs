@@ -13,7 +13,7 @@ use serde_json::json;
 use utoipa::openapi::schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::{RefOr, Schema};
 use wire::limits::{
-    HOLD_TTL_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, SKU_BYTES_MAX, STOCK_MAX,
+    HOLD_TTL_MS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, QUEUE_MAX, SKU_BYTES_MAX, STOCK_MAX,
     USER_ID_BYTES_MAX,
 };
 
@@ -153,6 +153,24 @@ pub fn ends_at() -> RefOr<Schema> {
          When both are given, ends_at must be after starts_at.",
     )
     .into()
+}
+
+pub fn queue_opens_at() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+        .pattern(Some(TIMESTAMP_PATTERN))
+        .description(Some(
+            "RFC 3339, 1970 to 9999, before the sale's `starts_at` (which a queue needs).",
+        ))
+        .into()
+}
+
+pub fn queue_max() -> RefOr<Schema> {
+    integer(1, u64::from(QUEUE_MAX))
+        .description(Some("Requests the queue holds: 1 to 100,000."))
+        .examples([json!(5000)])
+        .into()
 }
 
 /// A reservation id: a UUID (anything else is 404 `unknown_reservation`).

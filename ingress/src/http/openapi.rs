@@ -15,8 +15,8 @@ use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi};
 
 use super::dto::{
-    FreezeOut, ReadyChecks, ReadyOut, ReservationOut, ReservationStatus, ReserveBody, RestockBody,
-    SaleStatus, SkuListOut, SkuOut, StatusOut, StockEventOut, UpsertBody,
+    FreezeOut, QueueBody, QueueOut, ReadyChecks, ReadyOut, ReservationOut, ReservationStatus,
+    ReserveBody, RestockBody, SaleStatus, SkuListOut, SkuOut, StatusOut, StockEventOut, UpsertBody,
 };
 use super::state::App;
 use super::tickets::{self, TicketOut, TicketStateOut};
@@ -57,8 +57,8 @@ use crate::error::ErrorBody;
     components(schemas(
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
         RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut, TicketOut,
-        TicketStateOut, SkuListOut, OpsSummaryOut, IngressOut, LogOut, ThroughputOut, WriterOut,
-        SequencerOut, AlertOut
+        TicketStateOut, QueueBody, QueueOut, SkuListOut, OpsSummaryOut, IngressOut, LogOut,
+        ThroughputOut, WriterOut, SequencerOut, AlertOut
     )),
     modifiers(&BearerSchemes),
     tags(

@@ -13,10 +13,10 @@ use wire::limits::{IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, USER_ID_BYTES_MAX};
 use wire::{Command, Outcome};
 
 use super::answers::{BodyErrors, BuyerWriteErrors, OwnerErrors, SettleAnswers};
-use super::command::{db_unavailable, submit, submit_async, unexpected};
+use super::command::{db_unavailable, submit, submit_async, submit_ticketed, unexpected};
 use super::dto::{ReservationOut, ReservationPath, ReserveBody};
 use super::state::App;
-use super::tickets::{eta_ms, TicketOut};
+use super::tickets::{eta_ms, queued_eta_ms, Ticket, TicketOut};
 use super::validate::{self, parse_json, rfc3339};
 use crate::admission::Write;
 use crate::error::{ApiError, ErrorBody};
@@ -49,7 +49,9 @@ fn token_subject(app: &App, headers: &HeaderMap) -> Result<Option<String>, ApiEr
         tells where it stands and, once decided, the answer this call would have given. A 504 \
         whose request reached the log carries a `ticket_id` too. (The `Prefer` header is \
         described here rather than declared as a parameter: a generated client has no use for \
-        a header whose only value changes the answer's shape.)",
+        a header whose only value changes the answer's shape.) A SKU with a pre-sale queue \
+        answers 202 with a ticket between the queue's opening and the sale's start: the request \
+        is queued in log order and decided at the start, before anything that arrives later.",
     request_body(content = ReserveBody, content_type = "application/json"),
     security((), ("buyer_jwt" = [])),
     responses(
@@ -61,15 +63,17 @@ fn token_subject(app: &App, headers: &HeaderMap) -> Result<Option<String>, ApiEr
             ("CancelReservation" = (operation_id = "cancel_reservation",
                 parameters(("id" = "$response.body#/reservation_id")))),
         )),
-        (status = 202, description = "`Prefer: respond-async`: in the log, not decided yet; follow `Location` (`GET /v1/tickets/{ticket_id}`)", body = TicketOut,
+        (status = 202, description = "`Prefer: respond-async`: in the log, not decided yet; or, \
+            with or without it, in the SKU's pre-sale queue (decided at the sale's start). Follow \
+            `Location` (`GET /v1/tickets/{ticket_id}`)", body = TicketOut,
             headers(("Location" = String, description = "/v1/tickets/{ticket_id}"),
-                    ("Preference-Applied" = String, description = "respond-async"))),
+                    ("Preference-Applied" = String, description = "respond-async, when asked for"))),
         BodyErrors,
         BuyerWriteErrors,
         (status = 401, description = "unauthorized: JWT mode, token missing, forged or expired", body = ErrorBody),
         (status = 403, description = "forbidden: body user_id is not the token's subject", body = ErrorBody),
         (status = 404, description = "unknown_sku", body = ErrorBody),
-        (status = 409, description = "sold_out, limit_exceeded, sale_paused, sale_not_started or sale_ended", body = ErrorBody),
+        (status = 409, description = "sold_out, limit_exceeded, sale_paused, sale_not_started, sale_ended or queue_full (the pre-sale queue holds its maximum)", body = ErrorBody),
         (status = 422, description = "invalid_request (with detail) or idempotency_key_reused", body = ErrorBody),
         (status = 429, description = "rate_limited, with Retry-After", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds until the user's next token"))),
@@ -117,29 +121,17 @@ pub(crate) async fn create_reservation(
             .committed_offset
             .load(std::sync::atomic::Ordering::Relaxed);
         let position = (ticket.offset - committed).max(0);
-        let body = TicketOut {
-            ticket_id: ticket.to_string(),
-            position,
-            eta_ms: eta_ms(position, lag.decide_rate()),
-        };
-        return Ok((
-            StatusCode::ACCEPTED,
-            [
-                (header::LOCATION, format!("/v1/tickets/{ticket}")),
-                (
-                    header::HeaderName::from_static("preference-applied"),
-                    "respond-async".into(),
-                ),
-            ],
-            Json(body),
-        )
-            .into_response());
+        let eta = eta_ms(position, lag.decide_rate());
+        return Ok(accepted(ticket, position, eta, true));
     }
-    match submit(&app, write, command, Some(key)).await? {
-        Outcome::Held {
-            reservation_id,
-            expires_at_ms,
-        } => Ok((
+    match submit_ticketed(&app, write, command, Some(key)).await? {
+        (
+            Outcome::Held {
+                reservation_id,
+                expires_at_ms,
+            },
+            _,
+        ) => Ok((
             StatusCode::CREATED,
             Json(ReservationOut {
                 reservation_id: Uuid::from_u128(reservation_id),
@@ -152,8 +144,44 @@ pub(crate) async fn create_reservation(
             }),
         )
             .into_response()),
-        other => Err(unexpected(other)),
+        // In the SKU's pre-sale queue: decided at the sale's start; the ticket follows it.
+        (
+            Outcome::Queued {
+                position,
+                starts_at_ms,
+                ..
+            },
+            ticket,
+        ) => {
+            let position = i64::from(position);
+            let eta = queued_eta_ms(starts_at_ms, position, app.admission.lag.decide_rate());
+            Ok(accepted(ticket, position, Some(eta), false))
+        }
+        (other, _) => Err(unexpected(other)),
     }
+}
+
+/// 202 with `ticket`: where the request stands and how to follow it. `preferred`: the client
+/// asked for it (`Prefer: respond-async`), rather than the request joining a pre-sale queue.
+fn accepted(ticket: Ticket, position: i64, eta_ms: Option<u64>, preferred: bool) -> Response {
+    let body = TicketOut {
+        ticket_id: ticket.to_string(),
+        position,
+        eta_ms,
+    };
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/tickets/{ticket}"))],
+        Json(body),
+    )
+        .into_response();
+    if preferred {
+        response.headers_mut().insert(
+            header::HeaderName::from_static("preference-applied"),
+            header::HeaderValue::from_static("respond-async"),
+        );
+    }
+    response
 }
 
 #[utoipa::path(

@@ -5,7 +5,9 @@
 //! (the answer the synchronous call gives). Any ingress answers any ticket: everything it needs
 //! is in the ticket and in Postgres (the committed offset, and the outbox of the batch that
 //! decided the offset). A synchronous reservation whose outcome is late gets a ticket with its
-//! 504.
+//! 504. A reservation that joins a SKU's pre-sale queue gets a ticket too (202): the batch that
+//! decided its offset queued it, and its decision at the sale's start is its own row in
+//! `reservations`; until then it is queued at its place in the SKU's queue.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -140,6 +142,13 @@ pub struct TicketPath {
     pub id: String,
 }
 
+/// The ETA of a request in a pre-sale queue: the time until the sale starts, then `position`
+/// requests ahead at `per_s` decisions a second (none known: the start alone).
+pub fn queued_eta_ms(starts_at_ms: i64, position: i64, per_s: f64) -> u64 {
+    let until_start = (starts_at_ms - wire::now_ms()).max(0) as u64;
+    until_start + eta_ms(position, per_s).unwrap_or(0)
+}
+
 /// How long until `position` requests ahead are decided at `per_s` decisions a second.
 pub fn eta_ms(position: i64, per_s: f64) -> Option<u64> {
     (per_s > 0.0).then(|| ((position as f64 + 1.0) / per_s * 1000.0).ceil() as u64)
@@ -197,22 +206,60 @@ async fn decided(app: &App, outcome: Outcome) -> Result<TicketStateOut, ApiError
                 .ok_or(ApiError::Unavailable(
                     "the granted reservation is not readable yet; try again".into(),
                 ))?;
-            Ok(TicketStateOut {
-                reservation_id: Some(r.reservation_id),
-                sku: Some(r.sku),
-                user_id: Some(r.user_id),
-                quantity: Some(r.quantity),
-                reservation_status: Some(Cow::Owned(r.status)),
-                expires_at: Some(rfc3339(r.expires_at_ms)),
-                ..TicketStateOut::decided(StatusCode::CREATED)
-            })
+            Ok(granted(r))
         }
-        Outcome::Rejected(reason) => Ok(TicketStateOut {
-            error: Some(reason.code()),
-            ..TicketStateOut::decided(reject_status(reason))
-        }),
+        Outcome::Rejected(reason) => Ok(refused(reason)),
+        // Queued at the time: its decision, if its sale has started, is its own row.
+        Outcome::Queued {
+            reservation_id,
+            position,
+            starts_at_ms,
+        } => {
+            let id = Uuid::from_u128(reservation_id);
+            match persistence::reads::decision(&app.pool, id)
+                .await
+                .map_err(db_unavailable)?
+            {
+                None => {
+                    let position = i64::from(position);
+                    let eta =
+                        queued_eta_ms(starts_at_ms, position, app.admission.lag.decide_rate());
+                    Ok(TicketStateOut::queued(position, Some(eta)))
+                }
+                Some(Ok(r)) => Ok(granted(r)),
+                Some(Err(code)) => {
+                    Ok(wire::Reject::from_code(&code)
+                        .map(refused)
+                        .unwrap_or_else(|| {
+                            tracing::error!(code, "unknown reject reason stored");
+                            TicketStateOut::decided(StatusCode::CONFLICT)
+                        }))
+                }
+            }
+        }
         // Tickets are given to reservations only.
         _ => Err(ApiError::NotFound("unknown_ticket")),
+    }
+}
+
+/// A ticket decided with a hold: the reservation as it is now.
+fn granted(r: persistence::reads::ReservationRecord) -> TicketStateOut {
+    TicketStateOut {
+        reservation_id: Some(r.reservation_id),
+        sku: Some(r.sku),
+        user_id: Some(r.user_id),
+        quantity: Some(r.quantity),
+        reservation_status: Some(Cow::Owned(r.status)),
+        expires_at: Some(rfc3339(r.expires_at_ms)),
+        ..TicketStateOut::decided(StatusCode::CREATED)
+    }
+}
+
+/// A ticket decided with a refusal.
+fn refused(reason: wire::Reject) -> TicketStateOut {
+    TicketStateOut {
+        error: Some(reason.code()),
+        ..TicketStateOut::decided(reject_status(reason))
     }
 }
 

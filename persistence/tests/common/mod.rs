@@ -11,3 +11,12 @@ pub async fn fresh_database(name: &str) -> String {
     persistence::migrate(&pool).await.unwrap();
     url
 }
+
+/// Takes the free writer lease for `holder`; returns the epoch it fences with.
+pub async fn take_lease(pool: &sqlx::PgPool, holder: &str, lease: std::time::Duration) -> u64 {
+    persistence::lease::try_acquire(pool, holder, lease)
+        .await
+        .unwrap()
+        .expect("a free lease")
+        .epoch
+}

@@ -21,7 +21,7 @@ impl Sequencer {
         let next_offset = messages
             .last()
             .map_or(first_offset, |(o, _)| (o + 1).max(first_offset));
-        // Only reached with messages or a due expiry; every applied batch must commit, since
+        // Only reached with messages, a due expiry or a due queue; every applied batch must commit, since
         // the engine's batch_seq has moved and the fence expects the next one.
         // The database's time, whatever this host's clock says (clock.rs).
         let out = position.engine.apply_batch(self.clock.now_ms(), &requests);
@@ -154,30 +154,39 @@ fn batch_record<'a>(
     offsets: &[i64],
     outbox: Vec<u8>,
 ) -> BatchRecord<'a> {
+    let reserve = |i: u32, id: RequestId, result: Result<i64, Reject>| {
+        let i = i as usize;
+        let (sku, user_id, quantity, idempotency_key) = requests[i]
+            .command
+            .as_reserve()
+            .expect("decisions and queued requests come from reserve commands only");
+        DecisionRow {
+            reservation_id: id,
+            user_id,
+            idempotency_key,
+            sku,
+            quantity,
+            result,
+            request_offset: offsets[i],
+        }
+    };
     let decisions = out
         .decisions
         .iter()
-        .map(|d| {
-            let i = d.command_index as usize;
-            let Command::Reserve {
-                sku,
-                user_id,
-                quantity,
-                idempotency_key,
-            } = &requests[i].command
-            else {
-                unreachable!("decisions come from reserve commands only")
-            };
-            DecisionRow {
-                reservation_id: d.request_id,
-                user_id,
-                idempotency_key,
-                sku,
-                quantity: *quantity,
-                result: d.result,
-                request_offset: offsets[i],
-            }
+        .map(|d| reserve(d.command_index, d.request_id, d.result))
+        .collect();
+    let queued = out
+        .queued
+        .iter()
+        .map(|q| {
+            let row = reserve(q.command_index, q.request_id, Err(Reject::SaleNotStarted));
+            (row, q.position)
         })
+        .collect();
+    let released = out
+        .released
+        .iter()
+        .map(|r| (r.request_id, r.result))
         .collect();
     let transitions = out
         .transitions
@@ -217,6 +226,8 @@ fn batch_record<'a>(
         transitions,
         skus: out.skus.clone(),
         admin_keys,
+        queued,
+        released,
         outbox,
     }
 }

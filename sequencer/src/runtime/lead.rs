@@ -133,7 +133,7 @@ impl Sequencer {
             }
             check_log_whole(position)?;
             messages.clear();
-            let wait = match position.engine.next_expiry_ms() {
+            let wait = match next_due_ms(&mut position.engine) {
                 Some(at) => Duration::from_millis(
                     (at - self.clock.now_ms()).clamp(0, IDLE_TICK.as_millis() as i64) as u64,
                 ),
@@ -145,9 +145,7 @@ impl Sequencer {
                     self.fill_batch(position, &mut messages)?;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    let due = position
-                        .engine
-                        .next_expiry_ms()
+                    let due = next_due_ms(&mut position.engine)
                         .is_some_and(|at| at <= self.clock.now_ms());
                     if !due {
                         // Quiet: a good moment for a checkpoint of the last batches of a burst,
@@ -190,6 +188,15 @@ impl Sequencer {
             }
         }
         Ok(())
+    }
+}
+
+/// When the engine next has work without a command: a hold to expire or a pre-sale queue to
+/// decide. An empty batch is cut then.
+fn next_due_ms(engine: &mut Engine) -> Option<i64> {
+    match (engine.next_expiry_ms(), engine.next_release_ms()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

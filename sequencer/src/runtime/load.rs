@@ -10,6 +10,7 @@ impl Sequencer {
         let started = Instant::now();
         let (mut engine, next_offset) = self.load_engine(&generation)?;
         self.load_admin_keys(&mut engine)?;
+        self.load_queues(&mut engine)?;
         let load_ms = started.elapsed().as_millis() as u64;
         self.status.load_ms.store(load_ms, Ordering::Relaxed);
         metrics::gauge!("sequencer_state_load_seconds").set(load_ms as f64 / 1000.0);
@@ -53,6 +54,33 @@ impl Sequencer {
             });
         }
         engine.restore_admin_keys(keys);
+        Ok(())
+    }
+
+    /// The pre-sale queues as they stood after the engine's batch: neither checkpoints nor
+    /// decision rows carry them. Later batches' queued requests come back as those are replayed.
+    fn load_queues(&self, engine: &mut Engine) -> anyhow::Result<()> {
+        let rows = self.rt.block_on(persistence::batch::queued_as_of(
+            &self.bulk_pool,
+            engine.batch_seq(),
+        ))?;
+        let queued = rows
+            .into_iter()
+            .map(
+                |(id, sku, user_id, idempotency_key, quantity)| engine::QueuedRequest {
+                    request_id: id.as_u128(),
+                    sku,
+                    user_id,
+                    idempotency_key,
+                    quantity: quantity as u32,
+                },
+            );
+        engine
+            .restore_queue(queued)
+            .context("queued_requests disagree with the loaded state")?;
+        if engine.queued().next().is_some() {
+            tracing::info!(queued = engine.queued().count(), "pre-sale queues loaded");
+        }
         Ok(())
     }
 
