@@ -129,6 +129,19 @@ pub async fn skus(
     .collect()
 }
 
+/// The requests waiting in each pre-sale queue that has any, by SKU name (at most `limit` SKUs):
+/// one scan of the index of waiting requests.
+pub async fn queue_lengths(pool: &PgPool, limit: u32) -> Result<Vec<(String, u64)>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sku, count(*) FROM queued_requests WHERE released_batch IS NULL
+          GROUP BY sku ORDER BY sku LIMIT $1",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(sku, n)| (sku, n as u64)).collect())
+}
+
 /// The writer as Postgres sees it: the fence row, and the time since its newest batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriterView {

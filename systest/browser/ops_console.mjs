@@ -4,29 +4,24 @@
 // PAUSED and DONE on stdout (or FAIL <why>, and exits 1), and reads RESERVED <n> on stdin.
 //
 // Environment: BASE_URL (the ingress), SKU, EXPECT_AVAILABLE (its count when the page opens),
+// QUEUED_SKU and EXPECT_QUEUED (a SKU whose pre-sale queue holds requests, and its queue cell),
 // ADMIN_TOKEN, SCREENSHOT (where to save the page), FLASH_CHROMIUM (the browser; default
 // /usr/bin/chromium). playwright-core downloads no browser: it runs that one.
 
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 
+// A failure: thrown, reported as FAIL <why> once the browser is closed.
+class Failure extends Error {}
+function fail(why) {
+  throw new Failure(why);
+}
 const env = (name, fallback) => {
   const v = process.env[name] ?? fallback;
   if (v === undefined) fail(`${name} is not set`);
   return v;
 };
-function fail(why) {
-  console.log(`FAIL ${why}`);
-  process.exit(1);
-}
 const say = (line) => console.log(line);
-
-const base = env("BASE_URL");
-const sku = env("SKU");
-const expectAvailable = Number(env("EXPECT_AVAILABLE"));
-const token = env("ADMIN_TOKEN");
-const screenshot = env("SCREENSHOT");
-const executablePath = env("FLASH_CHROMIUM", "/usr/bin/chromium");
 const WAIT = 20_000;
 
 const lines = createInterface({ input: process.stdin });
@@ -37,14 +32,23 @@ const nextLine = (() => {
   return () => (queue.length ? Promise.resolve(queue.shift()) : new Promise((r) => waiting.push(r)));
 })();
 
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  // As root (CI) chromium needs --no-sandbox; /dev/shm may be small in containers.
-  args: ["--no-sandbox", "--disable-dev-shm-usage"],
-}).catch((e) => fail(`cannot start ${executablePath}: ${e.message.split("\n")[0]}`));
-
+let browser;
 try {
+  const base = env("BASE_URL");
+  const sku = env("SKU");
+  const expectAvailable = Number(env("EXPECT_AVAILABLE"));
+  const token = env("ADMIN_TOKEN");
+  const screenshot = env("SCREENSHOT");
+  const queuedSku = env("QUEUED_SKU");
+  const expectQueued = env("EXPECT_QUEUED");
+  const executablePath = env("FLASH_CHROMIUM", "/usr/bin/chromium");
+  browser = await chromium.launch({
+    executablePath,
+    headless: true,
+    // As root (CI) chromium needs --no-sandbox; /dev/shm may be small in containers.
+    args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  }).catch((e) => fail(`cannot start ${executablePath}: ${e.message.split("\n")[0]}`));
+
   const page = await browser.newPage({ viewport: { width: 1440, height: 1080 } });
   const problems = [];
   page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
@@ -85,6 +89,9 @@ try {
   const alerts = await page.locator("#alert-table tbody tr").count();
   if (alerts < 14) fail(`${alerts} alerts listed, not the 14 of docs/OPERATIONS.md`);
   if ((await page.locator("#ready").innerText()) !== "ingress ready") fail("the ingress is not shown ready");
+  await page.locator(`#skus tr[data-sku="${queuedSku}"] td.queue`, { hasText: expectQueued })
+    .waitFor({ timeout: WAIT })
+    .catch(() => fail(`${queuedSku}'s pre-sale queue is not shown as ${expectQueued}`));
   say("READY");
 
   // The test reserves; the count falls on the page.
@@ -119,8 +126,10 @@ try {
   if (problems.length) fail(problems.join("; "));
   say("DONE");
 } catch (e) {
-  fail(e.message.split("\n")[0]);
+  say(`FAIL ${e instanceof Failure ? e.message : e.message.split("\n")[0]}`);
+  process.exitCode = 1;
 } finally {
-  await browser.close();
+  if (browser) await browser.close();
   lines.close();
+  process.stdin.destroy();
 }

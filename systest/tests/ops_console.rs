@@ -1,7 +1,8 @@
 //! The ops console on the real path: `GET /v1/skus` and `GET /v1/ops/summary` against a running
 //! stack, and the page itself (`GET /ops`) in a real headless browser: Debian's `chromium`,
 //! driven by `playwright-core` (systest/browser/ops_console.mjs). The page shows a SKU's count,
-//! the count falls as this test reserves over HTTP, an operator's wrong token is refused with
+//! the count falls as this test reserves over HTTP, a pre-sale queue's length is shown, an
+//! operator's wrong token is refused with
 //! the API's code, the right one pauses the SKU from the page, and this test then sees
 //! reservations refused `sale_paused`.
 //!
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use systest::{Options, Stack, ADMIN_TOKEN};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -27,6 +28,9 @@ async fn the_sku_list_and_the_ops_summary_answer_from_postgres_and_the_sequencer
         stack.put_sku(sku, 10, 2, 300.0).await.unwrap();
     }
     assert_eq!(stack.reserve("b-2", "ann", 2, "k1").await.unwrap().0, 201);
+    // A sale that starts later, with its pre-sale queue open: a reservation waits in it.
+    put_presale(&stack, "d-4", 5, 10).await;
+    assert_eq!(stack.reserve("d-4", "bob", 1, "k2").await.unwrap().0, 202);
 
     // Every SKU, by name, with the fields of GET /v1/skus/{sku}.
     let (status, list) = stack.get("/v1/skus").await.unwrap();
@@ -37,7 +41,7 @@ async fn the_sku_list_and_the_ops_summary_answer_from_postgres_and_the_sequencer
         .iter()
         .map(|s| s["sku"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["a-1", "b-2", "c-3"]);
+    assert_eq!(names, ["a-1", "b-2", "c-3", "d-4"]);
     assert_eq!(list["next_after"], Value::Null);
     let (_, one) = stack.get("/v1/skus/b-2").await.unwrap();
     assert_eq!(
@@ -50,7 +54,7 @@ async fn the_sku_list_and_the_ops_summary_answer_from_postgres_and_the_sequencer
     );
     let (status, after) = stack.get("/v1/skus?after=a-1").await.unwrap();
     assert_eq!(status, 200);
-    assert_eq!(after["skus"].as_array().unwrap().len(), 2, "{after}");
+    assert_eq!(after["skus"].as_array().unwrap().len(), 3, "{after}");
     let (status, bad) = stack.get("/v1/skus?after=no%20such%20name").await.unwrap();
     assert_eq!(
         (status, bad["error"].as_str()),
@@ -88,6 +92,11 @@ async fn the_sku_list_and_the_ops_summary_answer_from_postgres_and_the_sequencer
         .unwrap();
     assert_eq!(active["epoch"], writer["epoch"], "{summary}");
     assert_eq!(active["node_id"], writer["leader"], "{summary}");
+    assert_eq!(
+        summary["presale_queues"],
+        json!([{"sku": "d-4", "waiting": 1}]),
+        "{summary}"
+    );
     assert_eq!(summary["ingress"]["connections_max"], 10_000);
     assert_eq!(summary["log"]["lag_max"], 50_000);
     let alerts = summary["alerts"].as_array().unwrap();
@@ -132,6 +141,26 @@ async fn two_sequencers(name: &str) -> Stack {
         ..Options::default()
     };
     Stack::start(name, options).await.unwrap()
+}
+
+/// A sale of `total` units that starts in 2999, its pre-sale queue (at most `max` requests) open
+/// since 2000: reservations wait in it.
+async fn put_presale(stack: &Stack, sku: &str, total: u64, max: u32) {
+    let body = json!({"total_stock": total, "per_user_limit": 1, "hold_ttl_seconds": 300,
+                      "starts_at": "2999-01-01T00:00:00Z",
+                      "queue": {"opens_at": "2000-01-01T00:00:00Z", "max": max}});
+    let path = format!("/v1/admin/skus/{sku}");
+    let (status, body) = stack.admin("PUT", &path, Some(body)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+/// `buyers` buyers reserve one unit of `sku` each; every one is answered `status`.
+async fn reserve_each(stack: &Stack, sku: &str, buyers: usize, status: u16) {
+    for i in 0..buyers {
+        let buyer = format!("{sku}-buyer-{i}");
+        let (answered, body) = stack.reserve(sku, &buyer, 1, "k").await.unwrap();
+        assert_eq!(answered, status, "{body}");
+    }
 }
 
 /// The summary once `done` holds for it (within 20 s).
@@ -246,13 +275,10 @@ async fn the_console_shows_the_count_falling_and_pauses_a_sku_from_the_page() {
     // Two more, for a page that looks like a sale.
     stack.put_sku("cap-7", 40, 2, 300.0).await.unwrap();
     stack.put_sku("mug-2", 250, 4, 600.0).await.unwrap();
-    for i in 0..6 {
-        let (status, _) = stack
-            .reserve("cap-7", &format!("early-{i}"), 1, "k")
-            .await
-            .unwrap();
-        assert_eq!(status, 201);
-    }
+    reserve_each(&stack, "cap-7", 6, 201).await;
+    // A sale that starts later: three buyers wait in its pre-sale queue.
+    put_presale(&stack, "poster-3", 500, 50).await;
+    reserve_each(&stack, "poster-3", 3, 202).await;
 
     std::fs::create_dir_all(stderr_path().parent().unwrap()).unwrap();
     let node = std::env::var_os("FLASH_NODE").unwrap_or_else(|| "node".into());
@@ -262,6 +288,8 @@ async fn the_console_shows_the_count_falling_and_pauses_a_sku_from_the_page() {
         .env("BASE_URL", &stack.base)
         .env("SKU", "tee-1")
         .env("EXPECT_AVAILABLE", "100")
+        .env("QUEUED_SKU", "poster-3")
+        .env("EXPECT_QUEUED", "3 / 50")
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
         .env("SCREENSHOT", screenshot_path())
         .env("FLASH_CHROMIUM", &chromium)

@@ -6,6 +6,7 @@
 //! - the requests log's end and the committed offset (the lag monitor of admission);
 //! - the fence row in Postgres (`persistence::reads::writer`): epoch, leader, lease, the
 //!   committed offset and batch, whose moves give decisions/s and the batch size;
+//! - the requests waiting in each pre-sale queue (`persistence::reads::queue_lengths`);
 //! - each sequencer of SEQUENCER_STATUS_URLS: its `/status` (role, epoch, ...) and `/metrics`
 //!   (commit time, the series the alerts read);
 //! - the alerts of docs/OPERATIONS.md over the last minutes of those samples ([`alerts`]).
@@ -21,7 +22,9 @@ use std::time::Duration;
 
 use prom::{quantile, Scrape};
 use sample::{History, IngressTick, PeerStatus, PeerTick, Tick};
-use summary::{IngressOut, LogOut, OpsSummaryOut, SequencerOut, ThroughputOut, WriterOut};
+use summary::{
+    IngressOut, LogOut, OpsSummaryOut, PresaleQueueOut, SequencerOut, ThroughputOut, WriterOut,
+};
 
 use crate::bus::now_ms;
 use crate::http::{rfc3339, App};
@@ -30,6 +33,8 @@ use crate::http::{rfc3339, App};
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// The window of decisions/s, batch size and commit time.
 const RATE_WINDOW_MS: i64 = 10_000;
+/// Most pre-sale queues in a summary.
+const QUEUES_MAX: u32 = 1000;
 
 /// The sequencers to ask and the newest summary.
 pub struct Console {
@@ -54,6 +59,7 @@ impl Console {
                 log: LogOut::default(),
                 throughput: ThroughputOut::default(),
                 writer: None,
+                presale_queues: None,
                 sequencers: Vec::new(),
                 alerts: Vec::new(),
             })),
@@ -100,7 +106,11 @@ async fn sample(app: &App, client: &reqwest::Client) -> Tick {
             .iter()
             .map(|base| ask_sequencer(client, base)),
     );
-    let (writer, peers) = tokio::join!(persistence::reads::writer(&app.pool), peers);
+    let (writer, queues, peers) = tokio::join!(
+        persistence::reads::writer(&app.pool),
+        persistence::reads::queue_lengths(&app.pool, QUEUES_MAX),
+        peers
+    );
     let now = now_ms();
     let lag = &app.admission.lag;
     let measured = lag.measured_ms.load(Ordering::Relaxed) > 0;
@@ -121,6 +131,7 @@ async fn sample(app: &App, client: &reqwest::Client) -> Tick {
         writer: writer
             .inspect_err(|e| tracing::debug!(error = %e, "console: the fence row"))
             .ok(),
+        queues: queues.ok(),
         peers,
     }
 }
@@ -165,6 +176,15 @@ fn summarise(app: &App, history: &History, alerts: Vec<summary::AlertOut>) -> Op
             committed_offset: w.next_offset,
             batch_seq: w.batch_seq,
             last_batch_age_ms: w.last_batch_age_ms,
+        }),
+        presale_queues: now.queues.as_ref().map(|queues| {
+            queues
+                .iter()
+                .map(|(sku, waiting)| PresaleQueueOut {
+                    sku: sku.clone(),
+                    waiting: *waiting,
+                })
+                .collect()
         }),
         sequencers: now
             .peers

@@ -19,6 +19,8 @@ pub struct Tick {
     pub ingress: IngressTick,
     /// The fence row; `None` when Postgres did not answer.
     pub writer: Option<WriterView>,
+    /// Requests waiting in each pre-sale queue that has any; `None` when Postgres did not answer.
+    pub queues: Option<Vec<(String, u64)>>,
     /// Each configured sequencer; `None` when it did not answer.
     pub peers: Vec<Option<PeerTick>>,
 }

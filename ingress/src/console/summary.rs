@@ -16,6 +16,9 @@ pub struct OpsSummaryOut {
     /// The fence row in Postgres (who holds the writer's lease); null while Postgres does not
     /// answer.
     pub writer: Option<WriterOut>,
+    /// The pre-sale queues that hold requests (decided when their sale starts), by SKU name, at
+    /// most 1000; null while Postgres does not answer.
+    pub presale_queues: Option<Vec<PresaleQueueOut>>,
     /// Each sequencer of SEQUENCER_STATUS_URLS, in that order, as its `/status` answered; empty
     /// when the ingress has none configured.
     pub sequencers: Vec<SequencerOut>,
@@ -83,6 +86,15 @@ pub struct WriterOut {
     pub batch_seq: u64,
     /// Since the newest batch was decided (null before the first).
     pub last_batch_age_ms: Option<i64>,
+}
+
+/// One SKU's pre-sale queue.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct PresaleQueueOut {
+    #[schema(example = "tee-1")]
+    pub sku: String,
+    /// Requests waiting in it (its bound is the SKU's `queue.max`).
+    pub waiting: u64,
 }
 
 /// One sequencer, as its `/status` answered.

@@ -52,8 +52,8 @@ pub(crate) async fn ops_page() -> Response {
     summary = "What the ops console shows besides the SKUs, sampled by this ingress once a second",
     description = "This ingress's queues and bounds; the requests log's end, committed offset \
         and lag; decisions/s, batch size and commit time over the last 10 s; the writer's \
-        fence row (epoch, leader, lease); each sequencer of SEQUENCER_STATUS_URLS (role, epoch, \
-        lag, last batch); and every alert of docs/OPERATIONS.md with its state. Read-only, \
+        fence row (epoch, leader, lease); the requests waiting in each pre-sale queue; each \
+        sequencer of SEQUENCER_STATUS_URLS (role, epoch, lag, last batch); and every alert of docs/OPERATIONS.md with its state. Read-only, \
         served from the last sample (no database read per request).",
     responses((status = 200, description = "the newest sample", body = OpsSummaryOut))
 )]

@@ -22,7 +22,8 @@ use super::state::App;
 use super::tickets::{self, TicketOut, TicketStateOut};
 use super::{admin, console, ops, reservations, skus};
 use crate::console::summary::{
-    AlertOut, IngressOut, LogOut, OpsSummaryOut, SequencerOut, ThroughputOut, WriterOut,
+    AlertOut, IngressOut, LogOut, OpsSummaryOut, PresaleQueueOut, SequencerOut, ThroughputOut,
+    WriterOut,
 };
 use crate::error::ErrorBody;
 
@@ -58,7 +59,7 @@ use crate::error::ErrorBody;
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
         RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut, TicketOut,
         TicketStateOut, QueueBody, QueueOut, SkuListOut, OpsSummaryOut, IngressOut, LogOut,
-        ThroughputOut, WriterOut, SequencerOut, AlertOut
+        ThroughputOut, WriterOut, SequencerOut, AlertOut, PresaleQueueOut
     )),
     modifiers(&BearerSchemes),
     tags(
