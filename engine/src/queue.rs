@@ -152,6 +152,11 @@ impl Engine {
         self.queues.entries().map(|(_, q)| q)
     }
 
+    /// Requests waiting in every queue.
+    pub fn queued_len(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Requests waiting in the queue of `sku`.
     pub fn queue_len(&self, sku: &str) -> usize {
         self.sku_index

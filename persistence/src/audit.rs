@@ -89,8 +89,10 @@ const CHECKS: &[(&str, &str)] = &[
                            lead(first_batch_seq) OVER (ORDER BY generation) AS next_first
                       FROM log_generations)
          SELECT format('generation %s offset %s decided %s times', g.generation, r.request_offset, count(*))
-           FROM reservations r
-           JOIN g ON r.batch_seq >= g.first_batch_seq AND (g.next_first IS NULL OR r.batch_seq < g.next_first)
+           FROM (SELECT r.request_offset, coalesce(q.queued_batch, r.batch_seq) AS read_in
+                   FROM reservations r
+                   LEFT JOIN queued_requests q ON q.request_id = r.reservation_id) r
+           JOIN g ON r.read_in >= g.first_batch_seq AND (g.next_first IS NULL OR r.read_in < g.next_first)
           GROUP BY g.generation, r.request_offset HAVING count(*) > 1",
     ),
     (
@@ -141,10 +143,14 @@ const CHECKS: &[(&str, &str)] = &[
              OR (coalesce(b.batch_seq, 0) < g.first_batch_seq AND s.next_offset <> g.base_offset)",
     ),
     (
-        "decisions lie inside their batch",
+        "decisions lie inside their batch (a queued request's: inside the batch that queued it)",
         "SELECT format('reservation %s at offset %s is outside batch %s [%s, %s)',
-                       r.reservation_id, r.request_offset, r.batch_seq, b.first_offset, b.next_offset)
-           FROM reservations r LEFT JOIN batches b ON b.batch_seq = r.batch_seq
+                       r.reservation_id, r.request_offset, r.read_in, b.first_offset, b.next_offset)
+           FROM (SELECT r.reservation_id, r.request_offset,
+                        coalesce(q.queued_batch, r.batch_seq) AS read_in
+                   FROM reservations r
+                   LEFT JOIN queued_requests q ON q.request_id = r.reservation_id) r
+           LEFT JOIN batches b ON b.batch_seq = r.read_in
           WHERE b.batch_seq IS NULL OR r.request_offset < b.first_offset OR r.request_offset >= b.next_offset",
     ),
     (

@@ -160,13 +160,21 @@ pub fn record_batch(
     metrics::histogram!("sequencer_batch_size").record(commands as f64);
     metrics::counter!("sequencer_batches_total").increment(1);
     metrics::counter!("sequencer_commands_total").increment(commands as u64);
+    // Decisions of the batch's commands and of the queued requests it decided at their start.
     let mut by_outcome = [0u64; Reject::ALL.len() + 1];
-    for o in &out.outcomes {
-        match o {
-            Outcome::Held { .. } => by_outcome[0] += 1,
-            Outcome::Rejected(r) => by_outcome[1 + *r as usize] += 1,
-            _ => {}
-        }
+    let slot = |result: Result<(), Reject>| result.map_or_else(|r| 1 + r as usize, |()| 0);
+    let commands = out.outcomes.iter().filter_map(|o| match o {
+        Outcome::Held { .. } => Some(slot(Ok(()))),
+        Outcome::Rejected(r) => Some(slot(Err(*r))),
+        _ => None,
+    });
+    let released = out.released.iter().map(|r| slot(r.result.map(|_| ())));
+    for i in commands.chain(released) {
+        by_outcome[i] += 1;
+    }
+    if !out.queued.is_empty() {
+        metrics::counter!("sequencer_decisions_total", "outcome" => "queued")
+            .increment(out.queued.len() as u64);
     }
     for (i, &n) in by_outcome.iter().enumerate().filter(|(_, &n)| n > 0) {
         let outcome = if i == 0 {

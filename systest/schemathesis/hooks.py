@@ -6,6 +6,9 @@
   phases that do not run `map_body` (coverage) may still send one, and its 422 `starts_at must be
   before ends_at` is then not counted as a schema-valid request refused (only that answer to only
   such a body).
+- Another: a pre-sale `queue` needs the sale's `starts_at` and must open before it. A generated
+  body whose queue does not is sent without its queue (map_body); sent by a phase that does not
+  map bodies, its 422 `queue.opens_at must be before starts_at` is likewise not counted.
 - A 422 `idempotency_key_reused` answers the state, not the request's shape: the same key was
   used before with another SKU or quantity (the document's example key is shared by every
   generated body that keeps it). Like a 409, it is not counted as a schema-valid request refused.
@@ -37,7 +40,24 @@ def sale_window_in_order(ctx, body):
             del body["ends_at"]
         else:
             body["starts_at"], body["ends_at"] = body["ends_at"], body["starts_at"]
+    if _queue_after_start(body):
+        del body["queue"]
     return body
+
+
+def _queue_after_start(body):
+    """A body whose queue does not open before its sale's start (or has no start)."""
+    if not isinstance(body, dict) or not isinstance(body.get("queue"), dict):
+        return False
+    opens, starts = body["queue"].get("opens_at"), body.get("starts_at")
+    if not isinstance(opens, str):
+        return False
+    if not isinstance(starts, str):
+        return True
+    try:
+        return _unix_ms(opens) >= _unix_ms(starts)
+    except ValueError:
+        return False
 
 
 def _window_out_of_order(body):
@@ -64,6 +84,8 @@ def state_refusals_are_not_schema_refusals(ctx, failure, case, response):
         return True
     error, detail = body.get("error"), body.get("detail")
     if error == "idempotency_key_reused":
+        return False
+    if detail == "queue.opens_at must be before starts_at" and _queue_after_start(case.body):
         return False
     return not (
         detail == "starts_at must be before ends_at" and _window_out_of_order(case.body)

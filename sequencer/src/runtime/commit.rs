@@ -67,6 +67,7 @@ impl Sequencer {
         s.last_batch_size
             .store(requests.len() as u64, Ordering::Relaxed);
         crate::status::record_batch(&out, requests.len(), decide, started.elapsed());
+        metrics::gauge!("sequencer_queued_requests").set(position.engine.queued_len() as f64);
         tracing::debug!(
             epoch,
             batch_seq = out.batch_seq,
