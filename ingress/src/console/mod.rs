@@ -197,27 +197,10 @@ fn summarise(app: &App, history: &History, alerts: Vec<summary::AlertOut>) -> Op
 }
 
 fn sequencer_out(index: usize, peer: Option<&PeerTick>) -> SequencerOut {
-    let index = index as u32 + 1;
-    let Some(p) = peer else {
-        return SequencerOut {
-            index,
-            ..SequencerOut::default()
-        };
-    };
-    let s = p.status.clone();
     SequencerOut {
-        index,
-        reachable: true,
-        node_id: s.node_id,
-        role: s.role,
-        epoch: s.epoch,
-        ready: s.ready,
-        not_ready: s.not_ready,
-        lag: s.lag,
-        committed_offset: s.committed_offset,
-        last_batch_age_ms: s.last_batch_age_ms,
-        last_batch_size: s.last_batch_size,
-        last_commit_ms: s.last_commit_us.map(|us| us as f64 / 1000.0),
+        index: index as u32 + 1,
+        reachable: peer.is_some(),
+        status: peer.map(|p| p.status.clone()).unwrap_or_default(),
     }
 }
 

@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 
 use persistence::reads::WriterView;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::prom::{increase, Scrape};
 
@@ -75,18 +76,22 @@ impl IngressTick {
     }
 }
 
-/// What a sequencer's `/status` says (the fields the console shows).
-#[derive(Clone, Debug, Default, Deserialize)]
+/// What a sequencer's `/status` says: the fields the console shows, as the summary passes
+/// them on (all null when it did not answer).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, ToSchema)]
 pub struct PeerStatus {
     pub node_id: Option<String>,
+    /// starting, standby, active, stopped or log_lost.
     pub role: Option<String>,
     pub epoch: Option<u64>,
+    /// What its `/readyz` says, and why not.
     pub ready: Option<bool>,
     pub not_ready: Option<String>,
     pub lag: Option<i64>,
     pub committed_offset: Option<i64>,
     pub last_batch_age_ms: Option<i64>,
     pub last_batch_size: Option<u64>,
+    /// Its last batch's commit time, in microseconds.
     pub last_commit_us: Option<u64>,
 }
 

@@ -5,6 +5,8 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::sample::PeerStatus;
+
 #[derive(Serialize, ToSchema, Clone, Debug)]
 pub struct OpsSummaryOut {
     /// When this ingress took the sample (RFC 3339, UTC); a new one every second.
@@ -104,18 +106,8 @@ pub struct SequencerOut {
     pub index: u32,
     /// Whether it answered this second; the other fields are null when it did not.
     pub reachable: bool,
-    pub node_id: Option<String>,
-    /// starting, standby, active, stopped or log_lost.
-    pub role: Option<String>,
-    pub epoch: Option<u64>,
-    /// What its `/readyz` says, and why not.
-    pub ready: Option<bool>,
-    pub not_ready: Option<String>,
-    pub lag: Option<i64>,
-    pub committed_offset: Option<i64>,
-    pub last_batch_age_ms: Option<i64>,
-    pub last_batch_size: Option<u64>,
-    pub last_commit_ms: Option<f64>,
+    #[serde(flatten)]
+    pub status: PeerStatus,
 }
 
 /// One alert of docs/OPERATIONS.md and where it stands.

@@ -21,6 +21,7 @@ use super::dto::{
 use super::state::App;
 use super::tickets::{self, TicketOut, TicketStateOut};
 use super::{admin, console, ops, reservations, skus};
+use crate::console::sample::PeerStatus;
 use crate::console::summary::{
     AlertOut, IngressOut, LogOut, OpsSummaryOut, PresaleQueueOut, SequencerOut, ThroughputOut,
     WriterOut,
@@ -59,7 +60,7 @@ use crate::error::ErrorBody;
         ReserveBody, ReservationOut, ReservationStatus, SkuOut, SaleStatus, FreezeOut, UpsertBody,
         RestockBody, StatusOut, ReadyOut, ReadyChecks, ErrorBody, StockEventOut, TicketOut,
         TicketStateOut, QueueBody, QueueOut, SkuListOut, OpsSummaryOut, IngressOut, LogOut,
-        ThroughputOut, WriterOut, SequencerOut, AlertOut, PresaleQueueOut
+        ThroughputOut, WriterOut, SequencerOut, AlertOut, PresaleQueueOut, PeerStatus
     )),
     modifiers(&BearerSchemes),
     tags(
