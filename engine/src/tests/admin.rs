@@ -156,14 +156,13 @@ fn pause_or_resume_of_unknown_sku_is_refused() {
 
 #[test]
 fn pause_all_pauses_every_sku() {
-    let mut sale = Sale::new();
-    let reqs = vec![
-        sale.reqs.upsert("a", config(5, 5, 1_000)),
-        sale.reqs.upsert("b", config(5, 5, 1_000)),
-        sale.reqs.upsert("c", config(5, 5, 1_000)),
-        sale.reqs.pause("b"),
-    ];
-    sale.batch(T0, reqs);
+    let mut sale = Sale::with_skus(&[
+        ("a", config(5, 5, 1_000)),
+        ("b", config(5, 5, 1_000)),
+        ("c", config(5, 5, 1_000)),
+    ]);
+    let p = sale.reqs.pause("b");
+    sale.one(T0, p);
     let freeze = sale.reqs.pause_all();
     let out = sale.batch(T0, vec![freeze]);
     assert_eq!(out.outcomes, vec![Outcome::Frozen { skus_paused: 2 }]);
@@ -188,12 +187,8 @@ fn pause_all_pauses_every_sku() {
 
 #[test]
 fn sale_window_is_enforced() {
-    let cfg = SkuConfig {
-        starts_at_ms: Some(T0 + 1_000),
-        ends_at_ms: Some(T0 + 2_000),
-        ..config(10, 10, 60_000)
-    };
-    let mut sale = Sale::with_sku("tv", cfg);
+    let window = starting_at(T0 + 1_000, ending_at(T0 + 2_000, config(10, 10, 60_000)));
+    let mut sale = Sale::with_sku("tv", window);
     assert_eq!(
         sale.refusal(T0 + 999, "tv", "ann", 1, "k1"),
         Reject::SaleNotStarted
@@ -209,20 +204,10 @@ fn sale_window_is_enforced() {
 
 #[test]
 fn open_ended_sale_windows_apply_only_their_bound() {
-    let mut sale = Sale::new();
-    let starts = SkuConfig {
-        starts_at_ms: Some(T0 + 1_000),
-        ..config(10, 10, 60_000)
-    };
-    let ends = SkuConfig {
-        ends_at_ms: Some(T0 + 1_000),
-        ..config(10, 10, 60_000)
-    };
-    let reqs = vec![
-        sale.reqs.upsert("starts", starts),
-        sale.reqs.upsert("ends", ends),
-    ];
-    sale.batch(T0, reqs);
+    let mut sale = Sale::with_skus(&[
+        ("starts", starting_at(T0 + 1_000, config(10, 10, 60_000))),
+        ("ends", ending_at(T0 + 1_000, config(10, 10, 60_000))),
+    ]);
     assert_eq!(
         sale.refusal(T0, "starts", "ann", 1, "k1"),
         Reject::SaleNotStarted

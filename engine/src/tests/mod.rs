@@ -73,6 +73,21 @@ impl Reqs {
         })
     }
 
+    /// A reserve under the request id `id` (one another command may have taken).
+    fn reserve_as(
+        &mut self,
+        id: RequestId,
+        sku: &str,
+        user: &str,
+        quantity: u32,
+        key: &str,
+    ) -> Request {
+        Request {
+            request_id: id,
+            ..self.reserve(sku, user, quantity, key)
+        }
+    }
+
     fn confirm(&mut self, reservation_id: RequestId) -> Request {
         self.with(Command::Confirm { reservation_id })
     }
@@ -127,6 +142,22 @@ fn config(total_stock: u64, per_user_limit: u32, hold_ttl_ms: u64) -> SkuConfig 
     }
 }
 
+/// `cfg` with its sale starting at `at_ms`.
+fn starting_at(at_ms: i64, cfg: SkuConfig) -> SkuConfig {
+    SkuConfig {
+        starts_at_ms: Some(at_ms),
+        ..cfg
+    }
+}
+
+/// `cfg` with its sale ending at `at_ms`.
+fn ending_at(at_ms: i64, cfg: SkuConfig) -> SkuConfig {
+    SkuConfig {
+        ends_at_ms: Some(at_ms),
+        ..cfg
+    }
+}
+
 /// An engine and a request builder; every batch is followed by the full invariant check.
 struct Sale {
     engine: Engine,
@@ -145,6 +176,15 @@ impl Sale {
     fn with_sku(name: &str, cfg: SkuConfig) -> Self {
         let mut sale = Self::new();
         sale.add_sku(name, cfg);
+        sale
+    }
+
+    /// A sale with these SKUs, created at `T0` one after another.
+    fn with_skus(skus: &[(&str, SkuConfig)]) -> Self {
+        let mut sale = Self::new();
+        for (name, cfg) in skus {
+            sale.add_sku(name, cfg.clone());
+        }
         sale
     }
 
