@@ -26,12 +26,14 @@ fn colliding<T: Clone + PartialEq + std::fmt::Debug>(
     panic!("no 32-bit collision found");
 }
 
+/// Two different user ids `{prefix}{i}` whose `hash` is equal.
+fn colliding_users(prefix: &str, hash: impl Fn(&str) -> u32) -> (String, String) {
+    colliding(|i| format!("{prefix}{i}"), |u| hash(u))
+}
+
 #[test]
 fn users_whose_ids_share_a_32_bit_hash_are_told_apart() {
-    let (a, b) = colliding(
-        |i| format!("user-{i}"),
-        |u| HashKey::default().hashes(0, u, "").user,
-    );
+    let (a, b) = colliding_users("user-", |u| HashKey::default().hashes(0, u, "").user);
     let mut sale = Sale::with_sku("tv", config(10, 2, 1_000));
     let ra = sale.hold(T0, "tv", &a, 2, "k");
     // Not a repeat of a's key, and not counted against a's limit.
@@ -80,10 +82,7 @@ fn ids_crafted_to_collide_under_one_seed_do_not_collide_under_another() {
 #[test]
 fn same_key_of_users_whose_key_hashes_collide_is_not_a_repeat() {
     // Different users, the same key string, the same 32-bit (user, key) hash.
-    let (a, b) = colliding(
-        |i| format!("buyer-{i}"),
-        |u| HashKey::default().hashes(0, u, "kk").key,
-    );
+    let (a, b) = colliding_users("buyer-", |u| HashKey::default().hashes(0, u, "kk").key);
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
     let ra = sale.hold(T0, "tv", &a, 1, "kk");
     // Another quantity: a repeat of a's key would be IdempotencyKeyReused.

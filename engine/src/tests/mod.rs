@@ -129,6 +129,12 @@ impl Reqs {
             command: Box::new(admin.command),
         })
     }
+
+    /// A restock of `quantity` units of `sku` under the admin idempotency key `key`.
+    fn keyed_restock(&mut self, key: &str, sku: &str, quantity: u64) -> Request {
+        let restock = self.restock(sku, quantity);
+        self.keyed(key, restock)
+    }
 }
 
 fn config(total_stock: u64, per_user_limit: u32, hold_ttl_ms: u64) -> SkuConfig {
@@ -191,7 +197,15 @@ impl Sale {
     /// Creates a further SKU at `T0`.
     fn add_sku(&mut self, name: &str, cfg: SkuConfig) {
         let up = self.reqs.upsert(name, cfg);
-        assert!(matches!(self.one(T0, up), Outcome::Sku(_)));
+        self.sku_answer(T0, up, "the SKU is created");
+    }
+
+    /// Applies an admin command and insists it answers with the SKU (`expected` says why).
+    fn sku_answer(&mut self, now_ms: i64, request: Request, expected: &str) -> SkuView {
+        match self.one(now_ms, request) {
+            Outcome::Sku(view) => view,
+            other => panic!("{expected}; got {other:?}"),
+        }
     }
 
     fn batch(&mut self, now_ms: i64, requests: Vec<Request>) -> BatchOutput {

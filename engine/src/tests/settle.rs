@@ -41,12 +41,7 @@ fn expiry_happens_in_a_batch_without_commands() {
 
 #[test]
 fn expiries_are_reported_earliest_first() {
-    let mut sale = Sale::new();
-    let reqs = vec![
-        sale.reqs.upsert("slow", config(5, 5, 3_000)),
-        sale.reqs.upsert("fast", config(5, 5, 1_000)),
-    ];
-    sale.batch(T0, reqs);
+    let mut sale = Sale::with_skus(&[("slow", config(5, 5, 3_000)), ("fast", config(5, 5, 1_000))]);
     let slow = sale.hold(T0, "slow", "ann", 1, "k1");
     let fast = sale.hold(T0, "fast", "ann", 1, "k2");
     let out = sale.batch(T0 + 10_000, vec![]);
