@@ -383,26 +383,16 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
             phases = steps;
             println!(
                 "ramp: peak {} decisions/s (offered {}, p99 {} ms)",
-                result
-                    .peak_goodput
-                    .map_or("-".into(), |v| format!("{v:.0}")),
-                result
-                    .peak_offered_rate
-                    .map_or("-".into(), |v| format!("{v:.0}/s")),
-                result.peak_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                shown(result.peak_goodput, 0, "", "-"),
+                shown(result.peak_offered_rate, 0, "/s", "-"),
+                shown(result.peak_p99_ms, 1, "", "-"),
             );
             println!(
                 "ramp: knee {} (p99 {} ms, {} decisions/s); first failing rate {} ({})",
-                result
-                    .knee_rate
-                    .map_or("none".into(), |r| format!("{r:.0}/s")),
-                result.knee_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
-                result
-                    .knee_goodput
-                    .map_or("-".into(), |v| format!("{v:.0}")),
-                result
-                    .first_failing_rate
-                    .map_or("none".into(), |r| format!("{r:.0}/s")),
+                shown(result.knee_rate, 0, "/s", "none"),
+                shown(result.knee_p99_ms, 1, "", "-"),
+                shown(result.knee_goodput, 0, "", "-"),
+                shown(result.first_failing_rate, 0, "/s", "none"),
                 result.failing_reason.as_deref().unwrap_or("-"),
             );
             ramp = Some(result);
@@ -583,4 +573,9 @@ pub fn write_report(dir: &std::path::Path, report: &LoadReport) -> anyhow::Resul
     ));
     std::fs::write(&path, serde_json::to_vec_pretty(report)?)?;
     Ok(path)
+}
+
+/// `v` with `decimals` decimals and then `unit`, or `none` when there is no value.
+fn shown(v: Option<f64>, decimals: usize, unit: &str, none: &str) -> String {
+    v.map_or(none.into(), |v| format!("{v:.decimals$}{unit}"))
 }

@@ -494,6 +494,16 @@ impl Stack {
         .await
     }
 
+    /// `POST /v1/reservations/{id}/confirm`.
+    pub async fn confirm(&self, id: &str) -> anyhow::Result<(u16, Value)> {
+        self.post(&format!("/v1/reservations/{id}/confirm")).await
+    }
+
+    /// `POST /v1/reservations/{id}/cancel`.
+    pub async fn cancel(&self, id: &str) -> anyhow::Result<(u16, Value)> {
+        self.post(&format!("/v1/reservations/{id}/cancel")).await
+    }
+
     /// The ingress's whole answer to `GET path`, headers included.
     pub async fn get_response(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         Ok(self.http.get(format!("{}{path}", self.base)).send().await?)

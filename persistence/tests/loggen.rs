@@ -8,6 +8,7 @@ use common::{fresh_database, take_lease};
 use persistence::batch::{commit_batch, CommitError};
 use persistence::loggen::{self, RebaseError, RebaseRequest};
 use persistence::{audit, lease, BatchRecord};
+use sqlx::PgConnection;
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -27,6 +28,15 @@ fn batch(epoch: u64, seq: u64, first: i64, next: i64) -> BatchRecord<'static> {
         queued: vec![],
         released: vec![],
         outbox: vec![],
+    }
+}
+
+/// Commits empty batches `(batch_seq, first, next)` under `epoch`, in order.
+async fn commit_empty(conn: &mut PgConnection, epoch: u64, batches: &[(u64, i64, i64)]) {
+    for &(seq, first, next) in batches {
+        commit_batch(conn, &batch(epoch, seq, first, next))
+            .await
+            .unwrap();
     }
 }
 
@@ -63,12 +73,7 @@ async fn a_rebase_fences_the_old_writer_and_starts_a_generation_the_audit_accept
 
     let epoch = take_lease(&pool, "old", LEASE).await;
     let mut conn = pool.acquire().await.unwrap();
-    commit_batch(&mut conn, &batch(epoch, 1, 0, 10))
-        .await
-        .unwrap();
-    commit_batch(&mut conn, &batch(epoch, 2, 10, 25))
-        .await
-        .unwrap();
+    commit_empty(&mut conn, epoch, &[(1, 0, 10), (2, 10, 25)]).await;
 
     // The operator looked before batch 2: nothing changes.
     match loggen::rebase(&pool, &request(1, 1, 10, 0)).await {
@@ -110,12 +115,7 @@ async fn a_rebase_fences_the_old_writer_and_starts_a_generation_the_audit_accept
     }
     // A new leader continues at the base offset of the new log.
     let new_epoch = take_lease(&pool, "new", LEASE).await;
-    commit_batch(&mut conn, &batch(new_epoch, 3, 3, 8))
-        .await
-        .unwrap();
-    commit_batch(&mut conn, &batch(new_epoch, 4, 8, 9))
-        .await
-        .unwrap();
+    commit_empty(&mut conn, new_epoch, &[(3, 3, 8), (4, 8, 9)]).await;
     let report = audit::run(&pool).await.unwrap();
     assert!(report.is_clean(), "{:?}", report.violations);
 }
@@ -126,9 +126,7 @@ async fn the_audit_finds_a_generation_that_does_not_start_at_its_base_offset() {
     let pool = persistence::connect_writer(&url, 2, LEASE).await.unwrap();
     let epoch = take_lease(&pool, "w", LEASE).await;
     let mut conn = pool.acquire().await.unwrap();
-    commit_batch(&mut conn, &batch(epoch, 1, 0, 10))
-        .await
-        .unwrap();
+    commit_empty(&mut conn, epoch, &[(1, 0, 10)]).await;
     loggen::rebase(&pool, &request(1, 1, 10, 0)).await.unwrap();
     // A buggy writer skipping the new log's first offsets (the fence row is moved by hand to
     // let it through: the audit must still see it).
@@ -136,9 +134,7 @@ async fn the_audit_finds_a_generation_that_does_not_start_at_its_base_offset() {
         .execute(&pool)
         .await
         .unwrap();
-    commit_batch(&mut conn, &batch(epoch + 2, 2, 4, 6))
-        .await
-        .unwrap();
+    commit_empty(&mut conn, epoch + 2, &[(2, 4, 6)]).await;
     let report = audit::run(&pool).await.unwrap();
     assert!(
         report.violations.iter().any(|v| v.contains(

@@ -3,6 +3,7 @@
 //! and checks every answer against Postgres.
 
 pub mod load;
+pub mod tickets;
 
 pub use harness::{bin_dir, free_port, kafka, rand32, Options, Sequencer, Stack, ADMIN_TOKEN};
 

@@ -49,14 +49,19 @@ fn assert_audit_clean(stack: &Stack) -> Value {
     report
 }
 
+/// A system the test's tasks share, with one SKU on sale (holds of five minutes).
+async fn shared_stack(test: &str, sku: &str, total: u64, per_user_limit: u32) -> Arc<Stack> {
+    let stack = Stack::start(test, Options::default()).await.unwrap();
+    stack
+        .put_sku(sku, total, per_user_limit, 300.0)
+        .await
+        .unwrap();
+    Arc::new(stack)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
-    let stack = Arc::new(
-        Stack::start("concurrency", Options::default())
-            .await
-            .unwrap(),
-    );
-    stack.put_sku("hot", 1_000, 2, 300.0).await.unwrap();
+    let stack = shared_stack("concurrency", "hot", 1_000, 2).await;
     let requests = (0..20_000)
         .map(|i| (format!("user-{}", i % 5_000), format!("key-{i}"), 1))
         .collect();
@@ -134,12 +139,7 @@ async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_request_sent_three_times_reserves_once_and_answers_identically() {
-    let stack = Arc::new(
-        Stack::start("idempotency", Options::default())
-            .await
-            .unwrap(),
-    );
-    stack.put_sku("idem", 10, 5, 300.0).await.unwrap();
+    let stack = shared_stack("idempotency", "idem", 10, 5).await;
     let concurrent = send_all(
         &stack,
         "idem",
@@ -201,37 +201,24 @@ async fn holds_confirm_cancel_and_expire_move_stock_as_specified() {
     let (s, r1) = stack.reserve("life", "ann", 1, "a1").await.unwrap();
     assert_eq!(s, 201);
     let id1 = r1["reservation_id"].as_str().unwrap().to_owned();
-    let (s, c) = stack
-        .post(&format!("/v1/reservations/{id1}/confirm"))
-        .await
-        .unwrap();
+    let (s, c) = stack.confirm(&id1).await.unwrap();
     assert_eq!((s, c["status"].as_str()), (200, Some("confirmed")));
     let row = stack.sku_row("life").await.unwrap();
     assert_eq!((row["available"], row["held"], row["sold"]), (2, 0, 1));
     assert_eq!(
-        stack
-            .post(&format!("/v1/reservations/{id1}/confirm"))
-            .await
-            .unwrap()
-            .0,
+        stack.confirm(&id1).await.unwrap().0,
         200,
         "confirm is idempotent"
     );
     assert_eq!(
-        stack
-            .post(&format!("/v1/reservations/{id1}/cancel"))
-            .await
-            .unwrap(),
+        stack.cancel(&id1).await.unwrap(),
         (409, json!({"error": "reservation_confirmed"}))
     );
 
     let (_, r2) = stack.reserve("life", "ann", 1, "a2").await.unwrap();
     let id2 = r2["reservation_id"].as_str().unwrap().to_owned();
     assert_eq!(stack.sku_row("life").await.unwrap()["held"], 1);
-    let (s, c) = stack
-        .post(&format!("/v1/reservations/{id2}/cancel"))
-        .await
-        .unwrap();
+    let (s, c) = stack.cancel(&id2).await.unwrap();
     assert_eq!((s, c["status"].as_str()), (200, Some("cancelled")));
     let row = stack.sku_row("life").await.unwrap();
     assert_eq!(
@@ -240,10 +227,7 @@ async fn holds_confirm_cancel_and_expire_move_stock_as_specified() {
         "cancel returns the units"
     );
     assert_eq!(
-        stack
-            .post(&format!("/v1/reservations/{id2}/confirm"))
-            .await
-            .unwrap(),
+        stack.confirm(&id2).await.unwrap(),
         (409, json!({"error": "reservation_cancelled"}))
     );
     let (s, g) = stack.get(&format!("/v1/reservations/{id2}")).await.unwrap();
@@ -282,10 +266,7 @@ async fn holds_confirm_cancel_and_expire_move_stock_as_specified() {
         "a later buyer gets it"
     );
     assert_eq!(
-        stack
-            .post(&format!("/v1/reservations/{first_id}/confirm"))
-            .await
-            .unwrap(),
+        stack.confirm(&first_id).await.unwrap(),
         (409, json!({"error": "reservation_expired"}))
     );
     let events: Vec<String> =
@@ -309,10 +290,7 @@ async fn holds_confirm_cancel_and_expire_move_stock_as_specified() {
         404
     );
     assert_eq!(
-        stack
-            .post(&format!("/v1/reservations/{unknown}/confirm"))
-            .await
-            .unwrap(),
+        stack.confirm(unknown).await.unwrap(),
         (404, json!({"error": "unknown_reservation"}))
     );
     let (s, sku) = stack.get("/v1/skus/short").await.unwrap();
@@ -375,95 +353,51 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             .header("content-type", ct)
             .body(body)
     };
-    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
-        (
-            "malformed JSON",
-            post_raw("{\"sku\": ", "application/json"),
-            400,
-            "invalid_request",
-        ),
-        (
-            "not an object",
-            post_raw("[1,2]", "application/json"),
-            422,
-            "invalid_request",
-        ),
-        (
-            "missing quantity",
-            post_raw(r#"{"sku":"good","user_id":"u"}"#, "application/json"),
-            422,
-            "invalid_request",
-        ),
+    let post_json = |body: &'static str| post_raw(body, "application/json");
+    let put_good = |body: Value| stack.http.put(url("/v1/admin/skus/good")).json(&body);
+    // Reservation bodies refused 422 invalid_request, by what is wrong with them.
+    let invalid_bodies = [
+        ("not an object", "[1,2]"),
+        ("missing quantity", r#"{"sku":"good","user_id":"u"}"#),
         (
             "quantity zero",
-            post_raw(
-                r#"{"sku":"good","user_id":"u","quantity":0}"#,
-                "application/json",
-            ),
-            422,
-            "invalid_request",
+            r#"{"sku":"good","user_id":"u","quantity":0}"#,
         ),
         (
             "quantity negative",
-            post_raw(
-                r#"{"sku":"good","user_id":"u","quantity":-3}"#,
-                "application/json",
-            ),
-            422,
-            "invalid_request",
+            r#"{"sku":"good","user_id":"u","quantity":-3}"#,
         ),
         (
             "quantity huge",
-            post_raw(
-                r#"{"sku":"good","user_id":"u","quantity":99999999999999999999999}"#,
-                "application/json",
-            ),
-            422,
-            "invalid_request",
+            r#"{"sku":"good","user_id":"u","quantity":99999999999999999999999}"#,
         ),
         (
             "quantity fractional",
-            post_raw(
-                r#"{"sku":"good","user_id":"u","quantity":1.5}"#,
-                "application/json",
-            ),
-            422,
-            "invalid_request",
+            r#"{"sku":"good","user_id":"u","quantity":1.5}"#,
         ),
         (
             "quantity as string",
-            post_raw(
-                r#"{"sku":"good","user_id":"u","quantity":"1"}"#,
-                "application/json",
-            ),
-            422,
-            "invalid_request",
+            r#"{"sku":"good","user_id":"u","quantity":"1"}"#,
         ),
-        (
-            "empty sku",
-            post_raw(
-                r#"{"sku":"","user_id":"u","quantity":1}"#,
-                "application/json",
-            ),
-            422,
-            "invalid_request",
-        ),
+        ("empty sku", r#"{"sku":"","user_id":"u","quantity":1}"#),
         (
             "sku with a slash",
-            post_raw(
-                r#"{"sku":"a/b","user_id":"u","quantity":1}"#,
-                "application/json",
-            ),
-            422,
-            "invalid_request",
+            r#"{"sku":"a/b","user_id":"u","quantity":1}"#,
         ),
         (
             "control char in user",
-            post_raw(
-                r#"{"sku":"good","user_id":"u\u0000","quantity":1}"#,
-                "application/json",
-            ),
-            422,
+            r#"{"sku":"good","user_id":"u\u0000","quantity":1}"#,
+        ),
+    ];
+    let mut cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = invalid_bodies
+        .into_iter()
+        .map(|(what, body)| (what, post_json(body), 422, "invalid_request"))
+        .collect();
+    cases.extend([
+        (
+            "malformed JSON",
+            post_json("{\"sku\": "),
+            400,
             "invalid_request",
         ),
         (
@@ -474,65 +408,15 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         ),
         (
             "unknown sku",
-            post_raw(
-                r#"{"sku":"nope","user_id":"u","quantity":1}"#,
-                "application/json",
-            ),
+            post_json(r#"{"sku":"nope","user_id":"u","quantity":1}"#),
             404,
             "unknown_sku",
         ),
         (
             "quantity above the per-user limit",
-            post_raw(
-                r#"{"sku":"good","user_id":"u","quantity":3}"#,
-                "application/json",
-            ),
+            post_json(r#"{"sku":"good","user_id":"u","quantity":3}"#),
             409,
             "limit_exceeded",
-        ),
-        (
-            "admin without token",
-            stack
-                .http
-                .put(url("/v1/admin/skus/good"))
-                .json(&json!({"total_stock": 1, "per_user_limit": 1, "hold_ttl_seconds": 1})),
-            401,
-            "unauthorized",
-        ),
-        (
-            "admin with wrong token",
-            stack
-                .http
-                .put(url("/v1/admin/skus/good"))
-                .bearer_auth("systest-admin-token-0123456788")
-                .json(&json!({"total_stock": 1, "per_user_limit": 1, "hold_ttl_seconds": 1})),
-            401,
-            "unauthorized",
-        ),
-        (
-            "admin negative stock",
-            stack
-                .http
-                .put(url("/v1/admin/skus/good"))
-                .bearer_auth(systest::ADMIN_TOKEN)
-                .json(&json!({"total_stock": -1, "per_user_limit": 1, "hold_ttl_seconds": 1})),
-            422,
-            "invalid_request",
-        ),
-        (
-            "admin restock without token",
-            stack
-                .http
-                .post(url("/v1/admin/skus/good/restock"))
-                .json(&json!({"quantity": 5})),
-            401,
-            "unauthorized",
-        ),
-        (
-            "freeze without token",
-            stack.http.post(url("/v1/admin/freeze")),
-            401,
-            "unauthorized",
         ),
         (
             "reservation id not a uuid",
@@ -552,7 +436,35 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             405,
             "method_not_allowed",
         ),
+        (
+            "admin negative stock",
+            put_good(json!({"total_stock": -1, "per_user_limit": 1, "hold_ttl_seconds": 1}))
+                .bearer_auth(systest::ADMIN_TOKEN),
+            422,
+            "invalid_request",
+        ),
+    ]);
+    // Admin routes without the admin token: 401 unauthorized.
+    let one_unit = json!({"total_stock": 1, "per_user_limit": 1, "hold_ttl_seconds": 1});
+    let unauthorized = [
+        ("admin without token", put_good(one_unit.clone())),
+        (
+            "admin with wrong token",
+            put_good(one_unit).bearer_auth("systest-admin-token-0123456788"),
+        ),
+        (
+            "admin restock without token",
+            stack
+                .http
+                .post(url("/v1/admin/skus/good/restock"))
+                .json(&json!({"quantity": 5})),
+        ),
+        (
+            "freeze without token",
+            stack.http.post(url("/v1/admin/freeze")),
+        ),
     ];
+    cases.extend(unauthorized.map(|(what, request)| (what, request, 401, "unauthorized")));
     for (what, request, status, code) in cases {
         let r = request.send().await.unwrap();
         let got = r.status().as_u16();

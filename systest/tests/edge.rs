@@ -431,10 +431,7 @@ async fn lag_bound_answers_503_when_the_sequencer_falls_behind_but_lets_admin_th
     assert_eq!(refused.retry_after.as_deref(), Some("1"));
     // Confirm and cancel are buyers' writes too.
     let unknown = "0190f2a4-0000-7000-8000-000000000000";
-    let (s, b) = stack
-        .post(&format!("/v1/reservations/{unknown}/cancel"))
-        .await
-        .unwrap();
+    let (s, b) = stack.cancel(unknown).await.unwrap();
     assert_eq!((s, b["error"].as_str()), (503, Some("overloaded")));
     // An operator's pause is not refused by the lag bound: it waits for the sequencer.
     let pause = tokio::spawn(send(
@@ -791,32 +788,17 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
     let r = ("post", "/v1/reservations");
     let url = format!("{base}/v1/reservations");
     let valid = r#"{"sku":"good","quantity":1,"idempotency_key":"never"}"#.to_owned();
-    cases.push((r, "no token".into(), json_post(url.clone(), valid.clone())));
-    cases.push((
-        r,
-        "forged token".into(),
-        json_post(url.clone(), valid.clone()).bearer_auth(&forged),
-    ));
-    cases.push((
-        r,
-        "alg none".into(),
-        json_post(url.clone(), valid.clone()).bearer_auth(&alg_none),
-    ));
-    cases.push((
-        r,
-        "garbage token".into(),
-        json_post(url.clone(), valid.clone()).bearer_auth("a.b.c"),
-    ));
-    cases.push((
-        r,
-        "basic auth".into(),
-        json_post(url.clone(), valid.clone()).basic_auth("mallory", Some("pw")),
-    ));
-    cases.push((
-        r,
-        "admin token".into(),
-        json_post(url.clone(), valid.clone()).bearer_auth(ADMIN_TOKEN),
-    ));
+    let valid_post = || json_post(url.clone(), valid.clone());
+    for (what, request) in [
+        ("no token", valid_post()),
+        ("forged token", valid_post().bearer_auth(&forged)),
+        ("alg none", valid_post().bearer_auth(&alg_none)),
+        ("garbage token", valid_post().bearer_auth("a.b.c")),
+        ("basic auth", valid_post().basic_auth("mallory", Some("pw"))),
+        ("admin token", valid_post().bearer_auth(ADMIN_TOKEN)),
+    ] {
+        cases.push((r, what.into(), request));
+    }
     for (i, b) in bad_reserve_bodies.iter().enumerate() {
         cases.push((
             r,
@@ -964,55 +946,32 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
             .header("content-type", "application/json")
         };
         let fine = r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1,"quantity":1}"#;
-        cases.push((r, "no token".into(), req("good").body(fine)));
-        cases.push((
-            r,
-            "wrong token".into(),
-            req("good")
-                .bearer_auth("systest-admin-token-0123456788")
-                .body(fine),
-        ));
-        cases.push((
-            r,
-            "token prefix".into(),
-            req("good")
-                .bearer_auth(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1])
-                .body(fine),
-        ));
-        cases.push((
-            r,
-            "token plus a byte".into(),
-            req("good")
-                .bearer_auth(format!("{ADMIN_TOKEN}x"))
-                .body(fine),
-        ));
-        cases.push((
-            r,
-            "buyer jwt".into(),
-            req("good").bearer_auth(&user).body(fine),
-        ));
-        cases.push((
-            r,
-            "forged jwt".into(),
-            req("good").bearer_auth(&forged).body(fine),
-        ));
-        cases.push((
-            r,
-            "lowercase scheme".into(),
-            req("good")
-                .header("authorization", format!("bearer {ADMIN_TOKEN}"))
-                .body(fine),
-        ));
-        cases.push((
-            r,
-            "unicode token".into(),
-            req("good")
-                .header(
-                    "authorization",
-                    reqwest::header::HeaderValue::from_bytes("Bearer ü🦀".as_bytes()).unwrap(),
-                )
-                .body(fine),
-        ));
+        let fine_req = || req("good").body(fine);
+        let unicode = reqwest::header::HeaderValue::from_bytes("Bearer ü🦀".as_bytes()).unwrap();
+        for (what, request) in [
+            ("no token", fine_req()),
+            (
+                "wrong token",
+                fine_req().bearer_auth("systest-admin-token-0123456788"),
+            ),
+            (
+                "token prefix",
+                fine_req().bearer_auth(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]),
+            ),
+            (
+                "token plus a byte",
+                fine_req().bearer_auth(format!("{ADMIN_TOKEN}x")),
+            ),
+            ("buyer jwt", fine_req().bearer_auth(&user)),
+            ("forged jwt", fine_req().bearer_auth(&forged)),
+            (
+                "lowercase scheme",
+                fine_req().header("authorization", format!("bearer {ADMIN_TOKEN}")),
+            ),
+            ("unicode token", fine_req().header("authorization", unicode)),
+        ] {
+            cases.push((r, what.into(), request));
+        }
         if template.contains("{sku}") {
             for sku in &skus {
                 cases.push((

@@ -76,15 +76,9 @@ async fn a_recreated_requests_topic_stops_the_sale_loudly_and_rebase_log_recover
         .as_str()
         .unwrap()
         .to_owned();
-    let (s, _) = stack
-        .post(&format!("/v1/reservations/{confirmed}/confirm"))
-        .await
-        .unwrap();
+    let (s, _) = stack.confirm(&confirmed).await.unwrap();
     assert_eq!(s, 200);
-    let (s, _) = stack
-        .post(&format!("/v1/reservations/{cancelled}/cancel"))
-        .await
-        .unwrap();
+    let (s, _) = stack.cancel(&cancelled).await.unwrap();
     assert_eq!(s, 200);
 
     // Mid-sale, under load: the requests topic is deleted and created again (empty, offset 0).

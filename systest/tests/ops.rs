@@ -145,14 +145,7 @@ async fn the_emergency_freeze_pauses_every_sku_in_one_call() {
     }
     // Holds taken before the freeze can still be settled.
     let id = before["reservation_id"].as_str().unwrap();
-    assert_eq!(
-        stack
-            .post(&format!("/v1/reservations/{id}/confirm"))
-            .await
-            .unwrap()
-            .0,
-        200
-    );
+    assert_eq!(stack.confirm(id).await.unwrap().0, 200);
     let (status, resumed) = stack
         .admin("POST", "/v1/admin/skus/y/resume", None)
         .await

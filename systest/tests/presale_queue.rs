@@ -8,27 +8,13 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use systest::tickets::{assert_decided_in_order, until_decided};
 use systest::{Options, Stack};
 
 /// Queued requests the SKU's queue holds.
 const QUEUE_MAX: usize = 6;
 /// Units on sale: the first three in the queue get one each.
 const STOCK: u64 = 3;
-
-/// Polls a ticket until it is decided.
-async fn until_decided(stack: &Stack, ticket: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let (status, body) = stack.get(&format!("/v1/tickets/{ticket}")).await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        if body["state"] == "decided" {
-            return body;
-        }
-        assert_eq!(body["state"], "queued", "{body}");
-        assert!(Instant::now() < deadline, "{ticket} never decided: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Sends reservations until one is decided (not 503/504): a takeover may be in progress.
 async fn reserve_decided(stack: &Stack, user: &str, key: &str) -> (u16, Value) {
@@ -178,29 +164,12 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
         (409, Some("sold_out")),
         "{late}"
     );
-    for (i, ticket) in tickets.iter().enumerate() {
-        let d = until_decided(&stack, ticket, Duration::from_secs(10)).await;
-        if (i as u64) < STOCK {
-            assert_eq!(
-                (d["status"].as_i64(), d["user_id"].as_str()),
-                (Some(201), Some(format!("u{i}").as_str())),
-                "{d}"
-            );
-            // The synchronous retry of its key answers the same reservation.
-            let (status, body) = stack
-                .reserve("drop", &format!("u{i}"), 1, &format!("k{i}"))
-                .await
-                .unwrap();
-            assert_eq!(status, 201, "{body}");
-            assert_eq!(body["reservation_id"], d["reservation_id"], "{body} {d}");
-        } else {
-            assert_eq!(
-                (d["status"].as_i64(), d["error"].as_str()),
-                (Some(409), Some("sold_out")),
-                "{d}"
-            );
-        }
+    let mut decided = Vec::new();
+    for ticket in &tickets {
+        decided.push(until_decided(&stack, ticket, Duration::from_secs(10)).await);
     }
+    // The first three get a unit each, the one the synchronous retry of their key answers.
+    assert_decided_in_order(&stack, "drop", &decided, STOCK as usize).await;
     // All six were decided by one batch, before the newcomer's.
     let batches = stack
         .query_i64("SELECT count(DISTINCT batch_seq) FROM reservations WHERE user_id ~ '^u[0-5]$'")

@@ -2,9 +2,10 @@
 //! `GET /v1/tickets/{id}` follows the request to its decision, across a SIGKILL of the active
 //! sequencer; a synchronous reservation whose outcome is late gets a ticket with its 504.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
+use systest::tickets::{assert_decided_in_order, until_decided};
 use systest::{Options, Stack};
 
 async fn reserve_async(stack: &Stack, user: &str, key: &str) -> (u16, Option<String>, Value) {
@@ -22,21 +23,6 @@ async fn reserve_async(stack: &Stack, user: &str, key: &str) -> (u16, Option<Str
         .get("location")
         .map(|v| v.to_str().unwrap().to_owned());
     (status, location, r.json().await.unwrap())
-}
-
-/// Polls the ticket until it is decided.
-async fn until_decided(stack: &Stack, ticket: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = stack.get(&format!("/v1/tickets/{ticket}")).await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        if body["state"] == "decided" {
-            return body;
-        }
-        assert_eq!(body["state"], "queued", "{body}");
-        assert!(Instant::now() < deadline, "{ticket} never decided: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -91,29 +77,10 @@ async fn a_ticket_shows_its_place_in_the_queue_then_its_decision_across_a_failov
     stack.signal_sequencer(standby, "CONT").unwrap();
     let mut decided = Vec::new();
     for (ticket, _) in &tickets {
-        decided.push(until_decided(&stack, ticket).await);
+        decided.push(until_decided(&stack, ticket, Duration::from_secs(30)).await);
     }
-    for (i, d) in decided.iter().enumerate() {
-        if i < 3 {
-            assert_eq!(d["status"], 201, "{d}");
-            assert_eq!(d["user_id"], format!("u{i}"), "{d}");
-            assert_eq!(d["reservation_status"], "held", "{d}");
-            // The same reservation the synchronous retry of its key answers.
-            let (status, body) = stack
-                .reserve("tv", &format!("u{i}"), 1, &format!("k{i}"))
-                .await
-                .unwrap();
-            assert_eq!(status, 201, "{body}");
-            assert_eq!(body["reservation_id"], d["reservation_id"], "{body} {d}");
-        } else {
-            assert_eq!(
-                (d["status"].as_i64(), d["error"].as_str()),
-                (Some(409), Some("sold_out")),
-                "{d}"
-            );
-        }
-    }
-    let d = until_decided(&stack, &late_ticket).await;
+    assert_decided_in_order(&stack, "tv", &decided, 3).await;
+    let d = until_decided(&stack, &late_ticket, Duration::from_secs(30)).await;
     assert_eq!(
         (d["status"].as_i64(), d["error"].as_str()),
         (Some(409), Some("sold_out")),

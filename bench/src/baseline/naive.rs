@@ -4,10 +4,12 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use sqlx::{PgPool, Row};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
 use wire::now_ms;
 
@@ -67,6 +69,19 @@ async fn replay(pool: &PgPool, b: &ReserveBody) -> Ans {
     }
 }
 
+/// Runs a write whose `WHERE` is the check: when it writes no row, refuses with 409 `reason`.
+async fn write_or_refuse(
+    tx: &mut PgConnection,
+    write: Query<'_, Postgres, PgArguments>,
+    reason: &str,
+) -> Result<(), Response> {
+    let written = write.execute(tx).await.map_err(internal)?.rows_affected();
+    if written == 0 {
+        return Err(err(StatusCode::CONFLICT, reason));
+    }
+    Ok(())
+}
+
 pub(super) async fn reserve(pool: &PgPool, b: &ReserveBody) -> Ans {
     let mut tx = pool.begin().await.map_err(internal)?;
     let prior =
@@ -98,28 +113,16 @@ pub(super) async fn reserve(pool: &PgPool, b: &ReserveBody) -> Ans {
     .bind(&b.sku)
     .bind(&b.user_id)
     .bind(b.quantity)
-    .bind(i64::from(limit))
-    .execute(&mut *tx)
-    .await
-    .map_err(internal)?
-    .rows_affected();
-    if within_limit == 0 {
-        return Err(err(StatusCode::CONFLICT, "limit_exceeded"));
-    }
+    .bind(i64::from(limit));
+    write_or_refuse(&mut tx, within_limit, "limit_exceeded").await?;
     // The hot row: locked from here until COMMIT returns.
-    let taken = sqlx::query(
+    let take = sqlx::query(
         "UPDATE skus SET available = available - $2, held = held + $2
           WHERE sku = $1 AND available >= $2",
     )
     .bind(&b.sku)
-    .bind(b.quantity)
-    .execute(&mut *tx)
-    .await
-    .map_err(internal)?
-    .rows_affected();
-    if taken == 0 {
-        return Err(err(StatusCode::CONFLICT, "sold_out"));
-    }
+    .bind(b.quantity);
+    write_or_refuse(&mut tx, take, "sold_out").await?;
     let id = Uuid::now_v7();
     let now = now_ms();
     let inserted = sqlx::query(
@@ -202,6 +205,11 @@ pub(super) async fn settle(pool: &PgPool, id: Uuid, to: &str) -> Ans {
     .into_response())
 }
 
+/// The SKU's answer from a row of `total, available, held, sold`.
+fn sku_row_json(sku: &str, row: &PgRow) -> Response {
+    sku_json(sku, row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
 pub(super) async fn get_sku(pool: &PgPool, sku: &str) -> Ans {
     let row = sqlx::query("SELECT total, available, held, sold FROM skus WHERE sku = $1")
         .bind(sku)
@@ -209,13 +217,7 @@ pub(super) async fn get_sku(pool: &PgPool, sku: &str) -> Ans {
         .await
         .map_err(internal)?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, "unknown_sku"))?;
-    Ok(sku_json(
-        sku,
-        row.get(0),
-        row.get(1),
-        row.get(2),
-        row.get(3),
-    ))
+    Ok(sku_row_json(sku, &row))
 }
 
 pub(super) async fn upsert_sku(pool: &PgPool, sku: &str, b: &UpsertBody, ttl_ms: i64) -> Ans {
@@ -234,11 +236,5 @@ pub(super) async fn upsert_sku(pool: &PgPool, sku: &str, b: &UpsertBody, ttl_ms:
     .fetch_one(pool)
     .await
     .map_err(|e| err(StatusCode::CONFLICT, &format!("stock_below_committed: {e}")))?;
-    Ok(sku_json(
-        sku,
-        row.get(0),
-        row.get(1),
-        row.get(2),
-        row.get(3),
-    ))
+    Ok(sku_row_json(sku, &row))
 }

@@ -17,9 +17,11 @@ fn upsert_below_held_plus_sold_is_refused() {
         "refused: nothing changes"
     );
     let exact = sale.reqs.upsert("tv", config(5, 5, 60_000));
-    let Outcome::Sku(view) = sale.one(T0, exact) else {
-        panic!("lowering to exactly the committed units is allowed")
-    };
+    let view = sale.sku_answer(
+        T0,
+        exact,
+        "lowering to exactly the committed units is allowed",
+    );
     assert_eq!(
         (view.total, view.available, view.held, view.sold),
         (5, 0, 2, 3)
@@ -33,9 +35,7 @@ fn upsert_of_existing_sku_keeps_counters_and_recomputes_available() {
     let p = sale.reqs.pause("tv");
     sale.one(T0, p);
     let up = sale.reqs.upsert("tv", config(20, 2, 5_000));
-    let Outcome::Sku(view) = sale.one(T0, up) else {
-        panic!("upsert refused")
-    };
+    let view = sale.sku_answer(T0, up, "upsert refused");
     assert_eq!(
         (view.total, view.available, view.held, view.sold),
         (20, 17, 3, 0)
@@ -105,9 +105,7 @@ fn restock_adds_to_total_and_available() {
     let mut sale = Sale::with_sku("tv", config(2, 5, 60_000));
     sale.hold(T0, "tv", "ann", 2, "k");
     let r = sale.reqs.restock("tv", 3);
-    let Outcome::Sku(view) = sale.one(T0, r) else {
-        panic!("restock refused")
-    };
+    let view = sale.sku_answer(T0, r, "restock refused");
     assert_eq!(
         (view.total, view.available, view.held, view.sold),
         (5, 3, 2, 0)
@@ -156,14 +154,13 @@ fn pause_or_resume_of_unknown_sku_is_refused() {
 
 #[test]
 fn pause_all_pauses_every_sku() {
-    let mut sale = Sale::new();
-    let reqs = vec![
-        sale.reqs.upsert("a", config(5, 5, 1_000)),
-        sale.reqs.upsert("b", config(5, 5, 1_000)),
-        sale.reqs.upsert("c", config(5, 5, 1_000)),
-        sale.reqs.pause("b"),
-    ];
-    sale.batch(T0, reqs);
+    let mut sale = Sale::with_skus(&[
+        ("a", config(5, 5, 1_000)),
+        ("b", config(5, 5, 1_000)),
+        ("c", config(5, 5, 1_000)),
+    ]);
+    let p = sale.reqs.pause("b");
+    sale.one(T0, p);
     let freeze = sale.reqs.pause_all();
     let out = sale.batch(T0, vec![freeze]);
     assert_eq!(out.outcomes, vec![Outcome::Frozen { skus_paused: 2 }]);
@@ -188,12 +185,8 @@ fn pause_all_pauses_every_sku() {
 
 #[test]
 fn sale_window_is_enforced() {
-    let cfg = SkuConfig {
-        starts_at_ms: Some(T0 + 1_000),
-        ends_at_ms: Some(T0 + 2_000),
-        ..config(10, 10, 60_000)
-    };
-    let mut sale = Sale::with_sku("tv", cfg);
+    let window = starting_at(T0 + 1_000, ending_at(T0 + 2_000, config(10, 10, 60_000)));
+    let mut sale = Sale::with_sku("tv", window);
     assert_eq!(
         sale.refusal(T0 + 999, "tv", "ann", 1, "k1"),
         Reject::SaleNotStarted
@@ -209,20 +202,10 @@ fn sale_window_is_enforced() {
 
 #[test]
 fn open_ended_sale_windows_apply_only_their_bound() {
-    let mut sale = Sale::new();
-    let starts = SkuConfig {
-        starts_at_ms: Some(T0 + 1_000),
-        ..config(10, 10, 60_000)
-    };
-    let ends = SkuConfig {
-        ends_at_ms: Some(T0 + 1_000),
-        ..config(10, 10, 60_000)
-    };
-    let reqs = vec![
-        sale.reqs.upsert("starts", starts),
-        sale.reqs.upsert("ends", ends),
-    ];
-    sale.batch(T0, reqs);
+    let mut sale = Sale::with_skus(&[
+        ("starts", starting_at(T0 + 1_000, config(10, 10, 60_000))),
+        ("ends", ending_at(T0 + 1_000, config(10, 10, 60_000))),
+    ]);
     assert_eq!(
         sale.refusal(T0, "starts", "ann", 1, "k1"),
         Reject::SaleNotStarted
@@ -238,21 +221,17 @@ fn open_ended_sale_windows_apply_only_their_bound() {
 #[test]
 fn a_keyed_restock_retried_adds_its_units_once_and_answers_alike() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let first = sale.reqs.restock("tv", 5);
-    let first = sale.reqs.keyed("restock-1", first);
+    let first = sale.reqs.keyed_restock("restock-1", "tv", 5);
     let answer = sale.one(T0, first);
     assert_eq!(sale.sku("tv").total, 15);
     sale.hold(T0, "tv", "ann", 2, "k");
     // The retry, in a later batch and after the stock moved: the first answer, no units.
-    let retry = sale.reqs.restock("tv", 5);
-    let retry = sale.reqs.keyed("restock-1", retry);
+    let retry = sale.reqs.keyed_restock("restock-1", "tv", 5);
     assert_eq!(sale.one(T0 + 1, retry), answer);
     assert_eq!(sale.sku("tv").total, 15, "applied once per key");
     // Twice in one batch: once.
-    let a = sale.reqs.restock("tv", 1);
-    let a = sale.reqs.keyed("restock-2", a);
-    let b = sale.reqs.restock("tv", 1);
-    let b = sale.reqs.keyed("restock-2", b);
+    let a = sale.reqs.keyed_restock("restock-2", "tv", 1);
+    let b = sale.reqs.keyed_restock("restock-2", "tv", 1);
     let out = sale.batch(T0 + 2, vec![a, b]);
     assert_eq!(out.outcomes[0], out.outcomes[1]);
     assert_eq!(out.admin_keys.len(), 1, "one key stored");
@@ -262,11 +241,9 @@ fn a_keyed_restock_retried_adds_its_units_once_and_answers_alike() {
 #[test]
 fn another_command_under_a_used_admin_key_is_refused_and_changes_nothing() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let first = sale.reqs.restock("tv", 5);
-    let first = sale.reqs.keyed("k", first);
+    let first = sale.reqs.keyed_restock("k", "tv", 5);
     sale.one(T0, first);
-    let more = sale.reqs.restock("tv", 6);
-    let more = sale.reqs.keyed("k", more);
+    let more = sale.reqs.keyed_restock("k", "tv", 6);
     assert_eq!(sale.one(T0, more), rejected(Reject::IdempotencyKeyReused));
     let pause = sale.reqs.pause("tv");
     let pause = sale.reqs.keyed("k", pause);
@@ -278,16 +255,12 @@ fn another_command_under_a_used_admin_key_is_refused_and_changes_nothing() {
 #[test]
 fn a_refused_keyed_command_leaves_its_key_free() {
     let mut sale = Sale::new();
-    let early = sale.reqs.restock("tv", 5);
-    let early = sale.reqs.keyed("k", early);
+    let early = sale.reqs.keyed_restock("k", "tv", 5);
     assert_eq!(sale.one(T0, early), rejected(Reject::UnknownSku));
     let create = sale.reqs.upsert("tv", config(10, 5, 60_000));
     sale.one(T0, create);
-    let again = sale.reqs.restock("tv", 5);
-    let again = sale.reqs.keyed("k", again);
-    let Outcome::Sku(view) = sale.one(T0, again) else {
-        panic!("the key was free")
-    };
+    let again = sale.reqs.keyed_restock("k", "tv", 5);
+    let view = sale.sku_answer(T0, again, "the key was free");
     assert_eq!(view.total, 15);
 }
 
@@ -307,8 +280,7 @@ fn a_keyed_command_that_is_not_an_admin_command_is_invalid() {
 #[test]
 fn a_restored_engine_knows_the_admin_keys_it_is_given() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let first = sale.reqs.restock("tv", 5);
-    let first = sale.reqs.keyed("restock-1", first);
+    let first = sale.reqs.keyed_restock("restock-1", "tv", 5);
     let answer = sale.one(T0, first);
     let keys: Vec<_> = sale.engine.admin_keys().collect();
     assert_eq!(keys.len(), 1);
@@ -316,8 +288,7 @@ fn a_restored_engine_knows_the_admin_keys_it_is_given() {
     let create = sale.reqs.upsert("tv", config(15, 5, 60_000));
     restored.apply_batch(T0, &[create]);
     restored.restore_admin_keys(keys);
-    let retry = sale.reqs.restock("tv", 5);
-    let retry = sale.reqs.keyed("restock-1", retry);
+    let retry = sale.reqs.keyed_restock("restock-1", "tv", 5);
     let out = restored.apply_batch(T0 + 1, &[retry]);
     assert_eq!(out.outcomes, vec![answer]);
     assert_eq!(restored.sku("tv").unwrap().total, 15);

@@ -4,11 +4,7 @@ use super::*;
 
 #[test]
 fn batch_time_never_goes_backwards() {
-    let cfg = SkuConfig {
-        ends_at_ms: Some(T0 + 3_000),
-        ..config(10, 10, 1_000)
-    };
-    let mut sale = Sale::with_sku("tv", cfg);
+    let mut sale = Sale::with_sku("tv", ending_at(T0 + 3_000, config(10, 10, 1_000)));
     let r = sale.reqs.reserve("tv", "ann", 1, "k1");
     let out = sale.batch(T0 + 2_500, vec![r]);
     assert_eq!(out.batch_time_ms, T0 + 2_500);

@@ -33,9 +33,7 @@ proptest! {
         after in ops(80),
         cuts in proptest::collection::vec(any::<Index>(), 0..5),
     ) {
-        let (mut script, setup) = Script::start();
-        let mut first_part = vec![setup];
-        first_part.extend(script.batches(&before));
+        let (mut script, first_part) = Script::start_with(&before);
         let second_part = script.batches(&after);
         let mut cut_after: Vec<usize> = cuts.iter().map(|i| i.index(first_part.len())).collect();
         cut_after.sort_unstable();
@@ -70,9 +68,7 @@ proptest! {
         middle in ops(60),
         after in ops(60),
     ) {
-        let (mut script, setup) = Script::start();
-        let mut first_part = vec![setup];
-        first_part.extend(script.batches(&before));
+        let (mut script, first_part) = Script::start_with(&before);
         let middle_part = script.batches(&middle);
         let second_part = script.batches(&after);
 

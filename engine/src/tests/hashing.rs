@@ -26,12 +26,14 @@ fn colliding<T: Clone + PartialEq + std::fmt::Debug>(
     panic!("no 32-bit collision found");
 }
 
+/// Two different user ids `{prefix}{i}` whose `hash` is equal.
+fn colliding_users(prefix: &str, hash: impl Fn(&str) -> u32) -> (String, String) {
+    colliding(|i| format!("{prefix}{i}"), |u| hash(u))
+}
+
 #[test]
 fn users_whose_ids_share_a_32_bit_hash_are_told_apart() {
-    let (a, b) = colliding(
-        |i| format!("user-{i}"),
-        |u| HashKey::default().hashes(0, u, "").user,
-    );
+    let (a, b) = colliding_users("user-", |u| HashKey::default().hashes(0, u, "").user);
     let mut sale = Sale::with_sku("tv", config(10, 2, 1_000));
     let ra = sale.hold(T0, "tv", &a, 2, "k");
     // Not a repeat of a's key, and not counted against a's limit.
@@ -80,10 +82,7 @@ fn ids_crafted_to_collide_under_one_seed_do_not_collide_under_another() {
 #[test]
 fn same_key_of_users_whose_key_hashes_collide_is_not_a_repeat() {
     // Different users, the same key string, the same 32-bit (user, key) hash.
-    let (a, b) = colliding(
-        |i| format!("buyer-{i}"),
-        |u| HashKey::default().hashes(0, u, "kk").key,
-    );
+    let (a, b) = colliding_users("buyer-", |u| HashKey::default().hashes(0, u, "kk").key);
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
     let ra = sale.hold(T0, "tv", &a, 1, "kk");
     // Another quantity: a repeat of a's key would be IdempotencyKeyReused.
@@ -127,10 +126,8 @@ fn request_ids_sharing_a_32_bit_hash_are_told_apart() {
         |&id| HashKey::default().hashes(id, "", "").request,
     );
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    let mut a = sale.reqs.reserve("tv", "ann", 1, "k");
-    a.request_id = id1;
-    let mut b = sale.reqs.reserve("tv", "bob", 1, "k");
-    b.request_id = id2;
+    let a = sale.reqs.reserve_as(id1, "tv", "ann", 1, "k");
+    let b = sale.reqs.reserve_as(id2, "tv", "bob", 1, "k");
     let out = sale.batch(T0, vec![a, b]);
     // The second id is not "already decided" just because its hash is.
     assert_eq!(
@@ -147,16 +144,13 @@ fn request_ids_sharing_a_32_bit_hash_are_told_apart() {
         |i| RequestId::from(i) << 80 | 7,
         |&id| HashKey::default().hashes(id, "", "").request,
     );
-    let mut c = sale.reqs.reserve("tv", "cat", 9, "k");
-    c.request_id = id3;
+    let c = sale.reqs.reserve_as(id3, "tv", "cat", 9, "k");
     assert_eq!(
         sale.batch(T0, vec![c]).outcomes,
         vec![rejected(Reject::LimitExceeded)]
     );
-    let mut d = sale.reqs.reserve("tv", "dan", 1, "k");
-    d.request_id = id3;
-    let mut e = sale.reqs.reserve("tv", "eve", 1, "k");
-    e.request_id = id4;
+    let d = sale.reqs.reserve_as(id3, "tv", "dan", 1, "k");
+    let e = sale.reqs.reserve_as(id4, "tv", "eve", 1, "k");
     assert_eq!(
         sale.batch(T0, vec![d, e]).outcomes,
         vec![rejected(Reject::InvalidCommand), held(id4, T0 + 1_000)]

@@ -85,14 +85,8 @@ fn commands_with_strings_the_system_cannot_store_are_invalid_commands() {
         .iter()
         .all(|o| *o == rejected(Reject::InvalidCommand)));
     assert!(out.decisions.is_empty());
-    let far = SkuConfig {
-        starts_at_ms: Some(i64::MAX),
-        ..config(10, 5, 60_000)
-    };
-    let before = SkuConfig {
-        starts_at_ms: Some(-1),
-        ..config(10, 5, 60_000)
-    };
+    let far = starting_at(i64::MAX, config(10, 5, 60_000));
+    let before = starting_at(-1, config(10, 5, 60_000));
     let upserts = vec![
         sale.reqs.upsert("far", far),
         sale.reqs.upsert("old", before),

@@ -73,6 +73,21 @@ impl Reqs {
         })
     }
 
+    /// A reserve under the request id `id` (one another command may have taken).
+    fn reserve_as(
+        &mut self,
+        id: RequestId,
+        sku: &str,
+        user: &str,
+        quantity: u32,
+        key: &str,
+    ) -> Request {
+        Request {
+            request_id: id,
+            ..self.reserve(sku, user, quantity, key)
+        }
+    }
+
     fn confirm(&mut self, reservation_id: RequestId) -> Request {
         self.with(Command::Confirm { reservation_id })
     }
@@ -114,6 +129,12 @@ impl Reqs {
             command: Box::new(admin.command),
         })
     }
+
+    /// A restock of `quantity` units of `sku` under the admin idempotency key `key`.
+    fn keyed_restock(&mut self, key: &str, sku: &str, quantity: u64) -> Request {
+        let restock = self.restock(sku, quantity);
+        self.keyed(key, restock)
+    }
 }
 
 fn config(total_stock: u64, per_user_limit: u32, hold_ttl_ms: u64) -> SkuConfig {
@@ -124,6 +145,22 @@ fn config(total_stock: u64, per_user_limit: u32, hold_ttl_ms: u64) -> SkuConfig 
         starts_at_ms: None,
         ends_at_ms: None,
         queue: None,
+    }
+}
+
+/// `cfg` with its sale starting at `at_ms`.
+fn starting_at(at_ms: i64, cfg: SkuConfig) -> SkuConfig {
+    SkuConfig {
+        starts_at_ms: Some(at_ms),
+        ..cfg
+    }
+}
+
+/// `cfg` with its sale ending at `at_ms`.
+fn ending_at(at_ms: i64, cfg: SkuConfig) -> SkuConfig {
+    SkuConfig {
+        ends_at_ms: Some(at_ms),
+        ..cfg
     }
 }
 
@@ -148,10 +185,27 @@ impl Sale {
         sale
     }
 
+    /// A sale with these SKUs, created at `T0` one after another.
+    fn with_skus(skus: &[(&str, SkuConfig)]) -> Self {
+        let mut sale = Self::new();
+        for (name, cfg) in skus {
+            sale.add_sku(name, cfg.clone());
+        }
+        sale
+    }
+
     /// Creates a further SKU at `T0`.
     fn add_sku(&mut self, name: &str, cfg: SkuConfig) {
         let up = self.reqs.upsert(name, cfg);
-        assert!(matches!(self.one(T0, up), Outcome::Sku(_)));
+        self.sku_answer(T0, up, "the SKU is created");
+    }
+
+    /// Applies an admin command and insists it answers with the SKU (`expected` says why).
+    fn sku_answer(&mut self, now_ms: i64, request: Request, expected: &str) -> SkuView {
+        match self.one(now_ms, request) {
+            Outcome::Sku(view) => view,
+            other => panic!("{expected}; got {other:?}"),
+        }
     }
 
     fn batch(&mut self, now_ms: i64, requests: Vec<Request>) -> BatchOutput {

@@ -51,9 +51,7 @@ proptest! {
         before in ops(120),
         after in ops(120),
     ) {
-        let (mut script, setup) = Script::start();
-        let mut first_part = vec![setup];
-        first_part.extend(script.batches(&before));
+        let (mut script, first_part) = Script::start_with(&before);
         let second_part = script.batches(&after);
 
         let (mut original, history) = run_recording(&first_part);

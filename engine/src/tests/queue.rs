@@ -17,6 +17,14 @@ fn queued_sale(total_stock: u64, per_user_limit: u32, max: u32) -> Sale {
     Sale::with_sku("tee", cfg)
 }
 
+/// Reserves one unit of the queued SKU at `T0` and insists it queued; returns its id.
+fn enqueue(sale: &mut Sale, user: &str, key: &str) -> RequestId {
+    match sale.reserve(T0, "tee", user, 1, key) {
+        Outcome::Queued { reservation_id, .. } => reservation_id,
+        other => panic!("expected to queue, got {other:?}"),
+    }
+}
+
 fn queued(reservation_id: RequestId, position: u32) -> Outcome {
     Outcome::Queued {
         reservation_id,
@@ -129,11 +137,8 @@ fn a_retry_of_a_queued_request_gets_its_place_and_then_its_decision() {
 #[test]
 fn a_request_id_of_a_queued_request_cannot_be_taken_by_another_command() {
     let mut sale = queued_sale(5, 1, 10);
-    let first = sale.reqs.reserve("tee", "ann", 1, "k");
-    let id = first.request_id;
-    sale.one(T0, first);
-    let mut reuse = sale.reqs.reserve("tee", "bob", 1, "k2");
-    reuse.request_id = id;
+    let id = enqueue(&mut sale, "ann", "k");
+    let reuse = sale.reqs.reserve_as(id, "tee", "bob", 1, "k2");
     assert_eq!(sale.one(T0, reuse), rejected(Reject::InvalidCommand));
 }
 
@@ -164,9 +169,7 @@ fn before_the_queue_opens_the_sale_has_not_started_and_a_paused_sku_queues_nothi
 #[test]
 fn a_paused_sku_keeps_its_queue_until_resumed() {
     let mut sale = queued_sale(5, 1, 10);
-    let first = sale.reqs.reserve("tee", "ann", 1, "k");
-    let id = first.request_id;
-    sale.one(T0, first);
+    let id = enqueue(&mut sale, "ann", "k");
     let pause = sale.reqs.pause("tee");
     sale.one(T0 + 1, pause);
     assert_eq!(

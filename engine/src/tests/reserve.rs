@@ -167,12 +167,9 @@ fn zero_or_oversized_quantity_is_an_invalid_command() {
 #[test]
 fn request_id_of_a_granted_reservation_cannot_be_reused_by_another_reserve() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    let first = sale.reqs.reserve("tv", "ann", 1, "k1");
-    let id = first.request_id;
-    sale.one(T0, first);
-    let mut again = sale.reqs.reserve("tv", "bob", 1, "k1");
-    again.request_id = id;
-    assert_eq!(sale.one(T0, again), rejected(Reject::InvalidCommand));
+    let id = sale.hold(T0, "tv", "ann", 1, "k1");
+    let reuse = sale.reqs.reserve_as(id, "tv", "bob", 1, "k1");
+    assert_eq!(sale.one(T0, reuse), rejected(Reject::InvalidCommand));
     assert_eq!(sale.counters("tv"), (9, 1, 0));
     assert_eq!(sale.engine.reservation(id).unwrap().user_id, "ann");
 }
@@ -180,11 +177,7 @@ fn request_id_of_a_granted_reservation_cannot_be_reused_by_another_reserve() {
 #[test]
 fn refusal_reasons_are_checked_in_documented_order() {
     let mut sale = Sale::new();
-    let window = SkuConfig {
-        starts_at_ms: Some(T0 + 1_000),
-        ends_at_ms: Some(T0 + 2_000),
-        ..config(1, 1, 1_000)
-    };
+    let window = starting_at(T0 + 1_000, ending_at(T0 + 2_000, config(1, 1, 1_000)));
     let reqs = vec![
         sale.reqs.upsert("paused", config(1, 1, 1_000)),
         sale.reqs.pause("paused"),

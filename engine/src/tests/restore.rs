@@ -221,8 +221,7 @@ fn decision_rows_never_share_a_request_id() {
     let ann = sale.reqs.reserve("tv", "ann", 1, "k1");
     let ann_id = ann.request_id;
     rows(&sale.batch(T0, vec![ann]));
-    let mut dup = sale.reqs.reserve("tv", "bob", 1, "k1");
-    dup.request_id = ann_id;
+    let dup = sale.reqs.reserve_as(ann_id, "tv", "bob", 1, "k1");
     rows(&sale.batch(T0, vec![dup]));
     // (b) The id of a refusal, reused under another key once stock is back: refused as invalid,
     // no second row.
@@ -231,8 +230,7 @@ fn decision_rows_never_share_a_request_id() {
     rows(&sale.batch(T0, vec![cat]));
     let cancel = sale.reqs.cancel(ann_id);
     sale.batch(T0, vec![cancel]);
-    let mut dup = sale.reqs.reserve("tv", "dan", 1, "k1");
-    dup.request_id = cat_id;
+    let dup = sale.reqs.reserve_as(cat_id, "tv", "dan", 1, "k1");
     let out = sale.batch(T0, vec![dup]);
     assert_eq!(out.outcomes, vec![rejected(Reject::InvalidCommand)]);
     rows(&out);
@@ -242,8 +240,7 @@ fn decision_rows_never_share_a_request_id() {
 fn one_batch_never_writes_two_decision_rows_with_the_same_id() {
     let mut sale = Sale::with_sku("tv", config(0, 5, 60_000));
     let a = sale.reqs.reserve("tv", "ann", 1, "k1");
-    let mut b = sale.reqs.reserve("tv", "bob", 1, "k1");
-    b.request_id = a.request_id;
+    let b = sale.reqs.reserve_as(a.request_id, "tv", "bob", 1, "k1");
     let out = sale.batch(T0, vec![a, b]);
     assert_eq!(
         out.outcomes,
@@ -360,8 +357,7 @@ fn restore_refuses_a_key_both_granted_and_refused() {
 fn restored_refusal_id_cannot_be_reused() {
     let mut engine = Engine::restore(small_snapshot()).expect("valid snapshot");
     let mut reqs = Reqs { next_id: 100 };
-    let mut reuse = reqs.reserve("tv", "dan", 1, "fresh");
-    reuse.request_id = 4; // cat's refusal
+    let reuse = reqs.reserve_as(4, "tv", "dan", 1, "fresh"); // cat's refusal
     let out = engine.apply_batch(T0 + 200, &[reuse, reqs.confirm(4), reqs.cancel(4)]);
     assert_eq!(
         out.outcomes,

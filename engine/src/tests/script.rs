@@ -205,6 +205,14 @@ impl Script {
         key
     }
 
+    /// A script and its first batches: the setup, then `ops`; the script goes on from there.
+    pub(super) fn start_with(ops: &[Op]) -> (Self, Vec<(i64, Vec<Request>)>) {
+        let (mut script, setup) = Script::start();
+        let mut batches = vec![setup];
+        batches.extend(script.batches(ops));
+        (script, batches)
+    }
+
     pub(super) fn batches(&mut self, ops: &[Op]) -> Vec<(i64, Vec<Request>)> {
         let mut batches = Vec::new();
         let mut current = Vec::new();
@@ -290,10 +298,7 @@ impl Script {
 }
 
 pub(super) fn all_batches(ops: &[Op]) -> Vec<(i64, Vec<Request>)> {
-    let (mut script, setup) = Script::start();
-    let mut batches = vec![setup];
-    batches.extend(script.batches(ops));
-    batches
+    Script::start_with(ops).1
 }
 
 /// A check that does not need the model: every `(user, key)` keeps answering its first recorded

@@ -41,12 +41,7 @@ fn expiry_happens_in_a_batch_without_commands() {
 
 #[test]
 fn expiries_are_reported_earliest_first() {
-    let mut sale = Sale::new();
-    let reqs = vec![
-        sale.reqs.upsert("slow", config(5, 5, 3_000)),
-        sale.reqs.upsert("fast", config(5, 5, 1_000)),
-    ];
-    sale.batch(T0, reqs);
+    let mut sale = Sale::with_skus(&[("slow", config(5, 5, 3_000)), ("fast", config(5, 5, 1_000))]);
     let slow = sale.hold(T0, "slow", "ann", 1, "k1");
     let fast = sale.hold(T0, "fast", "ann", 1, "k2");
     let out = sale.batch(T0 + 10_000, vec![]);
@@ -146,24 +141,36 @@ fn cancel_returns_units_to_available() {
     assert_eq!(sale.counters("tv"), (10, 0, 0));
 }
 
-#[test]
-fn cancel_after_confirm_is_refused() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let id = sale.hold(T0, "tv", "ann", 3, "k");
-    sale.confirm(T0, id);
-    assert_eq!(sale.cancel(T0, id), rejected(Reject::ReservationConfirmed));
-    assert_eq!(sale.status(id), ReservationStatus::Confirmed);
-    assert_eq!(sale.counters("tv"), (7, 0, 3));
-}
+/// Confirms or cancels a reservation (the two ways to settle a hold).
+type Settle = fn(&mut Sale, i64, RequestId) -> Outcome;
 
 #[test]
-fn confirm_after_cancel_is_refused() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let id = sale.hold(T0, "tv", "ann", 3, "k");
-    sale.cancel(T0, id);
-    assert_eq!(sale.confirm(T0, id), rejected(Reject::ReservationCancelled));
-    assert_eq!(sale.status(id), ReservationStatus::Cancelled);
-    assert_eq!(sale.counters("tv"), (10, 0, 0));
+fn a_settled_reservation_refuses_to_be_settled_the_other_way() {
+    // (settled by, then tried, refusal, status it keeps, counters it keeps)
+    let cases = [
+        (
+            Sale::confirm as Settle,
+            Sale::cancel as Settle,
+            Reject::ReservationConfirmed,
+            ReservationStatus::Confirmed,
+            (7, 0, 3),
+        ),
+        (
+            Sale::cancel as Settle,
+            Sale::confirm as Settle,
+            Reject::ReservationCancelled,
+            ReservationStatus::Cancelled,
+            (10, 0, 0),
+        ),
+    ];
+    for (settle, other, refusal, status, counters) in cases {
+        let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
+        let id = sale.hold(T0, "tv", "ann", 3, "k");
+        settle(&mut sale, T0, id);
+        assert_eq!(other(&mut sale, T0, id), rejected(refusal));
+        assert_eq!(sale.status(id), status);
+        assert_eq!(sale.counters("tv"), counters);
+    }
 }
 
 #[test]
@@ -227,11 +234,7 @@ fn confirm_in_the_same_batch_as_the_hold_works() {
 
 #[test]
 fn confirm_and_cancel_are_allowed_while_paused_or_after_the_sale_ended() {
-    let cfg = SkuConfig {
-        ends_at_ms: Some(T0 + 500),
-        ..config(10, 5, 60_000)
-    };
-    let mut sale = Sale::with_sku("tv", cfg);
+    let mut sale = Sale::with_sku("tv", ending_at(T0 + 500, config(10, 5, 60_000)));
     let a = sale.hold(T0, "tv", "ann", 1, "k1");
     let b = sale.hold(T0, "tv", "bob", 1, "k1");
     let p = sale.reqs.pause("tv");
