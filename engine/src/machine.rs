@@ -378,7 +378,15 @@ impl Engine {
             return Outcome::Rejected(Reject::InvalidCommand);
         }
         let user = self.find_user(hashes.user, user_id);
-        let decision = match self.at_queue(sku, user, user_id, quantity) {
+        // Most SKUs have no queue: one load decides that, and the queue's rules stay off the
+        // path of a flash sale's reserves.
+        let queued = self.skus[sku as usize].config.queue.is_some();
+        let at_queue = if queued {
+            self.at_queue(sku, user, user_id, quantity)
+        } else {
+            AtQueue::Closed
+        };
+        let decision = match at_queue {
             AtQueue::Closed => self.grant_or_refuse(sku, user, quantity),
             AtQueue::Refuse(reason) => Err(reason),
             AtQueue::Join => {

@@ -247,6 +247,8 @@ impl Engine {
     }
 
     /// What a new reservation of `quantity` units of `sku` by `user_id` meets at the queue.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn at_queue(
         &self,
         sku: SkuIdx,
