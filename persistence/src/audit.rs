@@ -81,7 +81,19 @@ const CHECKS: &[(&str, &str)] = &[
     (
         "one decision per idempotency key",
         "SELECT format('user %s key %s decided %s times', user_id, idempotency_key, count(*))
-           FROM reservations GROUP BY user_id, idempotency_key HAVING count(*) > 1",
+           FROM decisions GROUP BY user_id, idempotency_key HAVING count(*) > 1",
+    ),
+    (
+        "one decision per request id",
+        "SELECT format('request %s decided %s times', reservation_id, count(*))
+           FROM decisions GROUP BY reservation_id HAVING count(*) > 1",
+    ),
+    (
+        "refusals belong to a committed batch",
+        "SELECT format('refusals of batch %s (%s of them) have no batch row', f.batch_seq,
+                       cardinality(f.request_ids))
+           FROM refusals f
+          WHERE NOT EXISTS (SELECT 1 FROM batches b WHERE b.batch_seq = f.batch_seq)",
     ),
     (
         "each offset decided once per log generation",
@@ -90,7 +102,7 @@ const CHECKS: &[(&str, &str)] = &[
                       FROM log_generations)
          SELECT format('generation %s offset %s decided %s times', g.generation, r.request_offset, count(*))
            FROM (SELECT r.request_offset, coalesce(q.queued_batch, r.batch_seq) AS read_in
-                   FROM reservations r
+                   FROM decisions r
                    LEFT JOIN queued_requests q ON q.request_id = r.reservation_id) r
            JOIN g ON r.read_in >= g.first_batch_seq AND (g.next_first IS NULL OR r.read_in < g.next_first)
           GROUP BY g.generation, r.request_offset HAVING count(*) > 1",
@@ -148,7 +160,7 @@ const CHECKS: &[(&str, &str)] = &[
                        r.reservation_id, r.request_offset, r.read_in, b.first_offset, b.next_offset)
            FROM (SELECT r.reservation_id, r.request_offset,
                         coalesce(q.queued_batch, r.batch_seq) AS read_in
-                   FROM reservations r
+                   FROM decisions r
                    LEFT JOIN queued_requests q ON q.request_id = r.reservation_id) r
            LEFT JOIN batches b ON b.batch_seq = r.read_in
           WHERE b.batch_seq IS NULL OR r.request_offset < b.first_offset OR r.request_offset >= b.next_offset",
@@ -173,7 +185,7 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         .await?;
     let counts = sqlx::query(
         "SELECT (SELECT count(*) FROM skus) AS skus,
-                (SELECT count(*) FROM reservations) AS reservations,
+                (SELECT count(*) FROM decisions) AS reservations,
                 (SELECT count(*) FROM batches) AS batches,
                 (SELECT next_offset FROM sequencer_state WHERE id = 1) AS committed_offset,
                 (SELECT max(generation) FROM log_generations) AS log_generation",

@@ -3,8 +3,9 @@
 //! The first statement moves the fence (`sequencer_state.next_offset`) forward, and only if the
 //! row still holds this writer's epoch and the offset it expects. That statement takes the row
 //! lock, so a second writer blocks behind it and then fails its own fence; a deposed writer fails
-//! at once. Then decisions are inserted with `UNNEST` (one statement for the whole batch, not one
-//! per row), transitions applied, counters upserted and the batch row with its outbox written.
+//! at once. Then grants are inserted with `UNNEST` (one statement for the whole batch, not one
+//! per row), refusals stored as one row of arrays, transitions applied, counters upserted and the
+//! batch row with its outbox written.
 //! Any CHECK violation (an oversell) aborts the whole batch. The last statement extends the
 //! writer's lease from the database's clock just before COMMIT, so a batch held up inside its
 //! transaction never lets the lease lapse while it holds the state row's lock. (Extending it in
@@ -121,7 +122,8 @@ pub async fn commit_batch(
         .into());
     }
     release_queued(&mut tx, batch).await?;
-    insert_decisions(&mut tx, batch).await?;
+    insert_grants(&mut tx, batch).await?;
+    insert_refusals(&mut tx, batch).await?;
     insert_queued(&mut tx, batch).await?;
     apply_transitions(&mut tx, batch).await?;
     upsert_skus(&mut tx, batch).await?;
@@ -245,29 +247,16 @@ async fn insert_queued(
         return Ok(());
     }
     let q = &batch.queued;
-    let ids: Vec<Uuid> = q
-        .iter()
-        .map(|(d, _)| Uuid::from_u128(d.reservation_id))
-        .collect();
-    let users: Vec<&str> = q.iter().map(|(d, _)| d.user_id).collect();
-    let keys: Vec<&str> = q.iter().map(|(d, _)| d.idempotency_key).collect();
-    let skus: Vec<&str> = q.iter().map(|(d, _)| d.sku).collect();
-    let quantities: Vec<i32> = q.iter().map(|(d, _)| d.quantity as i32).collect();
+    let c = DecisionColumns::of(q.iter().map(|(d, _)| d), q.len());
     let positions: Vec<i32> = q.iter().map(|&(_, p)| p as i32).collect();
-    let offsets: Vec<i64> = q.iter().map(|(d, _)| d.request_offset).collect();
-    let inserted = sqlx::query(
+    let inserted = c.bind_rows(sqlx::query(
         "INSERT INTO queued_requests (request_id, user_id, idempotency_key, sku, quantity, position,
                                       request_offset, queued_batch)
          SELECT *, $8 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[],
                                   $6::int4[], $7::int8[])",
-    )
-    .bind(&ids)
-    .bind(&users)
-    .bind(&keys)
-    .bind(&skus)
-    .bind(&quantities)
+    ))
     .bind(&positions)
-    .bind(&offsets)
+    .bind(&c.offsets)
     .bind(batch.batch_seq as i64)
     .execute(&mut **tx)
     .await?
@@ -292,6 +281,54 @@ pub async fn queued_as_of(
     .await
 }
 
+/// The columns every new decision row has, one array each (bound to `UNNEST` or stored as is).
+struct DecisionColumns<'a> {
+    ids: Vec<Uuid>,
+    users: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    skus: Vec<&'a str>,
+    quantities: Vec<i32>,
+    offsets: Vec<i64>,
+}
+
+impl<'a> DecisionColumns<'a> {
+    /// The columns of `rows` (`n` of them).
+    fn of<'r>(rows: impl Iterator<Item = &'r DecisionRow<'a>>, n: usize) -> Self
+    where
+        'a: 'r,
+    {
+        let mut c = DecisionColumns {
+            ids: Vec::with_capacity(n),
+            users: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            skus: Vec::with_capacity(n),
+            quantities: Vec::with_capacity(n),
+            offsets: Vec::with_capacity(n),
+        };
+        for d in rows {
+            c.ids.push(Uuid::from_u128(d.reservation_id));
+            c.users.push(d.user_id);
+            c.keys.push(d.idempotency_key);
+            c.skus.push(d.sku);
+            c.quantities.push(d.quantity as i32);
+            c.offsets.push(d.request_offset);
+        }
+        c
+    }
+
+    /// Binds ids, users, keys, SKUs and quantities as `$1`..`$5` (or after what `query` has).
+    fn bind_rows<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.ids)
+            .bind(&self.users)
+            .bind(&self.keys)
+            .bind(&self.skus)
+            .bind(&self.quantities)
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
 /// The `status`, `reject_reason` and `expires_at` columns of new decision rows.
 type ResultColumns = (
     Vec<&'static str>,
@@ -313,30 +350,19 @@ fn result_columns(results: impl Iterator<Item = Result<i64, Reject>>) -> ResultC
     columns
 }
 
-async fn insert_decisions(
+/// Granted decisions, one `reservations` row each (they are read by id and change status).
+async fn insert_grants(
     tx: &mut Transaction<'_, Postgres>,
     batch: &BatchRecord<'_>,
 ) -> Result<(), CommitError> {
-    if batch.decisions.is_empty() {
+    let grants = || batch.decisions.iter().filter(|d| d.result.is_ok());
+    let n = grants().count();
+    if n == 0 {
         return Ok(());
     }
-    let n = batch.decisions.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut users = Vec::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut skus = Vec::with_capacity(n);
-    let mut quantities = Vec::with_capacity(n);
-    let mut offsets = Vec::with_capacity(n);
-    for d in &batch.decisions {
-        ids.push(Uuid::from_u128(d.reservation_id));
-        users.push(d.user_id);
-        keys.push(d.idempotency_key);
-        skus.push(d.sku);
-        quantities.push(d.quantity as i32);
-        offsets.push(d.request_offset);
-    }
-    let (statuses, reasons, expiries) = result_columns(batch.decisions.iter().map(|d| d.result));
-    let inserted = sqlx::query(
+    let c = DecisionColumns::of(grants(), n);
+    let (statuses, reasons, expiries) = result_columns(grants().map(|d| d.result));
+    let inserted = c.bind_rows(sqlx::query(
         "INSERT INTO reservations (reservation_id, user_id, idempotency_key, sku, quantity, status,
                                    reject_reason, decided_at, expires_at, updated_at,
                                    request_offset, batch_seq)
@@ -344,22 +370,48 @@ async fn insert_decisions(
            FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
                        $7::text[], $8::timestamptz[], $9::int8[])
                 AS t(id, u, k, s, q, st, r, e, o)",
-    )
-    .bind(&ids)
-    .bind(&users)
-    .bind(&keys)
-    .bind(&skus)
-    .bind(&quantities)
+    ))
     .bind(&statuses)
     .bind(&reasons)
     .bind(&expiries)
-    .bind(&offsets)
+    .bind(&c.offsets)
     .bind(ts(batch.batch_time_ms))
     .bind(batch.batch_seq as i64)
     .execute(&mut **tx)
     .await?
     .rows_affected();
     expect_rows(batch, "decision rows inserted", inserted, n)
+}
+
+/// The batch's refusals, as ONE `refusals` row of parallel arrays in decision order: no heap
+/// tuple and no index entry per refusal (migration 0009).
+async fn insert_refusals(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &BatchRecord<'_>,
+) -> Result<(), CommitError> {
+    let refusals = || {
+        batch
+            .decisions
+            .iter()
+            .filter_map(|d| d.result.err().map(|reason| (d, reason)))
+    };
+    let n = refusals().count();
+    if n == 0 {
+        return Ok(());
+    }
+    let c = DecisionColumns::of(refusals().map(|(d, _)| d), n);
+    let reasons: Vec<&str> = refusals().map(|(_, reason)| reason.code()).collect();
+    c.bind_rows(sqlx::query(
+        "INSERT INTO refusals (request_ids, user_ids, idempotency_keys, skus, quantities, reasons,
+                               request_offsets, batch_seq)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    ))
+    .bind(&reasons)
+    .bind(&c.offsets)
+    .bind(batch.batch_seq as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn apply_transitions(

@@ -56,7 +56,7 @@ pub async fn stream_rows<R>(
     let mut rows = sqlx::query(
         "SELECT reservation_id, user_id, idempotency_key, sku, quantity, status, reject_reason,
                 expires_at
-           FROM reservations ORDER BY batch_seq, request_offset",
+           FROM decisions ORDER BY batch_seq, request_offset",
     )
     .fetch(&mut *tx);
     let mut d = empty_decision();
@@ -82,7 +82,7 @@ pub async fn stream_rows_as_of(
                 r.reject_reason, r.expires_at,
                 coalesce(e.status, CASE WHEN r.status = 'rejected' THEN 'rejected' ELSE 'held' END)
                     AS status_then
-           FROM reservations r
+           FROM decisions r
            LEFT JOIN reservation_events e
                   ON e.reservation_id = r.reservation_id AND e.batch_seq <= $1
           WHERE r.batch_seq <= $1

@@ -62,6 +62,15 @@ fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> Ba
     }
 }
 
+/// The audit reported a violation containing `needle`.
+fn assert_violation(report: &audit::AuditReport, needle: &str) {
+    assert!(
+        report.violations.iter().any(|v| v.contains(needle)),
+        "expected a violation with {needle:?}: {:?}",
+        report.violations
+    );
+}
+
 async fn writer(name: &str) -> (PgPool, u64) {
     let url = fresh_database(name).await;
     let pool = persistence::connect_writer(&url, 2, LEASE).await.unwrap();
@@ -128,14 +137,73 @@ async fn a_refusal_decided_twice_is_reported_by_the_audit() {
     let second = batch(epoch, 2, decision(2, "k", 1, Err(Reject::SoldOut)), vec![]);
     commit_batch(&mut conn, &second).await.unwrap();
     let report = audit::run(&pool).await.unwrap();
-    assert!(
-        report
-            .violations
-            .iter()
-            .any(|v| v.contains("user buyer-1 key k decided 2 times")),
-        "{:?}",
-        report.violations
+    assert_violation(&report, "user buyer-1 key k decided 2 times");
+}
+
+/// Refusals are one `refusals` row of arrays per batch, not a row each; a load streams them back
+/// merged with the grants in decision order, and the audit reads both.
+#[tokio::test]
+async fn refusals_are_one_row_per_batch_and_load_back_in_decision_order() {
+    let (pool, epoch) = writer("compact_refusals").await;
+    let mut conn = pool.acquire().await.unwrap();
+    let mut record = batch(
+        epoch,
+        1,
+        decision(1, "a", 0, Err(Reject::SoldOut)),
+        vec![sku(1)],
     );
+    record.first_offset = 0;
+    record.next_offset = 3;
+    record
+        .decisions
+        .push(decision(2, "b", 1, Ok(1_700_000_060_000)));
+    record
+        .decisions
+        .push(decision(3, "c", 2, Err(Reject::LimitExceeded)));
+    commit_batch(&mut conn, &record).await.unwrap();
+
+    let (rows, refusal_rows, refused): (i64, i64, i32) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM reservations), (SELECT count(*) FROM refusals),
+                (SELECT cardinality(request_ids) FROM refusals WHERE batch_seq = 1)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, refusal_rows, refused), (1, 1, 2));
+
+    let (_, loaded) = persistence::snapshot::stream_rows(
+        &pool,
+        |_, _| Ok(Vec::new()),
+        |all: &mut Vec<(u128, String, Result<&'static str, &'static str>)>, d| {
+            let status = d.status.map(|s| s.as_str()).map_err(|r| r.code());
+            all.push((d.request_id, d.idempotency_key.clone(), status));
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        loaded,
+        vec![
+            (1, "a".to_owned(), Err("sold_out")),
+            (2, "b".to_owned(), Ok("held")),
+            (3, "c".to_owned(), Err("limit_exceeded")),
+        ]
+    );
+    let report = audit::run(&pool).await.unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    assert_eq!(report.reservations, 3, "the audit counts every decision");
+
+    // Refusals whose batch never committed are found.
+    sqlx::query(
+        "INSERT INTO refusals VALUES (7, '{00000000-0000-0000-0000-000000000009}', '{u}', '{k}',
+                                      '{sku-1}', '{1}', '{sold_out}', '{9}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let report = audit::run(&pool).await.unwrap();
+    assert_violation(&report, "refusals of batch 7 (1 of them) have no batch row");
 }
 
 /// A batch held up inside its transaction (here by a lock on `reservations`, as a slow migration

@@ -247,7 +247,7 @@ pub async fn verify_with(
         v.retried_ok += 1;
     }
     // After the retries every request sent has exactly one decision row on this SKU.
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE sku = $1")
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE sku = $1")
         .bind(sku)
         .fetch_one(&stack.pool)
         .await?;
@@ -270,7 +270,7 @@ async fn decisions(
     a: &Answer,
 ) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
     Ok(sqlx::query_as(
-        "SELECT reservation_id::text, status, reject_reason FROM reservations
+        "SELECT reservation_id::text, status, reject_reason FROM decisions
           WHERE user_id = $1 AND idempotency_key = $2",
     )
     .bind(&a.user)
@@ -334,7 +334,7 @@ pub use wire::now_ms;
 pub async fn wait_decided(stack: &Stack, sku: &str, at_least: i64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE sku = $1")
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE sku = $1")
             .bind(sku)
             .fetch_one(&stack.pool)
             .await?;

@@ -90,7 +90,7 @@ async fn after_a_million_decisions_a_cold_start_decides_again_within_seconds_and
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions")
         .fetch_one(&stack.pool)
         .await?;
     assert_eq!(stored, DECISIONS as i64, "one decision row per request");
@@ -99,18 +99,23 @@ async fn after_a_million_decisions_a_cold_start_decides_again_within_seconds_and
     let sample: Vec<u64> = (0..20)
         .chain((0..200).map(|i| STOCK + i * (DECISIONS - STOCK) / 200))
         .collect();
-    let mut first = Vec::new();
-    for &n in &sample {
-        let (id, status, reason): (uuid::Uuid, String, Option<String>) = sqlx::query_as(
-            "SELECT reservation_id, status, reject_reason FROM reservations
-              WHERE user_id = $1 AND idempotency_key = $2",
-        )
-        .bind(format!("buyer-{n}"))
-        .bind(format!("k-{n}"))
-        .fetch_one(&stack.pool)
-        .await?;
-        first.push((n, id, status, reason));
-    }
+    let users: Vec<String> = sample.iter().map(|n| format!("buyer-{n}")).collect();
+    let rows: Vec<(String, String, uuid::Uuid, String, Option<String>)> = sqlx::query_as(
+        "SELECT user_id, idempotency_key, reservation_id, status, reject_reason FROM decisions
+          WHERE user_id = ANY($1)",
+    )
+    .bind(&users)
+    .fetch_all(&stack.pool)
+    .await?;
+    assert_eq!(rows.len(), sample.len(), "one decision per sampled buyer");
+    let first: Vec<(u64, uuid::Uuid, String, Option<String>)> = rows
+        .into_iter()
+        .map(|(user, key, id, status, reason)| {
+            let n: u64 = user["buyer-".len()..].parse().expect("a sampled buyer");
+            assert_eq!(key, format!("k-{n}"), "buyer {n}'s key");
+            (n, id, status, reason)
+        })
+        .collect();
 
     // Every sequencer dies; both come back.
     for i in 0..stack.sequencers.len() {
@@ -166,7 +171,7 @@ async fn after_a_million_decisions_a_cold_start_decides_again_within_seconds_and
             other => panic!("buyer {n}: unexpected row {other:?}"),
         }
     }
-    let stored_after: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+    let stored_after: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions")
         .fetch_one(&stack.pool)
         .await?;
     assert_eq!(
@@ -211,12 +216,17 @@ async fn after_a_million_decisions_a_cold_start_decides_again_within_seconds_and
         audit["checkpoint_batch_seq"].as_u64() > Some(0),
         "the audit compared a checkpoint: {audit}"
     );
-    sqlx::query(
-        "UPDATE reservations SET reject_reason = 'limit_exceeded'
-          WHERE user_id = 'buyer-5000' AND idempotency_key = 'k-5000'",
+    // Buyer 5000 was refused (sold out): its refusal is an element of its batch's arrays.
+    let tampered = sqlx::query(
+        "UPDATE refusals f SET reasons[t.i] = 'limit_exceeded'
+           FROM (SELECT batch_seq, i FROM refusals, generate_subscripts(user_ids, 1) AS i
+                  WHERE user_ids[i] = 'buyer-5000' AND idempotency_keys[i] = 'k-5000') t
+          WHERE f.batch_seq = t.batch_seq",
     )
     .execute(&stack.pool)
-    .await?;
+    .await?
+    .rows_affected();
+    assert_eq!(tampered, 1, "buyer 5000's refusal is stored once");
     let audit = stack.audit()?;
     let violations = audit["violations"].to_string();
     assert!(

@@ -99,14 +99,13 @@ async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
 
     let row = stack.sku_row("hot").await.unwrap();
     assert_eq!((row["held"], row["available"], row["sold"]), (1_000, 0, 0));
-    let held_rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'held'")
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap();
+    let held_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE status = 'held'")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
     assert_eq!(held_rows, 1_000, "Postgres agrees with the engine");
     let rejected_rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'rejected'")
+        sqlx::query_scalar("SELECT count(*) FROM decisions WHERE status = 'rejected'")
             .fetch_one(&stack.pool)
             .await
             .unwrap();
@@ -115,7 +114,7 @@ async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
         "every refusal is a recorded decision"
     );
     let granted_ids: Vec<String> =
-        sqlx::query_scalar("SELECT reservation_id::text FROM reservations WHERE status = 'held'")
+        sqlx::query_scalar("SELECT reservation_id::text FROM decisions WHERE status = 'held'")
             .fetch_all(&stack.pool)
             .await
             .unwrap();
@@ -127,7 +126,7 @@ async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
         "the ids clients heard are the rows in Postgres"
     );
     let over_limit: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT user_id FROM reservations WHERE status = 'held'
+        "SELECT count(*) FROM (SELECT user_id FROM decisions WHERE status = 'held'
                                GROUP BY user_id HAVING sum(quantity) > 2) x",
     )
     .fetch_one(&stack.pool)
@@ -183,7 +182,7 @@ async fn the_same_request_sent_three_times_reserves_once_and_answers_identically
         201
     );
 
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE user_id = 'alice'")
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE user_id = 'alice'")
         .fetch_one(&stack.pool)
         .await
         .unwrap();
@@ -495,7 +494,7 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
 
     // Only the limit_exceeded refusal is a decision about stock; nothing else was written.
     let rows: Vec<(String, Option<String>)> =
-        sqlx::query_as("SELECT status, reject_reason FROM reservations")
+        sqlx::query_as("SELECT status, reject_reason FROM decisions")
             .fetch_all(&stack.pool)
             .await
             .unwrap();
@@ -539,7 +538,7 @@ async fn every_answer_carries_a_request_id_that_names_its_decision_row() {
     let refused_id = header(&refused);
     assert_eq!(refused.status().as_u16(), 409);
     let row: (String, Option<String>) = sqlx::query_as(
-        "SELECT user_id, reject_reason FROM reservations WHERE reservation_id = $1::uuid",
+        "SELECT user_id, reject_reason FROM decisions WHERE reservation_id = $1::uuid",
     )
     .bind(&refused_id)
     .fetch_one(&stack.pool)

@@ -106,7 +106,7 @@ async fn rows(stack: &Stack, sql: &str) -> i64 {
 }
 
 async fn key_was_written(stack: &Stack, key: &str) -> bool {
-    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM reservations WHERE idempotency_key = $1")
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM decisions WHERE idempotency_key = $1")
         .bind(key)
         .fetch_one(&stack.pool)
         .await
@@ -296,7 +296,7 @@ async fn per_user_rate_limit_answers_429_with_retry_after_and_writes_nothing() {
     assert_eq!(
         rows(
             &stack,
-            "SELECT count(*) FROM reservations WHERE user_id = 'greedy'"
+            "SELECT count(*) FROM decisions WHERE user_id = 'greedy'"
         )
         .await,
         3
@@ -361,7 +361,7 @@ async fn in_flight_bound_answers_503_with_retry_after_at_once_and_appends_nothin
     );
     assert!(!key_was_written(&stack, "refused").await);
     assert!(key_was_written(&stack, "waits").await);
-    assert_eq!(rows(&stack, "SELECT count(*) FROM reservations").await, 1);
+    assert_eq!(rows(&stack, "SELECT count(*) FROM decisions").await, 1);
     let text = metrics_text(&stack).await;
     assert_eq!(refused_count(&text, "in_flight"), Some(1.0));
 }
@@ -464,7 +464,7 @@ async fn lag_bound_answers_503_when_the_sequencer_falls_behind_but_lets_admin_th
         !key_was_written(&stack, "late").await,
         "the refused request left no trace"
     );
-    assert_eq!(rows(&stack, "SELECT count(*) FROM reservations").await, 6);
+    assert_eq!(rows(&stack, "SELECT count(*) FROM decisions").await, 6);
     let text = metrics_text(&stack).await;
     assert_eq!(refused_count(&text, "lag"), Some(2.0));
 }
@@ -541,7 +541,7 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
         );
     }
     assert_eq!(
-        rows(&stack, "SELECT count(*) FROM reservations").await,
+        rows(&stack, "SELECT count(*) FROM decisions").await,
         0,
         "refusals wrote nothing"
     );
@@ -552,7 +552,7 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
     assert_eq!(a.body["user_id"], "alice");
     let id = a.body["reservation_id"].as_str().unwrap().to_owned();
     let owner: String =
-        sqlx::query_scalar("SELECT user_id FROM reservations WHERE reservation_id::text = $1")
+        sqlx::query_scalar("SELECT user_id FROM decisions WHERE reservation_id::text = $1")
             .bind(&id)
             .fetch_one(&stack.pool)
             .await
@@ -607,7 +607,7 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
         (401, Some("unauthorized"))
     );
 
-    let users: Vec<String> = sqlx::query_scalar("SELECT DISTINCT user_id FROM reservations")
+    let users: Vec<String> = sqlx::query_scalar("SELECT DISTINCT user_id FROM decisions")
         .fetch_all(&stack.pool)
         .await
         .unwrap();
@@ -1057,7 +1057,7 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
     eprintln!("hostile sweep: {total} requests, every one a 4xx with a stable code");
 
     assert_eq!(
-        rows(&stack, "SELECT count(*) FROM reservations").await,
+        rows(&stack, "SELECT count(*) FROM decisions").await,
         0,
         "nothing written"
     );

@@ -165,7 +165,7 @@ async fn writes_get_503_at_once_while_no_sequencer_commits_and_a_quiet_sale_stay
         assert!(Instant::now() < deadline, "never ready again: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let n = stack.query_i64("SELECT count(*) FROM reservations").await;
+    let n = stack.query_i64("SELECT count(*) FROM decisions").await;
     assert_eq!(n.unwrap(), 1, "the refused buyers left no trace");
 }
 

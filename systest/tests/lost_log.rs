@@ -14,7 +14,7 @@ use systest::{bin_dir, create_topics, delete_topics, Options, Stack};
 /// Every reservation row of `sku`: id -> (status, user, key).
 async fn rows(stack: &Stack, sku: &str) -> HashMap<String, (String, String, String)> {
     let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-        "SELECT reservation_id::text, status, user_id, idempotency_key FROM reservations
+        "SELECT reservation_id::text, status, user_id, idempotency_key FROM decisions
           WHERE sku = $1",
     )
     .bind(sku)
@@ -149,7 +149,7 @@ async fn a_recreated_requests_topic_stops_the_sale_loudly_and_rebase_log_recover
     let refused = not_held(&after);
     assert!(refused.is_empty(), "after the rebase: {refused:?}");
     let gen2: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM reservations r JOIN log_generations g ON g.generation = 2
+        "SELECT count(*) FROM decisions r JOIN log_generations g ON g.generation = 2
           WHERE r.batch_seq >= g.first_batch_seq AND r.user_id LIKE 'after-%'",
     )
     .fetch_one(&stack.pool)

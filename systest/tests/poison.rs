@@ -73,7 +73,7 @@ async fn poison_messages_on_the_requests_topic_are_refused_and_the_sale_goes_on(
     assert_eq!(doc["role"], "active", "{doc}");
 
     // Nothing of the poison was stored; every offset was consumed.
-    let stored: Vec<String> = sqlx::query_scalar("SELECT user_id FROM reservations ORDER BY 1")
+    let stored: Vec<String> = sqlx::query_scalar("SELECT user_id FROM decisions ORDER BY 1")
         .fetch_all(&stack.pool)
         .await
         .unwrap();

@@ -172,13 +172,13 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
     assert_decided_in_order(&stack, "drop", &decided, STOCK as usize).await;
     // All six were decided by one batch, before the newcomer's.
     let batches = stack
-        .query_i64("SELECT count(DISTINCT batch_seq) FROM reservations WHERE user_id ~ '^u[0-5]$'")
+        .query_i64("SELECT count(DISTINCT batch_seq) FROM decisions WHERE user_id ~ '^u[0-5]$'")
         .await
         .unwrap();
     assert_eq!(batches, 1, "the queue is decided in one batch");
     let before = stack
         .query_i64(
-            "SELECT count(*) FROM reservations q, reservations l
+            "SELECT count(*) FROM decisions q, decisions l
               WHERE q.user_id ~ '^u[0-5]$' AND l.user_id = 'late' AND q.batch_seq < l.batch_seq",
         )
         .await

@@ -20,7 +20,7 @@ async fn a_two_second_lock_under_load_keeps_the_leader_and_loses_nothing() {
     let before = under.load.answered.load(Ordering::Relaxed);
 
     let mut locker = stack.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE reservations IN ACCESS EXCLUSIVE MODE")
+    sqlx::query("LOCK TABLE batches IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *locker)
         .await
         .unwrap();
