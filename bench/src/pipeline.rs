@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use hdrhistogram::Histogram;
-use rdkafka::ClientConfig;
 use serde::Serialize;
 use sqlx::Row;
 use wire::{Command as WireCommand, Request, SkuConfig};
@@ -119,22 +118,13 @@ fn messages(args: &PipelineArgs, sku: &str, run: &str) -> Vec<Vec<u8>> {
     out
 }
 
-/// Reads the whole topic once with the sequencer's consumer settings (sequencer/src/log.rs) and
-/// nothing else; returns (seconds, messages/s).
+/// Reads the whole topic once with the sequencer's consumer settings
+/// (`kafka_config::requests_reader`) and nothing else; returns (seconds, messages/s).
 fn read_probe(brokers: &str, topic: &str, total: i64) -> anyhow::Result<(f64, f64, f64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "flash-bench-read-probe")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.min.bytes", "1")
-        .set("queued.max.messages.kbytes", "65536")
-        .set("enable.partition.eof", "false")
-        .create()?;
+    let consumer: BaseConsumer =
+        kafka_config::requests_reader(brokers, "flash-bench-read-probe".into(), 5).create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(0))?;
     consumer.assign(&tpl)?;

@@ -4,9 +4,6 @@
 
 use rdkafka::config::ClientConfig;
 
-/// An empty client configuration, with librdkafka's own debug contexts when `KAFKA_DEBUG` names
-/// them (for example `eos,broker,protocol`): its log lines go to this process's log at debug
-/// level (`RUST_LOG=info,librdkafka=debug`).
 /// Where the log is: the broker and the two topics, from the command line or the environment
 /// (`#[command(flatten)]` in the ingress's and the sequencer's arguments).
 #[derive(clap::Args, Clone, Debug)]
@@ -19,6 +16,9 @@ pub struct LogArgs {
     pub outcomes_topic: String,
 }
 
+/// An empty client configuration, with librdkafka's own debug contexts when `KAFKA_DEBUG` names
+/// them (for example `eos,broker,protocol`): its log lines go to this process's log at debug
+/// level (`RUST_LOG=info,librdkafka=debug`).
 pub fn base() -> ClientConfig {
     let mut config = ClientConfig::new();
     if let Ok(contexts) = std::env::var("KAFKA_DEBUG") {
@@ -62,6 +62,25 @@ pub fn assigned_consumer(
         .set("enable.partition.eof", "false");
     config
 }
+
+/// The reader of the requests log (the sequencer's, and the benchmark's probe of the broker's
+/// read rate): an [`assigned_consumer`] that never jumps silently to the start or end of the
+/// log (an offset the broker does not have surfaces as an error, which the sequencer turns into
+/// a lost log) and keeps a deep local queue fed under a backlog.
+pub fn requests_reader(brokers: &str, group_id: String, fetch_wait_max_ms: u64) -> ClientConfig {
+    let mut config = assigned_consumer(brokers, group_id, fetch_wait_max_ms, "error");
+    config.set("queued.max.messages.kbytes", "65536");
+    // Once librdkafka's local queue holds `queued.min.messages` (100,000), it postpones the next
+    // fetch by `fetch.queue.backoff.ms`. Its default, 1000 ms, is longer than the decide loop
+    // takes to drain that queue under a backlog (~0.5 s at 200k decisions/s): the loop then sat
+    // idle for up to ~600 ms every second waiting for a fetch. 10 ms keeps the queue fed; the
+    // queue itself stays bounded by the same thresholds.
+    config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string());
+    config
+}
+
+/// `fetch.queue.backoff.ms` of [`requests_reader`].
+pub const FETCH_QUEUE_BACKOFF_MS: u64 = 10;
 
 /// An idempotent producer acknowledged by every in-sync replica: librdkafka's retries (through
 /// broker restarts, until `message.timeout.ms`) never write a message twice.

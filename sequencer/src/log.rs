@@ -127,16 +127,11 @@ pub struct LogIdentity {
 }
 
 pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> ClientConfig {
-    let mut config = kafka_config::assigned_consumer(
+    kafka_config::requests_reader(
         brokers,
         format!("flash-sequencer-{node_id}"),
         fetch_wait_max_ms,
-        // Never jump silently to the start or end of the log: an offset the broker does not
-        // have surfaces as an error (AutoOffsetReset), which the reader turns into a lost log.
-        "error",
-    );
-    config.set("queued.max.messages.kbytes", "65536");
-    config
+    )
 }
 
 /// The low and high watermarks of partition 0, with a clear error when the topic is missing.
