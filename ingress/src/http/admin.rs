@@ -222,7 +222,7 @@ async fn admin_call(
         },
         None => command,
     };
-    match submit(app, Write::Admin, command, key).await? {
+    match submit(app, Write::Admin, command, key).await?.0 {
         Outcome::Sku(view) => Ok(Json(SkuOut::from(view)).into_response()),
         Outcome::Frozen { skus_paused } => Ok(Json(FreezeOut { skus_paused }).into_response()),
         other => Err(unexpected(other)),

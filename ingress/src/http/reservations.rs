@@ -13,7 +13,7 @@ use wire::limits::{IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, USER_ID_BYTES_MAX};
 use wire::{Command, Outcome};
 
 use super::answers::{BodyErrors, BuyerWriteErrors, OwnerErrors, SettleAnswers};
-use super::command::{db_unavailable, submit, submit_async, submit_ticketed, unexpected};
+use super::command::{db_unavailable, submit, submit_async, unexpected};
 use super::dto::{ReservationOut, ReservationPath, ReserveBody};
 use super::state::App;
 use super::tickets::{eta_ms, queued_eta_ms, Ticket, TicketOut};
@@ -124,7 +124,7 @@ pub(crate) async fn create_reservation(
         let eta = eta_ms(position, lag.decide_rate());
         return Ok(accepted(ticket, position, eta, true));
     }
-    match submit_ticketed(&app, write, command, Some(key)).await? {
+    match submit(&app, write, command, Some(key)).await? {
         (
             Outcome::Held {
                 reservation_id,
@@ -287,7 +287,10 @@ async fn settle(
     if let Some(subject) = token_subject(app, headers)? {
         read_owned(app, Some(&subject), id).await?;
     }
-    match submit(app, Write::Settle, command(id.as_u128()), None).await? {
+    match submit(app, Write::Settle, command(id.as_u128()), None)
+        .await?
+        .0
+    {
         Outcome::Reservation(view) => Ok(Json(ReservationOut::from(view)).into_response()),
         other => Err(unexpected(other)),
     }
