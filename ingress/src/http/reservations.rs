@@ -214,47 +214,48 @@ pub(crate) async fn get_reservation(
     .into_response())
 }
 
-#[utoipa::path(
-    post, path = "/v1/reservations/{id}/confirm", tag = "reservations",
-    summary = "Confirm a hold (checkout done): its units move from held to sold; repeatable",
-    params(ReservationPath),
-    security((), ("buyer_jwt" = [])),
-    responses(
-        SettleAnswers,
-        (status = 409, description = "reservation_expired or reservation_cancelled", body = ErrorBody),
-    )
-)]
-pub(crate) async fn confirm_reservation(
-    State(app): State<Arc<App>>,
-    Path(ReservationPath { id }): Path<ReservationPath>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    settle(&app, &headers, &id, |reservation_id| Command::Confirm {
-        reservation_id,
-    })
-    .await
+/// A settle handler: `POST $path` applies `Command::$command` to the reservation of the path
+/// (see [`settle`]); `$conflicts` are its own 409 answers.
+macro_rules! settle_handler {
+    ($name:ident, $command:ident, path = $path:tt, summary = $summary:tt, conflicts = $conflicts:tt) => {
+        #[utoipa::path(
+                    post, path = $path, tag = "reservations",
+                    summary = $summary,
+                    params(ReservationPath),
+                    security((), ("buyer_jwt" = [])),
+                    responses(
+                        SettleAnswers,
+                        (status = 409, description = $conflicts, body = ErrorBody),
+                    )
+                )]
+        pub(crate) async fn $name(
+            State(app): State<Arc<App>>,
+            Path(ReservationPath { id }): Path<ReservationPath>,
+            headers: HeaderMap,
+        ) -> Result<Response, ApiError> {
+            settle(&app, &headers, &id, |reservation_id| Command::$command {
+                reservation_id,
+            })
+            .await
+        }
+    };
 }
 
-#[utoipa::path(
-    post, path = "/v1/reservations/{id}/cancel", tag = "reservations",
+settle_handler!(
+    confirm_reservation,
+    Confirm,
+    path = "/v1/reservations/{id}/confirm",
+    summary = "Confirm a hold (checkout done): its units move from held to sold; repeatable",
+    conflicts = "reservation_expired or reservation_cancelled"
+);
+
+settle_handler!(
+    cancel_reservation,
+    Cancel,
+    path = "/v1/reservations/{id}/cancel",
     summary = "Release a hold; repeatable",
-    params(ReservationPath),
-    security((), ("buyer_jwt" = [])),
-    responses(
-        SettleAnswers,
-        (status = 409, description = "reservation_confirmed or reservation_expired", body = ErrorBody),
-    )
-)]
-pub(crate) async fn cancel_reservation(
-    State(app): State<Arc<App>>,
-    Path(ReservationPath { id }): Path<ReservationPath>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    settle(&app, &headers, &id, |reservation_id| Command::Cancel {
-        reservation_id,
-    })
-    .await
-}
+    conflicts = "reservation_confirmed or reservation_expired"
+);
 
 /// The reservation `id` from Postgres, if `subject` (JWT mode) owns it.
 async fn read_owned(
