@@ -134,15 +134,16 @@ pub(crate) async fn restock_sku(
 }
 
 /// A SKU switch handler: `POST $path` applies `Command::$command` to the SKU of the path.
+#[rustfmt::skip] // rustfmt re-indents the attribute below on every run
 macro_rules! sku_switch_handler {
     ($name:ident, $command:ident, path = $path:tt, summary = $summary:tt) => {
         #[utoipa::path(
-                    post, path = $path, tag = "admin",
-                    summary = $summary,
-                    params(SkuPath, AdminKeyHeader),
-                    security(("admin_token" = [])),
-                    responses(SkuSwitchAnswers)
-                )]
+            post, path = $path, tag = "admin",
+            summary = $summary,
+            params(SkuPath, AdminKeyHeader),
+            security(("admin_token" = [])),
+            responses(SkuSwitchAnswers)
+        )]
         pub(crate) async fn $name(
             State(app): State<Arc<App>>,
             Path(SkuPath { sku }): Path<SkuPath>,

@@ -216,18 +216,19 @@ pub(crate) async fn get_reservation(
 
 /// A settle handler: `POST $path` applies `Command::$command` to the reservation of the path
 /// (see [`settle`]); `$conflicts` are its own 409 answers.
+#[rustfmt::skip] // rustfmt re-indents the attribute below on every run
 macro_rules! settle_handler {
     ($name:ident, $command:ident, path = $path:tt, summary = $summary:tt, conflicts = $conflicts:tt) => {
         #[utoipa::path(
-                    post, path = $path, tag = "reservations",
-                    summary = $summary,
-                    params(ReservationPath),
-                    security((), ("buyer_jwt" = [])),
-                    responses(
-                        SettleAnswers,
-                        (status = 409, description = $conflicts, body = ErrorBody),
-                    )
-                )]
+            post, path = $path, tag = "reservations",
+            summary = $summary,
+            params(ReservationPath),
+            security((), ("buyer_jwt" = [])),
+            responses(
+                SettleAnswers,
+                (status = 409, description = $conflicts, body = ErrorBody),
+            )
+        )]
         pub(crate) async fn $name(
             State(app): State<Arc<App>>,
             Path(ReservationPath { id }): Path<ReservationPath>,
