@@ -484,6 +484,16 @@ impl Stack {
         .await
     }
 
+    /// Reserves one unit of `sku` for numbered buyer `i`: user `u{i}`, key `k{i}`.
+    pub async fn reserve_one(
+        &self,
+        sku: &str,
+        i: impl std::fmt::Display,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.reserve(sku, &format!("u{i}"), 1, &format!("k{i}"))
+            .await
+    }
+
     pub async fn post(&self, path: &str) -> anyhow::Result<(u16, Value)> {
         answer(
             self.http

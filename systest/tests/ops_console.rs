@@ -314,10 +314,7 @@ async fn the_console_shows_the_count_falling_and_pauses_a_sku_from_the_page() {
 
     // Ten buyers reserve one each: the page's count falls to 90.
     for i in 0..10 {
-        let (status, body) = stack
-            .reserve("tee-1", &format!("buyer-{i}"), 1, &format!("k-{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("tee-1", i).await.unwrap();
         assert_eq!(status, 201, "{body}");
     }
     script.tell("RESERVED 90").await;

@@ -81,10 +81,7 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
     // Six buyers queue, in order, each with a ticket; the seventh finds the queue full.
     let mut tickets = Vec::new();
     for i in 0..QUEUE_MAX {
-        let (status, body) = stack
-            .reserve("drop", &format!("u{i}"), 1, &format!("k{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("drop", i).await.unwrap();
         assert_eq!(status, 202, "u{i}: {body}");
         assert_eq!(body["position"], i, "u{i}: {body}");
         let eta = body["eta_ms"].as_u64().expect("an ETA: the start is known");

@@ -213,10 +213,7 @@ async fn a_stream_shows_committed_counts_falling_coalesced_and_across_a_failover
 /// Buyers `range` reserve one unit of "tv" each, all at once; every one is granted.
 async fn reserve_all(stack: &Stack, range: std::ops::Range<usize>) {
     futures_util::future::join_all(range.map(|i| async move {
-        let (status, body) = stack
-            .reserve("tv", &format!("buyer-{i}"), 1, &format!("k-{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("tv", i).await.unwrap();
         assert_eq!(status, 201, "{body}");
     }))
     .await;
