@@ -566,6 +566,11 @@ impl Stack {
         Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
     }
 
+    /// The one `text` column that `sql` selects from this stack's database, every row's.
+    pub async fn query_texts(&self, sql: &str) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(sql).fetch_all(&self.pool).await?)
+    }
+
     /// Counters of one SKU as Postgres holds them.
     pub async fn sku_row(&self, sku: &str) -> anyhow::Result<HashMap<&'static str, i64>> {
         let row: (i64, i64, i64, i64) =

@@ -102,11 +102,10 @@ async fn a_leader_whose_reader_hangs_is_not_ready_then_exits_and_the_standby_dec
     }
     let row = stack.sku_row("r").await.unwrap();
     assert_eq!(row["held"], STALL_AT + 2, "{row:?}");
-    let holds: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE sku = 'r' AND status = 'held'")
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap();
+    let holds = stack
+        .query_i64("SELECT count(*) FROM reservations WHERE sku = 'r' AND status = 'held'")
+        .await
+        .unwrap();
     assert_eq!(holds, STALL_AT + 2);
     let report = stack.audit().unwrap();
     assert_eq!(report["violations"], json!([]), "{report}");
