@@ -59,20 +59,26 @@ pub const CATEGORIES: [&str; 13] = [
     "not_sent",
     "unanswered",
 ];
-const HELD: usize = 0;
-const SOLD_OUT: usize = 1;
-const LIMIT: usize = 2;
-const OK200: usize = 3;
-const OTHER4XX: usize = 4;
-const S429: usize = 5;
-const S503: usize = 6;
-const S504: usize = 7;
-const S5XX: usize = 8;
-const TIMEOUT: usize = 9;
-const CLIENT_ERR: usize = 10;
-/// Still unsent when the phase's cut-off came (the server was so slow that every connection
-/// stayed busy): recorded in the latency histogram at how late they were by then.
-const NOT_SENT: usize = 11;
+
+/// The counted categories, in the order of [`CATEGORIES`] (a category's value is its index
+/// there and in [`Stats::cats`]); "unanswered" is what is left of the requests sent.
+#[derive(Clone, Copy, Debug)]
+enum Cat {
+    Held,
+    SoldOut,
+    Limit,
+    Ok200,
+    Other4xx,
+    S429,
+    S503,
+    S504,
+    S5xx,
+    Timeout,
+    ClientErr,
+    /// Still unsent when the phase's cut-off came (the server was so slow that every connection
+    /// stayed busy): recorded in the latency histogram at how late they were by then.
+    NotSent,
+}
 
 /// Latencies are recorded in microseconds, up to a minute.
 fn histogram() -> Histogram<u64> {
@@ -108,8 +114,8 @@ impl Stats {
         }
     }
 
-    fn count(&self, cat: usize, detail: Option<String>) {
-        self.cats[cat].fetch_add(1, Ordering::Relaxed);
+    fn count(&self, cat: Cat, detail: Option<String>) {
+        self.cats[cat as usize].fetch_add(1, Ordering::Relaxed);
         if let Some(d) = detail {
             *self.detail.lock().unwrap().entry(d).or_insert(0) += 1;
         }
@@ -119,7 +125,7 @@ impl Stats {
         let status = resp.status;
         match status {
             201 => {
-                self.count(HELD, None);
+                self.count(Cat::Held, None);
                 if let Kind::Reserve { orig, slot } = req.kind {
                     if let Some(id) = reservation_id(&resp.body) {
                         let mut w = self.winners.lock().unwrap();
@@ -135,24 +141,24 @@ impl Stats {
                     }
                 }
             }
-            200 => self.count(OK200, None),
+            200 => self.count(Cat::Ok200, None),
             409 => match http::error_code(&resp.body).as_deref() {
-                Some("sold_out") => self.count(SOLD_OUT, None),
-                Some("limit_exceeded") => self.count(LIMIT, None),
-                code => self.count(OTHER4XX, Some(format!("409 {}", code.unwrap_or("-")))),
+                Some("sold_out") => self.count(Cat::SoldOut, None),
+                Some("limit_exceeded") => self.count(Cat::Limit, None),
+                code => self.count(Cat::Other4xx, Some(format!("409 {}", code.unwrap_or("-")))),
             },
-            429 => self.count(S429, None),
-            503 => self.count(S503, None),
-            504 => self.count(S504, None),
+            429 => self.count(Cat::S429, None),
+            503 => self.count(Cat::S503, None),
+            504 => self.count(Cat::S504, None),
             400..=499 => self.count(
-                OTHER4XX,
+                Cat::Other4xx,
                 Some(format!(
                     "{status} {}",
                     http::error_code(&resp.body).as_deref().unwrap_or("-")
                 )),
             ),
             _ => self.count(
-                S5XX,
+                Cat::S5xx,
                 Some(format!(
                     "{status} {}",
                     http::error_code(&resp.body).as_deref().unwrap_or("-")
@@ -163,6 +169,11 @@ impl Stats {
 
     pub fn cat(&self, i: usize) -> u64 {
         self.cats[i].load(Ordering::Relaxed)
+    }
+
+    /// The requests counted in categories `first` to `last`, both included.
+    fn total(&self, first: Cat, last: Cat) -> u64 {
+        (first as usize..=last as usize).map(|i| self.cat(i)).sum()
     }
 }
 
@@ -320,7 +331,7 @@ async fn worker(mut conn: Option<Conn>, s: Arc<Shared>) -> Option<Conn> {
         let due = s.start + Duration::from_secs_f64(n as f64 / s.rate);
         let now = Instant::now();
         if now > s.cutoff {
-            s.stats.count(NOT_SENT, None);
+            s.stats.count(Cat::NotSent, None);
             s.stats
                 .latency
                 .lock()
@@ -351,11 +362,11 @@ async fn worker(mut conn: Option<Conn>, s: Arc<Shared>) -> Option<Conn> {
             }
             Ok(Err(e)) => {
                 s.stats
-                    .count(CLIENT_ERR, Some(format!("client: {}", short(&e))));
+                    .count(Cat::ClientErr, Some(format!("client: {}", short(&e))));
                 conn = None;
             }
             Err(_) => {
-                s.stats.count(TIMEOUT, None);
+                s.stats.count(Cat::Timeout, None);
                 conn = None;
             }
         }
@@ -409,7 +420,7 @@ pub async fn run_phase(
                 }
                 let answered = stats.answered.load(Ordering::Relaxed);
                 let p99 = stats.latency.lock().unwrap().value_at_quantile(0.99) as f64 / 1000.0;
-                let errors: u64 = (S429..=CLIENT_ERR).map(|i| stats.cat(i)).sum();
+                let errors: u64 = stats.total(Cat::S429, Cat::ClientErr);
                 if !quiet {
                     eprintln!(
                         "[{label} {:>4.0}s] sent {:>9} answered {:>9} rate {:>6}/s in-flight {:>5} p99 {:>8.1} ms | held {} sold_out {} limit {} errors {}",
@@ -419,9 +430,9 @@ pub async fn run_phase(
                         answered - last_answered,
                         stats.in_flight.load(Ordering::Relaxed),
                         p99,
-                        stats.cat(HELD),
-                        stats.cat(SOLD_OUT),
-                        stats.cat(LIMIT),
+                        stats.cat(Cat::Held as usize),
+                        stats.cat(Cat::SoldOut as usize),
+                        stats.cat(Cat::Limit as usize),
                         errors,
                     );
                 }
@@ -452,10 +463,10 @@ fn summarize(phase: &Phase, planned: u64, elapsed: f64, stats: &Stats) -> PhaseR
     }
     let sent = stats.sent.load(Ordering::Relaxed);
     let answered = stats.answered.load(Ordering::Relaxed);
-    let settled: u64 = (HELD..=CLIENT_ERR).map(|i| stats.cat(i)).sum();
+    let settled: u64 = stats.total(Cat::Held, Cat::ClientErr);
     outcomes.insert("unanswered".into(), sent.saturating_sub(settled));
-    let decisions: u64 = (HELD..=OTHER4XX).map(|i| stats.cat(i)).sum();
-    let errors: u64 = (S429..=NOT_SENT).map(|i| stats.cat(i)).sum();
+    let decisions: u64 = stats.total(Cat::Held, Cat::Other4xx);
+    let errors: u64 = stats.total(Cat::S429, Cat::NotSent);
     let schedule_s = planned as f64 / phase.rate;
     PhaseReport {
         label: phase.label.clone(),

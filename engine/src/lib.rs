@@ -51,6 +51,7 @@
 //! binary form; [`queue`] keeps the pre-sale queues; [`invariants`] checks the state from
 //! scratch.
 
+mod admin;
 mod checkpoint;
 mod index;
 mod invariants;

@@ -8,11 +8,13 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::topics::Topology;
 use crate::{bin_dir, db, free_port, log_dir, pg_admin_url, process, rand32, shared_brokers};
+
+mod http;
 
 pub const ADMIN_TOKEN: &str = "systest-admin-token-0123456789";
 
@@ -418,117 +420,6 @@ impl Stack {
         }
     }
 
-    pub async fn put_sku(
-        &self,
-        sku: &str,
-        total: u64,
-        per_user_limit: u32,
-        ttl_s: f64,
-    ) -> anyhow::Result<Value> {
-        let (status, body) = self
-            .admin("PUT", &format!("/v1/admin/skus/{sku}"),
-                   Some(json!({"total_stock": total, "per_user_limit": per_user_limit, "hold_ttl_seconds": ttl_s})))
-            .await?;
-        if status != 200 {
-            bail!("PUT sku answered {status}: {body}");
-        }
-        Ok(body)
-    }
-
-    pub async fn admin(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<(u16, Value)> {
-        self.admin_keyed(method, path, body, None).await
-    }
-
-    /// An admin command, under `Idempotency-Key: key` when `key` is given.
-    pub async fn admin_keyed(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-        key: Option<&str>,
-    ) -> anyhow::Result<(u16, Value)> {
-        let mut req = self
-            .http
-            .request(method.parse()?, format!("{}{path}", self.base))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(key) = key {
-            req = req.header("idempotency-key", key);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        answer(req.send().await?).await
-    }
-
-    pub async fn reserve(
-        &self,
-        sku: &str,
-        user: &str,
-        quantity: i64,
-        key: &str,
-    ) -> anyhow::Result<(u16, Value)> {
-        let body =
-            json!({"sku": sku, "user_id": user, "quantity": quantity, "idempotency_key": key});
-        answer(
-            self.http
-                .post(format!("{}/v1/reservations", self.base))
-                .json(&body)
-                .send()
-                .await?,
-        )
-        .await
-    }
-
-    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        answer(
-            self.http
-                .post(format!("{}{path}", self.base))
-                .send()
-                .await?,
-        )
-        .await
-    }
-
-    /// `POST /v1/reservations/{id}/confirm`.
-    pub async fn confirm(&self, id: &str) -> anyhow::Result<(u16, Value)> {
-        self.post(&format!("/v1/reservations/{id}/confirm")).await
-    }
-
-    /// `POST /v1/reservations/{id}/cancel`.
-    pub async fn cancel(&self, id: &str) -> anyhow::Result<(u16, Value)> {
-        self.post(&format!("/v1/reservations/{id}/cancel")).await
-    }
-
-    /// The ingress's whole answer to `GET path`, headers included.
-    pub async fn get_response(&self, path: &str) -> anyhow::Result<reqwest::Response> {
-        Ok(self.http.get(format!("{}{path}", self.base)).send().await?)
-    }
-
-    /// The ingress's Prometheus text.
-    pub async fn ingress_metrics(&self) -> anyhow::Result<String> {
-        let r = self.get_response("/metrics").await?;
-        Ok(r.error_for_status()?.text().await?)
-    }
-
-    /// Sequencer `i`'s Prometheus text (from its status port).
-    pub async fn sequencer_metrics(&self, i: usize) -> anyhow::Result<String> {
-        let url = format!(
-            "http://127.0.0.1:{}/metrics",
-            self.sequencers[i].status_port
-        );
-        let r = self.http.get(url).send().await?;
-        Ok(r.error_for_status()?.text().await?)
-    }
-
-    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        answer(self.get_response(path).await?).await
-    }
-
     /// Appends raw messages to this stack's requests topic, as any producer could, and waits
     /// until the broker has them all.
     pub fn produce_requests(&self, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
@@ -556,6 +447,11 @@ impl Stack {
         Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
     }
 
+    /// The one `text` column that `sql` selects from this stack's database, every row's.
+    pub async fn query_texts(&self, sql: &str) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(sql).fetch_all(&self.pool).await?)
+    }
+
     /// Counters of one SKU as Postgres holds them.
     pub async fn sku_row(&self, sku: &str) -> anyhow::Result<HashMap<&'static str, i64>> {
         let row: (i64, i64, i64, i64) =
@@ -570,13 +466,6 @@ impl Stack {
             ("sold", row.3),
         ]))
     }
-}
-
-async fn answer(r: reqwest::Response) -> anyhow::Result<(u16, Value)> {
-    let status = r.status().as_u16();
-    let text = r.text().await?;
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok((status, body))
 }
 
 impl Drop for Stack {

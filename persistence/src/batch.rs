@@ -11,6 +11,8 @@
 //! transaction never lets the lease lapse while it holds the state row's lock. (Extending it in
 //! the fence statement too would be undone by a rollback and overwritten by a commit.)
 
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 use wire::{Reject, RequestId, ReservationStatus, SkuView};
@@ -94,22 +96,31 @@ pub enum CommitError {
     Inconsistent { batch_seq: u64, what: String },
 }
 
+/// `query` with `args` bound to `$1`, `$2`, … in order.
+macro_rules! bind_all {
+    ($query:expr, $($arg:expr),+ $(,)?) => {
+        $query$(.bind($arg))+
+    };
+}
+
 /// Commits `batch` in one transaction on `conn`.
 pub async fn commit_batch(
     conn: &mut PgConnection,
     batch: &BatchRecord<'_>,
 ) -> Result<(), CommitError> {
     let mut tx: Transaction<'_, Postgres> = sqlx::Connection::begin(conn).await?;
-    let moved = sqlx::query(
-        "UPDATE sequencer_state
-            SET next_offset = $1, batch_seq = $2, clock_ms = $3
-          WHERE id = 1 AND epoch = $4 AND next_offset = $5 AND batch_seq = $2 - 1",
+    let moved = bind_all!(
+        sqlx::query(
+            "UPDATE sequencer_state
+                SET next_offset = $1, batch_seq = $2, clock_ms = $3
+              WHERE id = 1 AND epoch = $4 AND next_offset = $5 AND batch_seq = $2 - 1",
+        ),
+        batch.next_offset,
+        batch.batch_seq as i64,
+        batch.batch_time_ms,
+        batch.epoch as i64,
+        batch.first_offset,
     )
-    .bind(batch.next_offset)
-    .bind(batch.batch_seq as i64)
-    .bind(batch.batch_time_ms)
-    .bind(batch.epoch as i64)
-    .bind(batch.first_offset)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -131,26 +142,28 @@ pub async fn commit_batch(
     // The last statement extends the lease again, in the same round trip: whatever waited in
     // between (a lock on a table, a slow disk), the lease runs from just before the commit.
     // The state row is already locked by this transaction, so this never waits.
-    sqlx::query(
-        "WITH lease AS (
-           UPDATE sequencer_state
-              SET lease_expires_at = GREATEST(lease_expires_at,
-                                              clock_timestamp() + make_interval(secs => $10))
-            WHERE id = 1 AND epoch = $2)
-         INSERT INTO batches (batch_seq, epoch, first_offset, next_offset, decided_at, commands,
-                              decisions, transitions, outbox)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    bind_all!(
+        sqlx::query(
+            "WITH lease AS (
+               UPDATE sequencer_state
+                  SET lease_expires_at = GREATEST(lease_expires_at,
+                                                  clock_timestamp() + make_interval(secs => $10))
+                WHERE id = 1 AND epoch = $2)
+             INSERT INTO batches (batch_seq, epoch, first_offset, next_offset, decided_at, commands,
+                                  decisions, transitions, outbox)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        ),
+        batch.batch_seq as i64,
+        batch.epoch as i64,
+        batch.first_offset,
+        batch.next_offset,
+        ts(batch.batch_time_ms),
+        (batch.next_offset - batch.first_offset) as i32,
+        batch.decisions.len() as i32,
+        batch.transitions.len() as i32,
+        &batch.outbox,
+        batch.lease.as_secs_f64(),
     )
-    .bind(batch.batch_seq as i64)
-    .bind(batch.epoch as i64)
-    .bind(batch.first_offset)
-    .bind(batch.next_offset)
-    .bind(ts(batch.batch_time_ms))
-    .bind((batch.next_offset - batch.first_offset) as i32)
-    .bind(batch.decisions.len() as i32)
-    .bind(batch.transitions.len() as i32)
-    .bind(&batch.outbox)
-    .bind(batch.lease.as_secs_f64())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -167,19 +180,18 @@ async fn insert_admin_keys(
     let keys: Vec<&str> = batch.admin_keys.iter().map(|a| a.idempotency_key).collect();
     let commands: Vec<&[u8]> = batch.admin_keys.iter().map(|a| &a.command[..]).collect();
     let outcomes: Vec<&[u8]> = batch.admin_keys.iter().map(|a| &a.outcome[..]).collect();
-    let inserted = sqlx::query(
-        "INSERT INTO admin_commands (idempotency_key, command, outcome, batch_seq, decided_at)
-         SELECT k, c, o, $4, $5 FROM UNNEST($1::text[], $2::bytea[], $3::bytea[]) AS t(k, c, o)",
-    )
-    .bind(&keys)
-    .bind(&commands)
-    .bind(&outcomes)
-    .bind(batch.batch_seq as i64)
-    .bind(ts(batch.batch_time_ms))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    expect_rows(batch, "admin keys inserted", inserted, keys.len())
+    let query = bind_all!(
+        sqlx::query(
+            "INSERT INTO admin_commands (idempotency_key, command, outcome, batch_seq, decided_at)
+             SELECT k, c, o, $4, $5 FROM UNNEST($1::text[], $2::bytea[], $3::bytea[]) AS t(k, c, o)",
+        ),
+        &keys,
+        &commands,
+        &outcomes,
+        batch.batch_seq as i64,
+        ts(batch.batch_time_ms),
+    );
+    execute_expecting(tx, batch, query, "admin keys inserted", keys.len()).await
 }
 
 /// The admin keys applied by batches up to `batch_seq`: what an engine loaded at that batch
@@ -212,30 +224,29 @@ async fn release_queued(
         .map(|r| Uuid::from_u128(r.0))
         .collect();
     let (statuses, reasons, expiries) = result_columns(batch.released.iter().map(|r| r.1));
-    let inserted = sqlx::query(
-        "WITH released AS (
-           UPDATE queued_requests q SET released_batch = $5
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS t(id, st, r, e)
-            WHERE q.request_id = t.id AND q.released_batch IS NULL
-         RETURNING q.request_id, q.user_id, q.idempotency_key, q.sku, q.quantity,
-                   q.request_offset, t.st, t.r, t.e)
-         INSERT INTO reservations (reservation_id, user_id, idempotency_key, sku, quantity, status,
-                                   reject_reason, decided_at, expires_at, updated_at,
-                                   request_offset, batch_seq)
-         SELECT request_id, user_id, idempotency_key, sku, quantity, st, r, $6, e, $6,
-                request_offset, $5
-           FROM released",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&expiries)
-    .bind(batch.batch_seq as i64)
-    .bind(ts(batch.batch_time_ms))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    expect_rows(batch, "queued requests decided", inserted, n)
+    let query = bind_all!(
+        sqlx::query(
+            "WITH released AS (
+               UPDATE queued_requests q SET released_batch = $5
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS t(id, st, r, e)
+                WHERE q.request_id = t.id AND q.released_batch IS NULL
+             RETURNING q.request_id, q.user_id, q.idempotency_key, q.sku, q.quantity,
+                       q.request_offset, t.st, t.r, t.e)
+             INSERT INTO reservations (reservation_id, user_id, idempotency_key, sku, quantity, status,
+                                       reject_reason, decided_at, expires_at, updated_at,
+                                       request_offset, batch_seq)
+             SELECT request_id, user_id, idempotency_key, sku, quantity, st, r, $6, e, $6,
+                    request_offset, $5
+               FROM released",
+        ),
+        &ids,
+        &statuses,
+        &reasons,
+        &expiries,
+        batch.batch_seq as i64,
+        ts(batch.batch_time_ms),
+    );
+    execute_expecting(tx, batch, query, "queued requests decided", n).await
 }
 
 /// Reservations that joined a pre-sale queue in this batch.
@@ -247,21 +258,25 @@ async fn insert_queued(
         return Ok(());
     }
     let q = &batch.queued;
-    let c = DecisionColumns::of(q.iter().map(|(d, _)| d), q.len());
+    let c = RequestColumns::of(q.iter().map(|(d, _)| d));
     let positions: Vec<i32> = q.iter().map(|&(_, p)| p as i32).collect();
-    let inserted = c.bind_rows(sqlx::query(
-        "INSERT INTO queued_requests (request_id, user_id, idempotency_key, sku, quantity, position,
-                                      request_offset, queued_batch)
-         SELECT *, $8 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[],
-                                  $6::int4[], $7::int8[])",
-    ))
-    .bind(&positions)
-    .bind(&c.offsets)
-    .bind(batch.batch_seq as i64)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    expect_rows(batch, "queued requests inserted", inserted, q.len())
+    let query = bind_all!(
+        sqlx::query(
+            "INSERT INTO queued_requests (request_id, user_id, idempotency_key, sku, quantity, position,
+                                          request_offset, queued_batch)
+             SELECT *, $8 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[],
+                                      $6::int4[], $7::int8[])",
+        ),
+        &c.ids,
+        &c.users,
+        &c.keys,
+        &c.skus,
+        &c.quantities,
+        &positions,
+        &c.offsets,
+        batch.batch_seq as i64,
+    );
+    execute_expecting(tx, batch, query, "queued requests inserted", q.len()).await
 }
 
 /// The requests queued by batches up to `batch_seq` and not decided by them, each SKU's in
@@ -281,8 +296,10 @@ pub async fn queued_as_of(
     .await
 }
 
-/// The columns every new decision row has, one array each (bound to `UNNEST` or stored as is).
-struct DecisionColumns<'a> {
+/// The columns a decision row and a queued request both take from the request: id, user, key,
+/// SKU, quantity and log offset.
+#[derive(Default)]
+struct RequestColumns<'a> {
     ids: Vec<Uuid>,
     users: Vec<&'a str>,
     keys: Vec<&'a str>,
@@ -291,20 +308,12 @@ struct DecisionColumns<'a> {
     offsets: Vec<i64>,
 }
 
-impl<'a> DecisionColumns<'a> {
-    /// The columns of `rows` (`n` of them).
-    fn of<'r>(rows: impl Iterator<Item = &'r DecisionRow<'a>>, n: usize) -> Self
+impl<'a> RequestColumns<'a> {
+    fn of<'r>(rows: impl IntoIterator<Item = &'r DecisionRow<'a>>) -> Self
     where
         'a: 'r,
     {
-        let mut c = DecisionColumns {
-            ids: Vec::with_capacity(n),
-            users: Vec::with_capacity(n),
-            keys: Vec::with_capacity(n),
-            skus: Vec::with_capacity(n),
-            quantities: Vec::with_capacity(n),
-            offsets: Vec::with_capacity(n),
-        };
+        let mut c = RequestColumns::default();
         for d in rows {
             c.ids.push(Uuid::from_u128(d.reservation_id));
             c.users.push(d.user_id);
@@ -315,19 +324,7 @@ impl<'a> DecisionColumns<'a> {
         }
         c
     }
-
-    /// Binds ids, users, keys, SKUs and quantities as `$1`..`$5` (or after what `query` has).
-    fn bind_rows<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
-        query
-            .bind(&self.ids)
-            .bind(&self.users)
-            .bind(&self.keys)
-            .bind(&self.skus)
-            .bind(&self.quantities)
-    }
 }
-
-type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 /// The `status`, `reject_reason` and `expires_at` columns of new decision rows.
 type ResultColumns = (
@@ -360,27 +357,31 @@ async fn insert_grants(
     if n == 0 {
         return Ok(());
     }
-    let c = DecisionColumns::of(grants(), n);
+    let c = RequestColumns::of(grants());
     let (statuses, reasons, expiries) = result_columns(grants().map(|d| d.result));
-    let inserted = c.bind_rows(sqlx::query(
-        "INSERT INTO reservations (reservation_id, user_id, idempotency_key, sku, quantity, status,
-                                   reject_reason, decided_at, expires_at, updated_at,
-                                   request_offset, batch_seq)
-         SELECT id, u, k, s, q, st, r, $10, e, $10, o, $11
-           FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
-                       $7::text[], $8::timestamptz[], $9::int8[])
-                AS t(id, u, k, s, q, st, r, e, o)",
-    ))
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&expiries)
-    .bind(&c.offsets)
-    .bind(ts(batch.batch_time_ms))
-    .bind(batch.batch_seq as i64)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    expect_rows(batch, "decision rows inserted", inserted, n)
+    let query = bind_all!(
+        sqlx::query(
+            "INSERT INTO reservations (reservation_id, user_id, idempotency_key, sku, quantity, status,
+                                       reject_reason, decided_at, expires_at, updated_at,
+                                       request_offset, batch_seq)
+             SELECT id, u, k, s, q, st, r, $10, e, $10, o, $11
+               FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
+                           $7::text[], $8::timestamptz[], $9::int8[])
+                    AS t(id, u, k, s, q, st, r, e, o)",
+        ),
+        &c.ids,
+        &c.users,
+        &c.keys,
+        &c.skus,
+        &c.quantities,
+        &statuses,
+        &reasons,
+        &expiries,
+        &c.offsets,
+        ts(batch.batch_time_ms),
+        batch.batch_seq as i64,
+    );
+    execute_expecting(tx, batch, query, "decision rows inserted", n).await
 }
 
 /// The batch's refusals, as ONE `refusals` row of parallel arrays in decision order: no heap
@@ -389,29 +390,30 @@ async fn insert_refusals(
     tx: &mut Transaction<'_, Postgres>,
     batch: &BatchRecord<'_>,
 ) -> Result<(), CommitError> {
-    let refusals = || {
-        batch
-            .decisions
-            .iter()
-            .filter_map(|d| d.result.err().map(|reason| (d, reason)))
-    };
-    let n = refusals().count();
-    if n == 0 {
+    let refusals = || batch.decisions.iter().filter(|d| d.result.is_err());
+    if refusals().next().is_none() {
         return Ok(());
     }
-    let c = DecisionColumns::of(refusals().map(|(d, _)| d), n);
-    let reasons: Vec<&str> = refusals().map(|(_, reason)| reason.code()).collect();
-    c.bind_rows(sqlx::query(
-        "INSERT INTO refusals (request_ids, user_ids, idempotency_keys, skus, quantities, reasons,
-                               request_offsets, batch_seq)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    ))
-    .bind(&reasons)
-    .bind(&c.offsets)
-    .bind(batch.batch_seq as i64)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    let c = RequestColumns::of(refusals());
+    let reasons: Vec<&str> = refusals()
+        .filter_map(|d| d.result.err().map(Reject::code))
+        .collect();
+    let query = bind_all!(
+        sqlx::query(
+            "INSERT INTO refusals (request_ids, user_ids, idempotency_keys, skus, quantities,
+                                   reasons, request_offsets, batch_seq)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        ),
+        &c.ids,
+        &c.users,
+        &c.keys,
+        &c.skus,
+        &c.quantities,
+        &reasons,
+        &c.offsets,
+        batch.batch_seq as i64,
+    );
+    execute_expecting(tx, batch, query, "refusal rows inserted", 1).await
 }
 
 async fn apply_transitions(
@@ -434,26 +436,27 @@ async fn apply_transitions(
         .collect();
     let ats: Vec<_> = batch.transitions.iter().map(|t| ts(t.at_ms)).collect();
     // Every transition leaves `held`; a row not in `held` means Postgres and the engine disagree.
-    let updated = sqlx::query(
-        "UPDATE reservations r SET status = t.st, updated_at = t.at
-           FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS t(id, st, at)
-          WHERE r.reservation_id = t.id AND r.status = 'held'",
+    let query = bind_all!(
+        sqlx::query(
+            "UPDATE reservations r SET status = t.st, updated_at = t.at
+               FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS t(id, st, at)
+              WHERE r.reservation_id = t.id AND r.status = 'held'",
+        ),
+        &ids,
+        &statuses,
+        &ats,
+    );
+    execute_expecting(tx, batch, query, "held reservations moved", n).await?;
+    bind_all!(
+        sqlx::query(
+            "INSERT INTO reservation_events (reservation_id, status, at, batch_seq)
+             SELECT id, st, at, $4 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS t(id, st, at)",
+        ),
+        &ids,
+        &statuses,
+        &ats,
+        batch.batch_seq as i64,
     )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&ats)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    expect_rows(batch, "held reservations moved", updated, n)?;
-    sqlx::query(
-        "INSERT INTO reservation_events (reservation_id, status, at, batch_seq)
-         SELECT id, st, at, $4 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS t(id, st, at)",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&ats)
-    .bind(batch.batch_seq as i64)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -481,44 +484,49 @@ async fn upsert_skus(
         .iter()
         .map(|v| v.config.queue.as_ref().map(|q| q.max as i32))
         .collect();
-    sqlx::query(
-        "INSERT INTO skus (sku, total, available, held, sold, per_user_limit, hold_ttl_ms,
-                           starts_at, ends_at, paused, queue_opens_at, queue_max, updated_batch)
-         SELECT *, $13 FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[],
-                                   $6::int4[], $7::int8[], $8::timestamptz[], $9::timestamptz[],
-                                   $10::bool[], $11::timestamptz[], $12::int4[])
-         ON CONFLICT (sku) DO UPDATE SET
-             total = EXCLUDED.total, available = EXCLUDED.available, held = EXCLUDED.held,
-             sold = EXCLUDED.sold, per_user_limit = EXCLUDED.per_user_limit,
-             hold_ttl_ms = EXCLUDED.hold_ttl_ms, starts_at = EXCLUDED.starts_at,
-             ends_at = EXCLUDED.ends_at, paused = EXCLUDED.paused,
-             queue_opens_at = EXCLUDED.queue_opens_at, queue_max = EXCLUDED.queue_max,
-             updated_batch = EXCLUDED.updated_batch",
+    bind_all!(
+        sqlx::query(
+            "INSERT INTO skus (sku, total, available, held, sold, per_user_limit, hold_ttl_ms,
+                               starts_at, ends_at, paused, queue_opens_at, queue_max, updated_batch)
+             SELECT *, $13 FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[],
+                                       $6::int4[], $7::int8[], $8::timestamptz[], $9::timestamptz[],
+                                       $10::bool[], $11::timestamptz[], $12::int4[])
+             ON CONFLICT (sku) DO UPDATE SET
+                 total = EXCLUDED.total, available = EXCLUDED.available, held = EXCLUDED.held,
+                 sold = EXCLUDED.sold, per_user_limit = EXCLUDED.per_user_limit,
+                 hold_ttl_ms = EXCLUDED.hold_ttl_ms, starts_at = EXCLUDED.starts_at,
+                 ends_at = EXCLUDED.ends_at, paused = EXCLUDED.paused,
+                 queue_opens_at = EXCLUDED.queue_opens_at, queue_max = EXCLUDED.queue_max,
+                 updated_batch = EXCLUDED.updated_batch",
+        ),
+        &names,
+        int8(|v| v.total),
+        int8(|v| v.available),
+        int8(|v| v.held),
+        int8(|v| v.sold),
+        &limits,
+        int8(|v| v.config.hold_ttl_ms),
+        &starts,
+        &ends,
+        &paused,
+        &queue_opens,
+        &queue_max,
+        batch.batch_seq as i64,
     )
-    .bind(&names)
-    .bind(int8(|v| v.total))
-    .bind(int8(|v| v.available))
-    .bind(int8(|v| v.held))
-    .bind(int8(|v| v.sold))
-    .bind(&limits)
-    .bind(int8(|v| v.config.hold_ttl_ms))
-    .bind(&starts)
-    .bind(&ends)
-    .bind(&paused)
-    .bind(&queue_opens)
-    .bind(&queue_max)
-    .bind(batch.batch_seq as i64)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-fn expect_rows(
+/// Runs `query` in `tx`; it must touch `want` rows (`what` names them when it does not).
+async fn execute_expecting(
+    tx: &mut Transaction<'_, Postgres>,
     batch: &BatchRecord<'_>,
+    query: Query<'_, Postgres, PgArguments>,
     what: &str,
-    got: u64,
     want: usize,
 ) -> Result<(), CommitError> {
+    let got = query.execute(&mut **tx).await?.rows_affected();
     if got as usize == want {
         return Ok(());
     }

@@ -12,18 +12,6 @@ use wire::{Reject, SkuConfig, SkuView};
 
 const LEASE: Duration = Duration::from_secs(30);
 
-fn decision(id: u128, key: &str, offset: i64, result: Result<i64, Reject>) -> DecisionRow<'_> {
-    DecisionRow {
-        reservation_id: id,
-        user_id: "buyer-1",
-        idempotency_key: key,
-        sku: "sku-1",
-        quantity: 1,
-        result,
-        request_offset: offset,
-    }
-}
-
 fn sku(held: u64) -> SkuView {
     SkuView {
         sku: "sku-1".into(),
@@ -43,8 +31,24 @@ fn sku(held: u64) -> SkuView {
     }
 }
 
-/// Batch `seq` deciding the single command at offset `seq - 1`.
-fn batch<'a>(epoch: u64, seq: u64, d: DecisionRow<'a>, skus: Vec<SkuView>) -> BatchRecord<'a> {
+/// Batch `seq` deciding the single command at offset `seq - 1`: request `seq` of buyer-1 for one
+/// unit of sku-1 under `key`, with `result`.
+fn batch(
+    epoch: u64,
+    seq: u64,
+    key: &str,
+    result: Result<i64, Reject>,
+    skus: Vec<SkuView>,
+) -> BatchRecord<'_> {
+    let d = DecisionRow {
+        reservation_id: u128::from(seq),
+        user_id: "buyer-1",
+        idempotency_key: key,
+        sku: "sku-1",
+        quantity: 1,
+        result,
+        request_offset: seq as i64 - 1,
+    };
     BatchRecord {
         epoch,
         batch_seq: seq,
@@ -82,21 +86,11 @@ async fn writer(name: &str) -> (PgPool, u64) {
 async fn postgres_refuses_a_second_reservation_under_one_idempotency_key() {
     let (pool, epoch) = writer("twice_held").await;
     let mut conn = pool.acquire().await.unwrap();
-    let first = batch(
-        epoch,
-        1,
-        decision(1, "k", 0, Ok(1_700_000_060_000)),
-        vec![sku(1)],
-    );
+    let first = batch(epoch, 1, "k", Ok(1_700_000_060_000), vec![sku(1)]);
     commit_batch(&mut conn, &first).await.unwrap();
 
     // A buggy writer granting the same key again: the whole batch is refused.
-    let second = batch(
-        epoch,
-        2,
-        decision(2, "k", 1, Ok(1_700_000_060_001)),
-        vec![sku(2)],
-    );
+    let second = batch(epoch, 2, "k", Ok(1_700_000_060_001), vec![sku(2)]);
     match commit_batch(&mut conn, &second).await {
         Err(CommitError::Database(sqlx::Error::Database(e))) => {
             assert_eq!(e.code().as_deref(), Some("23505"), "{e}");
@@ -124,17 +118,12 @@ async fn a_refusal_decided_twice_is_reported_by_the_audit() {
     // the same key is the engine's to prevent, and the audit's to find.
     let (pool, epoch) = writer("twice_refused").await;
     let mut conn = pool.acquire().await.unwrap();
-    let first = batch(
-        epoch,
-        1,
-        decision(1, "k", 0, Err(Reject::SoldOut)),
-        vec![sku(0)],
-    );
+    let first = batch(epoch, 1, "k", Err(Reject::SoldOut), vec![sku(0)]);
     commit_batch(&mut conn, &first).await.unwrap();
     let clean = audit::run(&pool).await.unwrap();
     assert!(clean.is_clean(), "{:?}", clean.violations);
 
-    let second = batch(epoch, 2, decision(2, "k", 1, Err(Reject::SoldOut)), vec![]);
+    let second = batch(epoch, 2, "k", Err(Reject::SoldOut), vec![]);
     commit_batch(&mut conn, &second).await.unwrap();
     let report = audit::run(&pool).await.unwrap();
     assert_violation(&report, "user buyer-1 key k decided 2 times");
@@ -146,20 +135,18 @@ async fn a_refusal_decided_twice_is_reported_by_the_audit() {
 async fn refusals_are_one_row_per_batch_and_load_back_in_decision_order() {
     let (pool, epoch) = writer("compact_refusals").await;
     let mut conn = pool.acquire().await.unwrap();
-    let mut record = batch(
-        epoch,
-        1,
-        decision(1, "a", 0, Err(Reject::SoldOut)),
-        vec![sku(1)],
-    );
-    record.first_offset = 0;
+    // Batch 1 decides offsets 0..3: a refusal, a grant, a refusal.
+    let mut record = batch(epoch, 1, "a", Err(Reject::SoldOut), vec![sku(1)]);
     record.next_offset = 3;
-    record
-        .decisions
-        .push(decision(2, "b", 1, Ok(1_700_000_060_000)));
-    record
-        .decisions
-        .push(decision(3, "c", 2, Err(Reject::LimitExceeded)));
+    for (id, key, result) in [
+        (2, "b", Ok(1_700_000_060_000)),
+        (3, "c", Err(Reject::LimitExceeded)),
+    ] {
+        let mut d = record.decisions[0].clone();
+        (d.reservation_id, d.idempotency_key, d.result) = (id, key, result);
+        d.request_offset = id as i64 - 1;
+        record.decisions.push(d);
+    }
     commit_batch(&mut conn, &record).await.unwrap();
 
     let (rows, refusal_rows, refused): (i64, i64, i32) = sqlx::query_as(
@@ -234,12 +221,7 @@ async fn a_batch_held_up_by_a_lock_keeps_the_lease_and_the_standby_waits() {
         let pool = pool.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            let mut record = batch(
-                epoch,
-                1,
-                decision(1, "k", 0, Ok(1_700_000_060_000)),
-                vec![sku(1)],
-            );
+            let mut record = batch(epoch, 1, "k", Ok(1_700_000_060_000), vec![sku(1)]);
             record.lease = short;
             commit_batch(&mut conn, &record).await
         }

@@ -16,3 +16,14 @@ pub fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
 pub fn delete_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
     harness::topics::delete_topics(&bin_dir(), brokers, topics)
 }
+
+/// Asserts that an answer with `status` and `body` is the error `expected` (its status and
+/// `error` code), showing the body when it is not.
+#[track_caller]
+pub fn assert_error(status: u16, body: &serde_json::Value, expected: (u16, &str)) {
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (expected.0, Some(expected.1)),
+        "{body}"
+    );
+}

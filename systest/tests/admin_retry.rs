@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use systest::{Options, Stack};
+use systest::{assert_error, Options, Stack};
 
 const RESTOCK: &str = "/v1/admin/skus/tee/restock";
 
@@ -51,10 +51,7 @@ async fn a_retried_restock_adds_its_units_once_across_a_timeout_a_failover_and_a
         .admin_keyed("POST", "/v1/admin/skus/tee/pause", None, Some("restock-1"))
         .await
         .unwrap();
-    assert_eq!(
-        (code, body["error"].as_str()),
-        (422, Some("idempotency_key_reused"))
-    );
+    assert_error(code, &body, (422, "idempotency_key_reused"));
     assert_eq!(total(&stack).await, 15);
 
     // The answer is lost (both sequencers frozen: 504 naming the key); the command is decided
@@ -131,19 +128,15 @@ async fn a_retried_restock_adds_its_units_once_across_a_timeout_a_failover_and_a
         assert_eq!(total(&stack).await, 20, "{key} retried after a restart");
     }
     let (code, body) = restock(&stack, 9, Some("restock-2")).await;
-    assert_eq!(
-        (code, body["error"].as_str()),
-        (422, Some("idempotency_key_reused"))
-    );
+    assert_error(code, &body, (422, "idempotency_key_reused"));
 
     // A new key adds its units; Postgres holds one row per key.
     let (code, body) = restock(&stack, 1, Some("restock-3")).await;
     assert_eq!((code, body["total"].as_i64()), (200, Some(21)));
-    let keys: Vec<String> =
-        sqlx::query_scalar("SELECT idempotency_key FROM admin_commands ORDER BY batch_seq")
-            .fetch_all(&stack.pool)
-            .await
-            .unwrap();
+    let keys = stack
+        .query_texts("SELECT idempotency_key FROM admin_commands ORDER BY batch_seq")
+        .await
+        .unwrap();
     assert_eq!(keys, ["restock-1", "restock-2", "restock-3"]);
     let audit = stack.audit().unwrap();
     assert_eq!(audit["violations"], json!([]), "{audit}");

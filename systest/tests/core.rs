@@ -99,25 +99,23 @@ async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
 
     let row = stack.sku_row("hot").await.unwrap();
     assert_eq!((row["held"], row["available"], row["sold"]), (1_000, 0, 0));
-    let held_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE status = 'held'")
-        .fetch_one(&stack.pool)
+    let held_rows = stack
+        .query_i64("SELECT count(*) FROM decisions WHERE status = 'held'")
         .await
         .unwrap();
     assert_eq!(held_rows, 1_000, "Postgres agrees with the engine");
-    let rejected_rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM decisions WHERE status = 'rejected'")
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap();
+    let rejected_rows = stack
+        .query_i64("SELECT count(*) FROM decisions WHERE status = 'rejected'")
+        .await
+        .unwrap();
     assert_eq!(
         rejected_rows, 19_000,
         "every refusal is a recorded decision"
     );
-    let granted_ids: Vec<String> =
-        sqlx::query_scalar("SELECT reservation_id::text FROM decisions WHERE status = 'held'")
-            .fetch_all(&stack.pool)
-            .await
-            .unwrap();
+    let granted_ids = stack
+        .query_texts("SELECT reservation_id::text FROM decisions WHERE status = 'held'")
+        .await
+        .unwrap();
     held_ids.sort();
     let mut granted_ids = granted_ids;
     granted_ids.sort();
@@ -182,8 +180,8 @@ async fn the_same_request_sent_three_times_reserves_once_and_answers_identically
         201
     );
 
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE user_id = 'alice'")
-        .fetch_one(&stack.pool)
+    let rows = stack
+        .query_i64("SELECT count(*) FROM decisions WHERE user_id = 'alice'")
         .await
         .unwrap();
     assert_eq!(rows, 1, "one decision row for alice's key");
@@ -268,11 +266,10 @@ async fn holds_confirm_cancel_and_expire_move_stock_as_specified() {
         stack.confirm(&first_id).await.unwrap(),
         (409, json!({"error": "reservation_expired"}))
     );
-    let events: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM reservation_events ORDER BY at")
-            .fetch_all(&stack.pool)
-            .await
-            .unwrap();
+    let events = stack
+        .query_texts("SELECT status FROM reservation_events ORDER BY at")
+        .await
+        .unwrap();
     assert_eq!(
         events,
         ["confirmed", "cancelled", "expired"],

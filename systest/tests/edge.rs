@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use harness::jwt::hs256;
 use serde_json::{json, Value};
-use systest::{Options, Stack, ADMIN_TOKEN};
+use systest::{assert_error, Options, Stack, ADMIN_TOKEN};
 
 /// `(method, path template)` of a route.
 type Route = (&'static str, &'static str);
@@ -432,7 +432,7 @@ async fn lag_bound_answers_503_when_the_sequencer_falls_behind_but_lets_admin_th
     // Confirm and cancel are buyers' writes too.
     let unknown = "0190f2a4-0000-7000-8000-000000000000";
     let (s, b) = stack.cancel(unknown).await.unwrap();
-    assert_eq!((s, b["error"].as_str()), (503, Some("overloaded")));
+    assert_error(s, &b, (503, "overloaded"));
     // An operator's pause is not refused by the lag bound: it waits for the sequencer.
     let pause = tokio::spawn(send(
         stack
@@ -567,25 +567,13 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
     let bob = token_for("bob");
     let url = |suffix: &str| format!("{}/v1/reservations/{id}{suffix}", stack.base);
     let a = send(stack.http.get(url(""))).await;
-    assert_eq!(
-        (a.status, a.body["error"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    assert_error(a.status, &a.body, (401, "unauthorized"));
     let a = send(stack.http.get(url("")).bearer_auth(&bob)).await;
-    assert_eq!(
-        (a.status, a.body["error"].as_str()),
-        (403, Some("forbidden"))
-    );
+    assert_error(a.status, &a.body, (403, "forbidden"));
     let a = send(stack.http.post(url("/cancel")).bearer_auth(&bob)).await;
-    assert_eq!(
-        (a.status, a.body["error"].as_str()),
-        (403, Some("forbidden"))
-    );
+    assert_error(a.status, &a.body, (403, "forbidden"));
     let a = send(stack.http.post(url("/confirm"))).await;
-    assert_eq!(
-        (a.status, a.body["error"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    assert_error(a.status, &a.body, (401, "unauthorized"));
     let a = send(stack.http.get(url("")).bearer_auth(&alice)).await;
     assert_eq!((a.status, a.body["status"].as_str()), (200, Some("held")));
     let a = send(stack.http.post(url("/cancel")).bearer_auth(&alice)).await;
@@ -602,13 +590,10 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
             .bearer_auth(&alice),
     )
     .await;
-    assert_eq!(
-        (a.status, a.body["error"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    assert_error(a.status, &a.body, (401, "unauthorized"));
 
-    let users: Vec<String> = sqlx::query_scalar("SELECT DISTINCT user_id FROM decisions")
-        .fetch_all(&stack.pool)
+    let users = stack
+        .query_texts("SELECT DISTINCT user_id FROM decisions")
         .await
         .unwrap();
     assert_eq!(users, ["alice"]);
@@ -748,32 +733,32 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
         r#"{"sku":"good","quantity":1"#.into(),
         "\u{feff}{}".into(),
     ];
-    let bad_upsert_bodies: Vec<String> = vec![
-        String::new(),
-        "{}".into(),
-        r#"{"total_stock":"100","per_user_limit":1,"hold_ttl_seconds":1}"#.into(),
-        r#"{"total_stock":-1,"per_user_limit":1,"hold_ttl_seconds":1}"#.into(),
-        r#"{"total_stock":1000000000001,"per_user_limit":1,"hold_ttl_seconds":1}"#.into(),
-        r#"{"total_stock":99999999999999999999999,"per_user_limit":1,"hold_ttl_seconds":1}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":0,"hold_ttl_seconds":1}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1000001,"hold_ttl_seconds":1}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":0}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":-5}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1e300}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":NaN}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1,"starts_at":"yesterday"}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1,"starts_at":"2030-01-02T00:00:00Z","ends_at":"2030-01-01T00:00:00Z"}"#.into(),
-        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1,"ends_at":"२०३०-०१-०१"}"#.into(),
+    let bad_upsert_bodies: &[&str] = &[
+        "",
+        "{}",
+        r#"{"total_stock":"100","per_user_limit":1,"hold_ttl_seconds":1}"#,
+        r#"{"total_stock":-1,"per_user_limit":1,"hold_ttl_seconds":1}"#,
+        r#"{"total_stock":1000000000001,"per_user_limit":1,"hold_ttl_seconds":1}"#,
+        r#"{"total_stock":99999999999999999999999,"per_user_limit":1,"hold_ttl_seconds":1}"#,
+        r#"{"total_stock":1,"per_user_limit":0,"hold_ttl_seconds":1}"#,
+        r#"{"total_stock":1,"per_user_limit":1000001,"hold_ttl_seconds":1}"#,
+        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":0}"#,
+        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":-5}"#,
+        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1e300}"#,
+        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":NaN}"#,
+        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1,"starts_at":"yesterday"}"#,
+        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1,"starts_at":"2030-01-02T00:00:00Z","ends_at":"2030-01-01T00:00:00Z"}"#,
+        r#"{"total_stock":1,"per_user_limit":1,"hold_ttl_seconds":1,"ends_at":"२०३०-०१-०१"}"#,
     ];
-    let bad_restock_bodies: Vec<String> = vec![
-        String::new(),
-        "{}".into(),
-        r#"{"quantity":0}"#.into(),
-        r#"{"quantity":-5}"#.into(),
-        r#"{"quantity":"5"}"#.into(),
-        r#"{"quantity":1000000000001}"#.into(),
-        r#"{"quantity":1e30}"#.into(),
-        r#"{"quantity":null}"#.into(),
+    let bad_restock_bodies: &[&str] = &[
+        "",
+        "{}",
+        r#"{"quantity":0}"#,
+        r#"{"quantity":-5}"#,
+        r#"{"quantity":"5"}"#,
+        r#"{"quantity":1000000000001}"#,
+        r#"{"quantity":1e30}"#,
+        r#"{"quantity":null}"#,
     ];
 
     // (route, what, request)
@@ -904,37 +889,37 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
     ));
 
     // Admin routes: every auth failure, then valid auth with hostile input.
-    let no_bodies: Vec<String> = Vec::new();
-    let admin_routes: [(Route, &str, &str, &[String]); 5] = [
+    let no_bodies: &[&str] = &[];
+    let admin_routes: [(Route, &str, &str, &[&str]); 5] = [
         (
             ("put", "/v1/admin/skus/{sku}"),
             "PUT",
             "/v1/admin/skus/{sku}",
-            &bad_upsert_bodies,
+            bad_upsert_bodies,
         ),
         (
             ("post", "/v1/admin/skus/{sku}/restock"),
             "POST",
             "/v1/admin/skus/{sku}/restock",
-            &bad_restock_bodies,
+            bad_restock_bodies,
         ),
         (
             ("post", "/v1/admin/skus/{sku}/pause"),
             "POST",
             "/v1/admin/skus/{sku}/pause",
-            &no_bodies,
+            no_bodies,
         ),
         (
             ("post", "/v1/admin/skus/{sku}/resume"),
             "POST",
             "/v1/admin/skus/{sku}/resume",
-            &no_bodies,
+            no_bodies,
         ),
         (
             ("post", "/v1/admin/freeze"),
             "POST",
             "/v1/admin/freeze",
-            &no_bodies,
+            no_bodies,
         ),
     ];
     for (r, method, template, bodies) in admin_routes {
@@ -985,7 +970,7 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
             cases.push((
                 r,
                 format!("bad body #{i} {:.60}", b),
-                req("good").bearer_auth(ADMIN_TOKEN).body(b.clone()),
+                req("good").bearer_auth(ADMIN_TOKEN).body(*b),
             ));
         }
         if !bodies.is_empty() {

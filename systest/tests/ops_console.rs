@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use systest::{Options, Stack, ADMIN_TOKEN};
+use systest::{assert_error, Options, Stack, ADMIN_TOKEN};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -56,10 +56,7 @@ async fn the_sku_list_and_the_ops_summary_answer_from_postgres_and_the_sequencer
     assert_eq!(status, 200);
     assert_eq!(after["skus"].as_array().unwrap().len(), 3, "{after}");
     let (status, bad) = stack.get("/v1/skus?after=no%20such%20name").await.unwrap();
-    assert_eq!(
-        (status, bad["error"].as_str()),
-        (422, Some("invalid_request"))
-    );
+    assert_error(status, &bad, (422, "invalid_request"));
 
     // The summary, sampled once a second: the writer from Postgres, both sequencers with their
     // roles and the same epoch, decisions counted, every alert of docs/OPERATIONS.md evaluated.
@@ -314,10 +311,7 @@ async fn the_console_shows_the_count_falling_and_pauses_a_sku_from_the_page() {
 
     // Ten buyers reserve one each: the page's count falls to 90.
     for i in 0..10 {
-        let (status, body) = stack
-            .reserve("tee-1", &format!("buyer-{i}"), 1, &format!("k-{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("tee-1", i).await.unwrap();
         assert_eq!(status, 201, "{body}");
     }
     script.tell("RESERVED 90").await;
@@ -334,11 +328,7 @@ async fn the_console_shows_the_count_falling_and_pauses_a_sku_from_the_page() {
         .reserve("tee-1", "late-buyer", 1, "k-late")
         .await
         .unwrap();
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (409, Some("sale_paused")),
-        "{body}"
-    );
+    assert_error(status, &body, (409, "sale_paused"));
     let (_, sku) = stack.get("/v1/skus/tee-1").await.unwrap();
     assert_eq!(sku["status"], "paused", "{sku}");
     assert_eq!(sku["available"], 90, "{sku}");

@@ -73,13 +73,13 @@ async fn poison_messages_on_the_requests_topic_are_refused_and_the_sale_goes_on(
     assert_eq!(doc["role"], "active", "{doc}");
 
     // Nothing of the poison was stored; every offset was consumed.
-    let stored: Vec<String> = sqlx::query_scalar("SELECT user_id FROM decisions ORDER BY 1")
-        .fetch_all(&stack.pool)
+    let stored = stack
+        .query_texts("SELECT user_id FROM decisions ORDER BY 1")
         .await
         .unwrap();
     assert_eq!(stored, vec!["alice".to_owned()]);
-    let far: i64 = sqlx::query_scalar("SELECT count(*) FROM skus WHERE sku = 'far'")
-        .fetch_one(&stack.pool)
+    let far = stack
+        .query_i64("SELECT count(*) FROM skus WHERE sku = 'far'")
         .await
         .unwrap();
     assert_eq!(far, 0);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use systest::tickets::{assert_decided_in_order, until_decided};
-use systest::{Options, Stack};
+use systest::{assert_error, Options, Stack};
 
 /// Queued requests the SKU's queue holds.
 const QUEUE_MAX: usize = 6;
@@ -81,10 +81,7 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
     // Six buyers queue, in order, each with a ticket; the seventh finds the queue full.
     let mut tickets = Vec::new();
     for i in 0..QUEUE_MAX {
-        let (status, body) = stack
-            .reserve("drop", &format!("u{i}"), 1, &format!("k{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("drop", i).await.unwrap();
         assert_eq!(status, 202, "u{i}: {body}");
         assert_eq!(body["position"], i, "u{i}: {body}");
         let eta = body["eta_ms"].as_u64().expect("an ETA: the start is known");
@@ -93,11 +90,7 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
         tickets.push(body["ticket_id"].as_str().unwrap().to_owned());
     }
     let (status, full) = stack.reserve("drop", "u6", 1, "k6").await.unwrap();
-    assert_eq!(
-        (status, full["error"].as_str()),
-        (409, Some("queue_full")),
-        "{full}"
-    );
+    assert_error(status, &full, (409, "queue_full"));
     // A retry keeps its place; its own ticket follows the same request.
     let (status, again) = stack.reserve("drop", "u2", 1, "k2").await.unwrap();
     assert_eq!(
@@ -159,11 +152,7 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
     ))
     .await;
     let (status, late) = reserve_decided(&stack, "late", "k").await;
-    assert_eq!(
-        (status, late["error"].as_str()),
-        (409, Some("sold_out")),
-        "{late}"
-    );
+    assert_error(status, &late, (409, "sold_out"));
     let mut decided = Vec::new();
     for ticket in &tickets {
         decided.push(until_decided(&stack, ticket, Duration::from_secs(10)).await);

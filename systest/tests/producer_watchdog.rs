@@ -58,10 +58,7 @@ async fn a_producer_that_cannot_deliver_while_the_broker_serves_is_replaced() {
     // The new producer serves: writes are decided, each retried key once.
     let mut first = serde_json::Value::Null;
     for i in 0..20 {
-        let (status, body) = stack
-            .reserve("w", &format!("u{i}"), 1, &format!("k{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("w", i).await.unwrap();
         assert_eq!(status, 201, "{body}");
         if i == 0 {
             first = body;

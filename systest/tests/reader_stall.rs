@@ -42,19 +42,13 @@ async fn a_leader_whose_reader_hangs_is_not_ready_then_exits_and_the_standby_dec
     // Offsets 0..5: the SKU and four holds, decided before the reader hangs.
     stack.put_sku("r", 100, 1, 300.0).await.unwrap();
     for i in 1..STALL_AT {
-        let (status, body) = stack
-            .reserve("r", &format!("u{i}"), 1, &format!("k{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("r", i).await.unwrap();
         assert_eq!(status, 201, "{body}");
     }
     // These reach the log and are never read by the leader.
     let mut stuck = Vec::new();
     for i in STALL_AT..STALL_AT + 3 {
-        let (status, body) = stack
-            .reserve("r", &format!("u{i}"), 1, &format!("k{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("r", i).await.unwrap();
         assert!(status == 504 || status == 503, "{status} {body}");
         stuck.push(i);
     }
@@ -95,10 +89,7 @@ async fn a_leader_whose_reader_hangs_is_not_ready_then_exits_and_the_standby_dec
     for i in stuck {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, body) = stack
-                .reserve("r", &format!("u{i}"), 1, &format!("k{i}"))
-                .await
-                .unwrap();
+            let (status, body) = stack.reserve_one("r", i).await.unwrap();
             if status == 201 {
                 break;
             }
@@ -111,11 +102,10 @@ async fn a_leader_whose_reader_hangs_is_not_ready_then_exits_and_the_standby_dec
     }
     let row = stack.sku_row("r").await.unwrap();
     assert_eq!(row["held"], STALL_AT + 2, "{row:?}");
-    let holds: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM decisions WHERE sku = 'r' AND status = 'held'")
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap();
+    let holds = stack
+        .query_i64("SELECT count(*) FROM decisions WHERE sku = 'r' AND status = 'held'")
+        .await
+        .unwrap();
     assert_eq!(holds, STALL_AT + 2);
     let report = stack.audit().unwrap();
     assert_eq!(report["violations"], json!([]), "{report}");

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use systest::{Options, Stack};
+use systest::{assert_error, Options, Stack};
 
 /// One SSE event: its `event`, `id` and `data` (JSON), and when it arrived.
 #[derive(Debug)]
@@ -173,7 +173,7 @@ async fn a_stream_shows_committed_counts_falling_coalesced_and_across_a_failover
 
     // Unknown SKUs: 404, no stream.
     let (status, body) = stack.get("/v1/skus/nope/events").await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_sku")));
+    assert_error(status, &body, (404, "unknown_sku"));
 
     // Bounded: two more streams fit (three in all), the fourth gets 503 with Retry-After.
     let second = EventStream::new(EventStream::open(&stack, "tv").await);
@@ -213,10 +213,7 @@ async fn a_stream_shows_committed_counts_falling_coalesced_and_across_a_failover
 /// Buyers `range` reserve one unit of "tv" each, all at once; every one is granted.
 async fn reserve_all(stack: &Stack, range: std::ops::Range<usize>) {
     futures_util::future::join_all(range.map(|i| async move {
-        let (status, body) = stack
-            .reserve("tv", &format!("buyer-{i}"), 1, &format!("k-{i}"))
-            .await
-            .unwrap();
+        let (status, body) = stack.reserve_one("tv", i).await.unwrap();
         assert_eq!(status, 201, "{body}");
     }))
     .await;

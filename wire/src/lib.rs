@@ -20,51 +20,12 @@ pub type RequestId = u128;
 /// Random per ingress process; outcomes are routed back by it.
 pub type IngressId = u64;
 
-/// Limits shared by the ingress (which refuses larger input with 422) and the engine (which
-/// refuses it again, so a foreign producer cannot break them either).
-pub mod limits {
-    /// Largest total stock of one SKU. Far below `i64::MAX` so that Postgres `bigint` sums of
-    /// counters can never overflow.
-    pub const STOCK_MAX: u64 = 1_000_000_000_000;
-    /// Largest quantity of one reservation and largest per-user limit.
-    pub const QUANTITY_MAX: u32 = 1_000_000;
-    /// Longest hold: a week. Keeps `decided_at + ttl` far inside `i64` milliseconds.
-    pub const HOLD_TTL_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
-    /// Longest SKU name, user id and idempotency key, in bytes.
-    pub const SKU_BYTES_MAX: usize = 64;
-    pub const USER_ID_BYTES_MAX: usize = 128;
-    pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
-    /// Sale windows lie between 1970 and the end of year 9999 (Unix milliseconds): inside what
-    /// Postgres `timestamptz` and RFC 3339 can say, and far from `i64` overflow.
-    pub const TIME_MS_MAX: i64 = 253_402_300_799_999;
-    /// Longest pre-sale queue of one SKU: the whole queue is decided in the first batch at the
-    /// sale's start, in one transaction.
-    pub const QUEUE_MAX: u32 = 100_000;
+pub mod limits;
+mod outbox;
 
-    /// A SKU name appears in URLs and logs: 1 to [`SKU_BYTES_MAX`] of `A-Z a-z 0-9 . _ : -`.
-    pub fn sku_name_ok(name: &str) -> bool {
-        !name.is_empty()
-            && name.len() <= SKU_BYTES_MAX
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-    }
-
-    /// User ids and idempotency keys: 1 to `max` bytes of printable UTF-8 (no control
-    /// characters: a NUL byte cannot even be stored in Postgres `text`).
-    pub fn text_ok(text: &str, max: usize) -> bool {
-        if text.is_empty() || text.len() > max {
-            return false;
-        }
-        // ASCII (nearly every id) is checked byte by byte; anything else char by char (C1
-        // controls are two-byte characters).
-        if text.is_ascii() {
-            text.bytes().all(|b| (0x20..0x7f).contains(&b))
-        } else {
-            !text.chars().any(char::is_control)
-        }
-    }
-}
+pub use outbox::{
+    ingress_key, Outbox, OutboxMessage, OutcomeBatch, Reply, StockUpdate, STOCK_UPDATES,
+};
 
 /// Milliseconds since the Unix epoch by this host's clock.
 pub fn now_ms() -> i64 {
@@ -391,64 +352,6 @@ impl Reject {
     }
 }
 
-/// One reply to one request.
-#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub request_id: RequestId,
-    pub outcome: Outcome,
-}
-
-/// The replies of one committed batch meant for one ingress.
-#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
-pub struct OutcomeBatch {
-    pub epoch: u64,
-    pub batch_seq: u64,
-    pub batch_time_ms: i64,
-    pub replies: Vec<Reply>,
-}
-
-/// A committed batch's outcome messages, as stored in its `batches.outbox` row (and published
-/// after COMMIT): one [`OutcomeBatch`] per ingress, and a [`StockUpdate`] under
-/// [`STOCK_UPDATES`]. A ticket's outcome is read back from here.
-#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq, Default)]
-pub struct Outbox {
-    pub messages: Vec<OutboxMessage>,
-}
-
-#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
-pub struct OutboxMessage {
-    pub ingress_id: IngressId,
-    /// `encode(&OutcomeBatch)`, or `encode(&StockUpdate)` under [`STOCK_UPDATES`].
-    pub payload: Vec<u8>,
-}
-
-impl Outbox {
-    /// The outcome of request `id` in this batch, if it is one of its commands.
-    pub fn outcome_of(&self, id: RequestId) -> Option<Outcome> {
-        self.messages
-            .iter()
-            .filter(|m| m.ingress_id != STOCK_UPDATES)
-            .filter_map(|m| decode::<OutcomeBatch>(&m.payload).ok())
-            .flat_map(|b| b.replies)
-            .find(|r| r.request_id == id)
-            .map(|r| r.outcome)
-    }
-}
-
-/// The ingress id under whose key ([`ingress_key`]) the outcomes topic carries
-/// [`StockUpdate`]s, read by every ingress. No ingress uses it as its own id.
-pub const STOCK_UPDATES: IngressId = 0;
-
-/// The counters of every SKU a committed batch changed, published with its outcomes for every
-/// ingress (the live stock streams). Counts are committed ones: published after COMMIT.
-#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
-pub struct StockUpdate {
-    pub epoch: u64,
-    pub batch_seq: u64,
-    pub batch_time_ms: i64,
-    pub skus: Vec<SkuView>,
-}
-
 /// A decision row as persisted, read back at start-up. Shared by `persistence` (which reads it)
 /// and the engine (which rebuilds its state from it); it never travels over Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -514,11 +417,6 @@ pub fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, WireError> {
         )));
     }
     Ok(value)
-}
-
-/// The Kafka key of an outcomes message: the ingress it is meant for.
-pub fn ingress_key(ingress_id: IngressId) -> [u8; 8] {
-    ingress_id.to_be_bytes()
 }
 
 #[cfg(test)]

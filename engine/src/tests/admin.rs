@@ -4,8 +4,7 @@ use super::*;
 
 #[test]
 fn upsert_below_held_plus_sold_is_refused() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let a = sale.hold(T0, "tv", "ann", 3, "k");
+    let (mut sale, a) = Sale::ann_holding(config(10, 5, 60_000), 3);
     sale.hold(T0, "tv", "bob", 2, "k");
     sale.confirm(T0, a);
     // held 2 + sold 3 = 5 committed
@@ -30,8 +29,7 @@ fn upsert_below_held_plus_sold_is_refused() {
 
 #[test]
 fn upsert_of_existing_sku_keeps_counters_and_recomputes_available() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    sale.hold(T0, "tv", "ann", 3, "k");
+    let (mut sale, _) = Sale::ann_holding(config(10, 5, 60_000), 3);
     let p = sale.reqs.pause("tv");
     sale.one(T0, p);
     let up = sale.reqs.upsert("tv", config(20, 2, 5_000));
@@ -45,10 +43,7 @@ fn upsert_of_existing_sku_keeps_counters_and_recomputes_available() {
     // The new limit and TTL apply to new reservations (ann already holds 3 > 2).
     let r = sale.reqs.resume("tv");
     sale.one(T0, r);
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", 1, "k2"),
-        Reject::LimitExceeded
-    );
+    sale.refuses(T0, "tv", "ann", 1, "k2", Reject::LimitExceeded);
     let bob = sale.hold(T0, "tv", "bob", 2, "k");
     assert_eq!(
         sale.engine.reservation(bob).unwrap().expires_at_ms,
@@ -102,8 +97,7 @@ fn upsert_with_invalid_config_is_refused() {
 
 #[test]
 fn restock_adds_to_total_and_available() {
-    let mut sale = Sale::with_sku("tv", config(2, 5, 60_000));
-    sale.hold(T0, "tv", "ann", 2, "k");
+    let (mut sale, _) = Sale::ann_holding(config(2, 5, 60_000), 2);
     let r = sale.reqs.restock("tv", 3);
     let view = sale.sku_answer(T0, r, "restock refused");
     assert_eq!(
@@ -135,7 +129,7 @@ fn pause_refuses_new_reservations_and_resume_reopens_the_sale() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
     let p = sale.reqs.pause("tv");
     assert!(matches!(sale.one(T0, p), Outcome::Sku(v) if v.paused));
-    assert_eq!(sale.refusal(T0, "tv", "ann", 1, "k1"), Reject::SalePaused);
+    sale.refuses(T0, "tv", "ann", 1, "k1", Reject::SalePaused);
     assert_eq!(sale.counters("tv"), (10, 0, 0));
     let r = sale.reqs.resume("tv");
     assert!(matches!(sale.one(T0, r), Outcome::Sku(v) if !v.paused));
@@ -172,7 +166,7 @@ fn pause_all_pauses_every_sku() {
         "only the skus it changed are reported"
     );
     for sku in ["a", "b", "c"] {
-        assert_eq!(sale.refusal(T0, sku, "ann", 1, sku), Reject::SalePaused);
+        sale.refuses(T0, sku, "ann", 1, sku, Reject::SalePaused);
     }
     let again = sale.reqs.pause_all();
     let out = sale.batch(T0, vec![again]);
@@ -187,16 +181,10 @@ fn pause_all_pauses_every_sku() {
 fn sale_window_is_enforced() {
     let window = starting_at(T0 + 1_000, ending_at(T0 + 2_000, config(10, 10, 60_000)));
     let mut sale = Sale::with_sku("tv", window);
-    assert_eq!(
-        sale.refusal(T0 + 999, "tv", "ann", 1, "k1"),
-        Reject::SaleNotStarted
-    );
+    sale.refuses(T0 + 999, "tv", "ann", 1, "k1", Reject::SaleNotStarted);
     sale.hold(T0 + 1_000, "tv", "ann", 1, "k2");
     sale.hold(T0 + 1_999, "tv", "ann", 1, "k3");
-    assert_eq!(
-        sale.refusal(T0 + 2_000, "tv", "ann", 1, "k4"),
-        Reject::SaleEnded
-    );
+    sale.refuses(T0 + 2_000, "tv", "ann", 1, "k4", Reject::SaleEnded);
     assert_eq!(sale.counters("tv"), (8, 2, 0));
 }
 
@@ -206,16 +194,10 @@ fn open_ended_sale_windows_apply_only_their_bound() {
         ("starts", starting_at(T0 + 1_000, config(10, 10, 60_000))),
         ("ends", ending_at(T0 + 1_000, config(10, 10, 60_000))),
     ]);
-    assert_eq!(
-        sale.refusal(T0, "starts", "ann", 1, "k1"),
-        Reject::SaleNotStarted
-    );
+    sale.refuses(T0, "starts", "ann", 1, "k1", Reject::SaleNotStarted);
     sale.hold(T0, "ends", "ann", 1, "k2");
     sale.hold(T0 + 1_000_000, "starts", "ann", 1, "k3");
-    assert_eq!(
-        sale.refusal(T0 + 1_000_000, "ends", "ann", 1, "k4"),
-        Reject::SaleEnded
-    );
+    sale.refuses(T0 + 1_000_000, "ends", "ann", 1, "k4", Reject::SaleEnded);
 }
 
 #[test]

@@ -24,7 +24,7 @@ fn batch_time_never_goes_backwards() {
     // Once the sale has ended, an earlier batch time does not reopen it.
     let out = sale.batch(T0 + 3_000, vec![]);
     assert_eq!(out.batch_time_ms, T0 + 3_000);
-    assert_eq!(sale.refusal(T0, "tv", "bob", 1, "k"), Reject::SaleEnded);
+    sale.refuses(T0, "tv", "bob", 1, "k", Reject::SaleEnded);
     // And expiries that happened do not un-happen; the ones due still fire on time.
     let out = sale.batch(T0 + 3_500, vec![]);
     assert_eq!(out.transitions.len(), 2);

@@ -8,7 +8,7 @@ use super::*;
 // search, so they keep working if the hash function changes) and pin down that equal hashes are
 // never mistaken for equal keys, plus the edges of the holdings kept in the user row.
 
-use crate::index::HashKey;
+use crate::index::{HashKey, Hashes};
 
 /// Two different values of `make(0..)` whose `hash` is equal: a birthday search.
 fn colliding<T: Clone + PartialEq + std::fmt::Debug>(
@@ -26,27 +26,37 @@ fn colliding<T: Clone + PartialEq + std::fmt::Debug>(
     panic!("no 32-bit collision found");
 }
 
-/// Two different user ids `{prefix}{i}` whose `hash` is equal.
-fn colliding_users(prefix: &str, hash: impl Fn(&str) -> u32) -> (String, String) {
-    colliding(|i| format!("{prefix}{i}"), |u| hash(u))
+/// Users `a` and `b`, whose ids collide in the hash `which` picks from their hashes with `key`
+/// (of the default seed), each hold on SKU "tv" (under `cfg`) with that key: a `quantities.0`
+/// units, then b `quantities.1`. Two holds, two reservations.
+fn colliding_holds(
+    which: fn(Hashes) -> u32,
+    cfg: SkuConfig,
+    key: &str,
+    quantities: (u32, u32),
+) -> (Sale, (String, RequestId), (String, RequestId)) {
+    let hash = |u: &String| which(HashKey::default().hashes(0, u, key));
+    let (a, b) = colliding(|i| format!("user-{i}"), hash);
+    let mut sale = Sale::with_sku("tv", cfg);
+    let ra = sale.hold(T0, "tv", &a, quantities.0, key);
+    let rb = sale.hold(T0, "tv", &b, quantities.1, key);
+    assert_ne!(ra, rb);
+    (sale, (a, ra), (b, rb))
 }
 
 #[test]
 fn users_whose_ids_share_a_32_bit_hash_are_told_apart() {
-    let (a, b) = colliding_users("user-", |u| HashKey::default().hashes(0, u, "").user);
-    let mut sale = Sale::with_sku("tv", config(10, 2, 1_000));
-    let ra = sale.hold(T0, "tv", &a, 2, "k");
-    // Not a repeat of a's key, and not counted against a's limit.
-    let rb = sale.hold(T0, "tv", &b, 2, "k");
-    assert_ne!(ra, rb);
-    assert_eq!(sale.refusal(T0, "tv", &a, 1, "k2"), Reject::LimitExceeded);
+    // b's hold is not a repeat of a's key, and not counted against a's limit.
+    let (mut sale, (a, ra), (b, rb)) =
+        colliding_holds(|h| h.user, config(10, 2, 1_000), "k", (2, 2));
+    sale.refuses(T0, "tv", &a, 1, "k2", Reject::LimitExceeded);
     assert_eq!(sale.reserve(T0, "tv", &b, 2, "k"), held(rb, T0 + 1_000));
     assert_eq!(sale.reserve(T0, "tv", &a, 2, "k"), held(ra, T0 + 1_000));
     assert_eq!(sale.engine.reservation(ra).unwrap().user_id, a);
     assert_eq!(sale.engine.reservation(rb).unwrap().user_id, b);
     // Releasing b's hold frees b's limit only.
     assert!(matches!(sale.cancel(T0, rb), Outcome::Reservation(_)));
-    assert_eq!(sale.refusal(T0, "tv", &a, 1, "k3"), Reject::LimitExceeded);
+    sale.refuses(T0, "tv", &a, 1, "k3", Reject::LimitExceeded);
     sale.hold(T0, "tv", &b, 1, "k3");
 }
 
@@ -81,13 +91,10 @@ fn ids_crafted_to_collide_under_one_seed_do_not_collide_under_another() {
 
 #[test]
 fn same_key_of_users_whose_key_hashes_collide_is_not_a_repeat() {
-    // Different users, the same key string, the same 32-bit (user, key) hash.
-    let (a, b) = colliding_users("buyer-", |u| HashKey::default().hashes(0, u, "kk").key);
-    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    let ra = sale.hold(T0, "tv", &a, 1, "kk");
-    // Another quantity: a repeat of a's key would be IdempotencyKeyReused.
-    let rb = sale.hold(T0, "tv", &b, 2, "kk");
-    assert_ne!(ra, rb);
+    // Different users, the same key string, the same 32-bit (user, key) hash; b asks for
+    // another quantity: a repeat of a's key would be IdempotencyKeyReused.
+    let (mut sale, (a, ra), (b, rb)) =
+        colliding_holds(|h| h.key, config(10, 5, 1_000), "kk", (1, 2));
     assert_eq!(sale.counters("tv"), (7, 3, 0));
     assert_eq!(sale.reserve(T0, "tv", &a, 1, "kk"), held(ra, T0 + 1_000));
     assert_eq!(sale.reserve(T0, "tv", &b, 2, "kk"), held(rb, T0 + 1_000));
@@ -113,10 +120,7 @@ fn keys_of_one_user_sharing_a_32_bit_hash_are_told_apart() {
         sale.reserve(T0 + 20, "tv", "ann", 2, &k2),
         held(r2, T0 + 1_010)
     );
-    assert_eq!(
-        sale.refusal(T0 + 20, "tv", "ann", 2, &k1),
-        Reject::IdempotencyKeyReused
-    );
+    sale.refuses(T0 + 20, "tv", "ann", 2, &k1, Reject::IdempotencyKeyReused);
 }
 
 #[test]

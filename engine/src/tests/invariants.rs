@@ -5,8 +5,7 @@ use super::*;
 #[test]
 #[should_panic(expected = "drifted")]
 fn check_invariants_catches_a_drifted_first_sku_holding() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    sale.hold(T0, "tv", "ann", 2, "k");
+    let (mut sale, _) = Sale::ann_holding(config(10, 5, 1_000), 2);
     sale.engine.users[0].units += 1;
     sale.engine.check_invariants();
 }
@@ -25,8 +24,7 @@ fn check_invariants_catches_a_missing_holding_on_a_further_sku() {
 #[test]
 #[should_panic(expected = "not indexed by key")]
 fn check_invariants_catches_a_decision_missing_from_the_key_index() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    sale.hold(T0, "tv", "ann", 2, "k");
+    let (mut sale, _) = Sale::ann_holding(config(10, 5, 1_000), 2);
     sale.engine.by_key.slots.iter_mut().for_each(|s| *s = 0);
     sale.engine.check_invariants();
 }
@@ -34,8 +32,7 @@ fn check_invariants_catches_a_decision_missing_from_the_key_index() {
 #[test]
 #[should_panic(expected = "held counter")]
 fn check_invariants_catches_a_reservation_status_out_of_step_with_the_counters() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    let id = sale.hold(T0, "tv", "ann", 2, "k");
+    let (mut sale, id) = Sale::ann_holding(config(10, 5, 1_000), 2);
     let row = sale.engine.reservation_row(id).unwrap();
     sale.engine.decisions[row as usize].status = Ok(ReservationStatus::Cancelled);
     sale.engine.check_invariants();

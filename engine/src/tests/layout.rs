@@ -126,9 +126,13 @@ fn repeated_granted_key_answers_the_original_hold_after_confirm_cancel_or_expiry
         sale.reserve(T0 + 5_000, "tv", "cat", 1, "c"),
         held(expired, T0 + 1_002)
     );
-    assert_eq!(
-        sale.refusal(T0 + 5_000, "tv", "cat", 2, "c"),
-        Reject::IdempotencyKeyReused
+    sale.refuses(
+        T0 + 5_000,
+        "tv",
+        "cat",
+        2,
+        "c",
+        Reject::IdempotencyKeyReused,
     );
     assert_eq!(sale.counters("tv"), before);
 }

@@ -185,6 +185,14 @@ impl Sale {
         sale
     }
 
+    /// A sale of SKU "tv" in which ann holds `quantity` units under key "k", taken at `T0`: where
+    /// most settle and expiry tests start. Returns the hold's id.
+    fn ann_holding(cfg: SkuConfig, quantity: u32) -> (Self, RequestId) {
+        let mut sale = Self::with_sku("tv", cfg);
+        let id = sale.hold(T0, "tv", "ann", quantity, "k");
+        (sale, id)
+    }
+
     /// A sale with these SKUs, created at `T0` one after another.
     fn with_skus(skus: &[(&str, SkuConfig)]) -> Self {
         let mut sale = Self::new();
@@ -245,6 +253,20 @@ impl Sale {
             Outcome::Rejected(reason) => reason,
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    /// Asserts that this reserve is refused for `reason`.
+    #[track_caller]
+    fn refuses(
+        &mut self,
+        now_ms: i64,
+        sku: &str,
+        user: &str,
+        quantity: u32,
+        key: &str,
+        reason: Reject,
+    ) {
+        assert_eq!(self.refusal(now_ms, sku, user, quantity, key), reason);
     }
 
     fn confirm(&mut self, now_ms: i64, id: RequestId) -> Outcome {

@@ -43,14 +43,13 @@ fn reserve_holds_units_until_batch_time_plus_ttl() {
 
 #[test]
 fn reserve_beyond_available_is_sold_out() {
-    let mut sale = Sale::with_sku("tv", config(3, 5, 60_000));
-    sale.hold(T0, "tv", "ann", 2, "k");
-    assert_eq!(sale.refusal(T0, "tv", "bob", 2, "k"), Reject::SoldOut);
+    let (mut sale, _) = Sale::ann_holding(config(3, 5, 60_000), 2);
+    sale.refuses(T0, "tv", "bob", 2, "k", Reject::SoldOut);
     assert_eq!(sale.counters("tv"), (1, 2, 0), "a refusal changes no stock");
     // Exactly the remaining unit is still sold.
     sale.hold(T0, "tv", "bob", 1, "k2");
     assert_eq!(sale.counters("tv"), (0, 3, 0));
-    assert_eq!(sale.refusal(T0, "tv", "cat", 1, "k"), Reject::SoldOut);
+    sale.refuses(T0, "tv", "cat", 1, "k", Reject::SoldOut);
 }
 
 #[test]
@@ -60,15 +59,9 @@ fn per_user_limit_counts_held_and_confirmed_units() {
     assert!(matches!(sale.confirm(T0, first), Outcome::Reservation(_)));
     sale.hold(T0, "tv", "ann", 1, "k2");
     // 2 sold + 1 held + 1 > 3.
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", 1, "k3"),
-        Reject::LimitExceeded
-    );
+    sale.refuses(T0, "tv", "ann", 1, "k3", Reject::LimitExceeded);
     // A single request above the limit is refused too.
-    assert_eq!(
-        sale.refusal(T0, "tv", "bob", 4, "k1"),
-        Reject::LimitExceeded
-    );
+    sale.refuses(T0, "tv", "bob", 4, "k1", Reject::LimitExceeded);
     // The limit is per user: bob can still take all of his.
     sale.hold(T0, "tv", "bob", 3, "k2");
     assert_eq!(sale.counters("tv"), (94, 4, 2));
@@ -80,26 +73,17 @@ fn per_user_limit_is_per_sku() {
     sale.add_sku("radio", config(100, 1, 60_000));
     sale.hold(T0, "tv", "ann", 1, "k1");
     sale.hold(T0, "radio", "ann", 1, "k2");
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", 1, "k3"),
-        Reject::LimitExceeded
-    );
+    sale.refuses(T0, "tv", "ann", 1, "k3", Reject::LimitExceeded);
 }
 
 #[test]
 fn cancelled_and_expired_units_stop_counting_to_the_limit() {
     let mut sale = Sale::with_sku("tv", config(100, 2, 1_000));
     let a = sale.hold(T0, "tv", "ann", 2, "k1");
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", 1, "k2"),
-        Reject::LimitExceeded
-    );
+    sale.refuses(T0, "tv", "ann", 1, "k2", Reject::LimitExceeded);
     sale.cancel(T0, a);
     let b = sale.hold(T0 + 10, "tv", "ann", 2, "k3");
-    assert_eq!(
-        sale.refusal(T0 + 10, "tv", "ann", 1, "k4"),
-        Reject::LimitExceeded
-    );
+    sale.refuses(T0 + 10, "tv", "ann", 1, "k4", Reject::LimitExceeded);
     // b expires at T0 + 1010.
     sale.hold(T0 + 1_010, "tv", "ann", 2, "k5");
     assert_eq!(sale.status(b), ReservationStatus::Expired);
@@ -138,27 +122,22 @@ fn invalid_command_is_refused_without_recording_so_the_key_stays_free() {
     // A corrected retry under the same key is decided, not refused as key reuse.
     sale.hold(T0, "tv", "ann", 1, "k");
     // And a repeat of the invalid request is now key reuse of the granted one.
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", 0, "k"),
-        Reject::IdempotencyKeyReused
-    );
+    sale.refuses(T0, "tv", "ann", 0, "k", Reject::IdempotencyKeyReused);
 }
 
 #[test]
 fn zero_or_oversized_quantity_is_an_invalid_command() {
     let mut sale = Sale::with_sku("tv", config(STOCK_MAX, QUANTITY_MAX, 1_000));
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", 0, "k1"),
-        Reject::InvalidCommand
+    sale.refuses(T0, "tv", "ann", 0, "k1", Reject::InvalidCommand);
+    sale.refuses(
+        T0,
+        "tv",
+        "ann",
+        QUANTITY_MAX + 1,
+        "k2",
+        Reject::InvalidCommand,
     );
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", QUANTITY_MAX + 1, "k2"),
-        Reject::InvalidCommand
-    );
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", u32::MAX, "k3"),
-        Reject::InvalidCommand
-    );
+    sale.refuses(T0, "tv", "ann", u32::MAX, "k3", Reject::InvalidCommand);
     // The largest quantity is accepted.
     sale.hold(T0, "tv", "ann", QUANTITY_MAX, "k4");
     assert_eq!(sale.sku("tv").held, u64::from(QUANTITY_MAX));
@@ -204,10 +183,7 @@ fn refusal_reasons_are_checked_in_documented_order() {
         assert_eq!(got, rejected(want), "reserve {quantity} of {sku}");
     }
     // Once the window is open, limit comes before stock there too.
-    assert_eq!(
-        sale.refusal(T0 + 1_000, "window", "bob", 2, "k"),
-        Reject::LimitExceeded
-    );
+    sale.refuses(T0 + 1_000, "window", "bob", 2, "k", Reject::LimitExceeded);
 }
 
 // ---- idempotency ------------------------------------------------------------------------------
@@ -253,11 +229,10 @@ fn repeated_key_in_the_same_batch_reserves_once() {
 
 #[test]
 fn repeated_key_replays_a_refusal_even_after_stock_returns() {
-    let mut sale = Sale::with_sku("tv", config(1, 5, 60_000));
-    let a = sale.hold(T0, "tv", "ann", 1, "k");
-    assert_eq!(sale.refusal(T0, "tv", "bob", 1, "k"), Reject::SoldOut);
+    let (mut sale, a) = Sale::ann_holding(config(1, 5, 60_000), 1);
+    sale.refuses(T0, "tv", "bob", 1, "k", Reject::SoldOut);
     sale.cancel(T0, a);
-    assert_eq!(sale.refusal(T0, "tv", "bob", 1, "k"), Reject::SoldOut);
+    sale.refuses(T0, "tv", "bob", 1, "k", Reject::SoldOut);
     assert_eq!(sale.counters("tv"), (1, 0, 0));
 }
 
@@ -280,10 +255,7 @@ fn same_key_different_quantity_is_key_reused_and_not_recorded() {
             expires_at_ms: T0 + 60_000
         }
     );
-    assert_eq!(
-        sale.refusal(T0, "tv", "ann", 2, "k"),
-        Reject::IdempotencyKeyReused
-    );
+    sale.refuses(T0, "tv", "ann", 2, "k", Reject::IdempotencyKeyReused);
 }
 
 #[test]
@@ -291,23 +263,16 @@ fn same_key_different_sku_is_key_reused() {
     let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
     sale.add_sku("radio", config(10, 5, 60_000));
     sale.hold(T0, "tv", "ann", 1, "k");
-    assert_eq!(
-        sale.refusal(T0, "radio", "ann", 1, "k"),
-        Reject::IdempotencyKeyReused
-    );
+    sale.refuses(T0, "radio", "ann", 1, "k", Reject::IdempotencyKeyReused);
     assert_eq!(sale.counters("radio"), (10, 0, 0));
     // Also when the first use was a refusal, and for an unknown SKU.
-    assert_eq!(sale.refusal(T0, "tv", "bob", 9, "k"), Reject::LimitExceeded);
-    assert_eq!(
-        sale.refusal(T0, "ghost", "bob", 9, "k"),
-        Reject::IdempotencyKeyReused
-    );
+    sale.refuses(T0, "tv", "bob", 9, "k", Reject::LimitExceeded);
+    sale.refuses(T0, "ghost", "bob", 9, "k", Reject::IdempotencyKeyReused);
 }
 
 #[test]
 fn same_key_for_different_users_is_independent() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let a = sale.hold(T0, "tv", "ann", 1, "k");
+    let (mut sale, a) = Sale::ann_holding(config(10, 5, 60_000), 1);
     let b = sale.hold(T0, "tv", "bob", 2, "k");
     assert_ne!(a, b);
     assert_eq!(sale.counters("tv"), (7, 3, 0));

@@ -65,6 +65,16 @@ fn small_snapshot() -> Snapshot {
     }
 }
 
+/// Why [`small_snapshot`], changed by `change`, is refused.
+fn refusal(change: impl FnOnce(&mut Snapshot)) -> RestoreError {
+    let mut snapshot = small_snapshot();
+    change(&mut snapshot);
+    match Engine::restore(snapshot) {
+        Ok(_) => panic!("the changed snapshot was restored"),
+        Err(e) => e,
+    }
+}
+
 #[test]
 fn restore_rebuilds_keys_holdings_and_expiries() {
     let mut snapshot = small_snapshot();
@@ -134,40 +144,33 @@ fn restore_rebuilds_keys_holdings_and_expiries() {
 
 #[test]
 fn restore_refuses_counters_that_disagree_with_rows() {
-    let mut snapshot = small_snapshot();
     // Still available + held + sold == total, but one unit more held than the rows say.
-    snapshot.skus = vec![tv_view(5, 4, 1)];
-    match Engine::restore(snapshot) {
-        Err(RestoreError::CountersDisagree {
+    match refusal(|s| s.skus = vec![tv_view(5, 4, 1)]) {
+        RestoreError::CountersDisagree {
             sku,
             held_counter,
             sold_counter,
             held_rows,
             sold_rows,
-        }) => {
+        } => {
             assert_eq!(sku, "tv");
             assert_eq!((held_counter, sold_counter), (4, 1));
             assert_eq!((held_rows, sold_rows), (3, 1));
         }
         other => panic!("expected CountersDisagree, got {other:?}"),
     }
-    let mut snapshot = small_snapshot();
-    snapshot.skus = vec![tv_view(6, 3, 1)];
-    snapshot.decisions[1].status = Ok(ReservationStatus::Cancelled);
+    let bob_cancelled = refusal(|s| s.decisions[1].status = Ok(ReservationStatus::Cancelled));
     assert!(matches!(
-        Engine::restore(snapshot),
-        Err(RestoreError::CountersDisagree { sold_rows: 0, .. })
+        bob_cancelled,
+        RestoreError::CountersDisagree { sold_rows: 0, .. }
     ));
 }
 
 #[test]
 fn restore_refuses_a_duplicate_idempotency_key() {
-    let mut snapshot = small_snapshot();
-    snapshot
-        .decisions
-        .push(stored(5, "cat", "k1", 1, Err(Reject::SoldOut), 0));
-    match Engine::restore(snapshot) {
-        Err(RestoreError::DuplicateKey { user_id, key }) => {
+    let again = stored(5, "cat", "k1", 1, Err(Reject::SoldOut), 0);
+    match refusal(|s| s.decisions.push(again)) {
+        RestoreError::DuplicateKey { user_id, key } => {
             assert_eq!((user_id.as_str(), key.as_str()), ("cat", "k1"));
         }
         other => panic!("expected DuplicateKey, got {other:?}"),
@@ -176,23 +179,19 @@ fn restore_refuses_a_duplicate_idempotency_key() {
 
 #[test]
 fn restore_refuses_a_reservation_on_an_unknown_sku() {
-    let mut snapshot = small_snapshot();
     let mut d = stored(5, "dan", "k1", 1, Ok(ReservationStatus::Cancelled), T0);
     d.sku = "radio".into();
-    snapshot.decisions.push(d);
     assert!(matches!(
-        Engine::restore(snapshot),
-        Err(RestoreError::UnknownSku { request_id: 5, .. })
+        refusal(|s| s.decisions.push(d)),
+        RestoreError::UnknownSku { request_id: 5, .. }
     ));
 }
 
 #[test]
 fn restore_refuses_a_broken_stock_invariant() {
-    let mut snapshot = small_snapshot();
-    snapshot.skus = vec![tv_view(7, 3, 1)];
     assert!(matches!(
-        Engine::restore(snapshot),
-        Err(RestoreError::StockInvariant { .. })
+        refusal(|s| s.skus = vec![tv_view(7, 3, 1)]),
+        RestoreError::StockInvariant { .. }
     ));
 }
 
@@ -311,45 +310,30 @@ fn restore_rebuilds_holdings_from_held_and_confirmed_rows_only() {
 
 #[test]
 fn restore_refuses_a_refusal_on_an_unknown_sku() {
-    let mut snapshot = small_snapshot();
     let mut d = stored(5, "dan", "k1", 1, Err(Reject::SoldOut), 0);
     d.sku = "radio".into();
-    snapshot.decisions.push(d);
     assert!(matches!(
-        Engine::restore(snapshot),
-        Err(RestoreError::UnknownSku { request_id: 5, sku }) if sku == "radio"
+        refusal(|s| s.decisions.push(d)),
+        RestoreError::UnknownSku { request_id: 5, sku } if sku == "radio"
     ));
 }
 
 #[test]
 fn restore_refuses_a_key_both_granted_and_refused() {
     for refusal_first in [false, true] {
-        let mut snapshot = small_snapshot();
         // ann's k1 is the hold of row 1; add a refusal under the same key.
-        let refusal = stored(5, "ann", "k1", 3, Err(Reject::SoldOut), 0);
-        if refusal_first {
-            snapshot.decisions.insert(0, refusal);
-        } else {
-            snapshot.decisions.push(refusal);
-        }
+        let refused = stored(5, "ann", "k1", 3, Err(Reject::SoldOut), 0);
+        let at = if refusal_first { 0 } else { 4 };
         assert!(matches!(
-            Engine::restore(snapshot),
-            Err(RestoreError::DuplicateKey { user_id, key }) if user_id == "ann" && key == "k1"
+            refusal(|s| s.decisions.insert(at, refused)),
+            RestoreError::DuplicateKey { user_id, key } if user_id == "ann" && key == "k1"
         ));
     }
     // The same request id twice, once refused and once granted.
-    let mut snapshot = small_snapshot();
-    snapshot.decisions.push(stored(
-        4,
-        "dan",
-        "k9",
-        1,
-        Ok(ReservationStatus::Cancelled),
-        T0,
-    ));
+    let granted = stored(4, "dan", "k9", 1, Ok(ReservationStatus::Cancelled), T0);
     assert!(matches!(
-        Engine::restore(snapshot),
-        Err(RestoreError::DuplicateRequestId { request_id: 4 })
+        refusal(|s| s.decisions.push(granted)),
+        RestoreError::DuplicateRequestId { request_id: 4 }
     ));
 }
 

@@ -4,12 +4,8 @@ use super::*;
 
 #[test]
 fn expired_hold_returns_units_and_later_buyer_gets_them() {
-    let mut sale = Sale::with_sku("tv", config(1, 1, 1_000));
-    let a = sale.hold(T0, "tv", "ann", 1, "k");
-    assert_eq!(
-        sale.refusal(T0 + 999, "tv", "bob", 1, "k1"),
-        Reject::SoldOut
-    );
+    let (mut sale, a) = Sale::ann_holding(config(1, 1, 1_000), 1);
+    sale.refuses(T0 + 999, "tv", "bob", 1, "k1", Reject::SoldOut);
     assert_eq!(sale.status(a), ReservationStatus::Held);
     // At exactly expires_at the hold is released before the batch's commands are decided.
     let r = sale.reqs.reserve("tv", "bob", 1, "k2");
@@ -29,8 +25,7 @@ fn expired_hold_returns_units_and_later_buyer_gets_them() {
 
 #[test]
 fn expiry_happens_in_a_batch_without_commands() {
-    let mut sale = Sale::with_sku("tv", config(5, 5, 1_000));
-    let a = sale.hold(T0, "tv", "ann", 2, "k");
+    let (mut sale, a) = Sale::ann_holding(config(5, 5, 1_000), 2);
     let out = sale.batch(T0 + 5_000, vec![]);
     assert!(out.outcomes.is_empty());
     assert_eq!(out.transitions.len(), 1);
@@ -69,8 +64,7 @@ fn next_expiry_is_the_earliest_live_hold() {
 
 #[test]
 fn confirm_moves_held_to_sold() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let id = sale.hold(T0, "tv", "ann", 3, "k");
+    let (mut sale, id) = Sale::ann_holding(config(10, 5, 60_000), 3);
     let r = sale.reqs.confirm(id);
     let out = sale.batch(T0 + 50, vec![r]);
     assert_eq!(
@@ -101,8 +95,7 @@ fn confirm_moves_held_to_sold() {
 
 #[test]
 fn confirm_twice_is_a_no_op_that_answers_the_same() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let id = sale.hold(T0, "tv", "ann", 3, "k");
+    let (mut sale, id) = Sale::ann_holding(config(10, 5, 60_000), 3);
     let first = sale.confirm(T0, id);
     let r = sale.reqs.confirm(id);
     let out = sale.batch(T0 + 1, vec![r]);
@@ -114,8 +107,7 @@ fn confirm_twice_is_a_no_op_that_answers_the_same() {
 
 #[test]
 fn cancel_returns_units_to_available() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-    let id = sale.hold(T0, "tv", "ann", 3, "k");
+    let (mut sale, id) = Sale::ann_holding(config(10, 5, 60_000), 3);
     let r = sale.reqs.cancel(id);
     let out = sale.batch(T0 + 5, vec![r]);
     assert!(matches!(
@@ -164,8 +156,7 @@ fn a_settled_reservation_refuses_to_be_settled_the_other_way() {
         ),
     ];
     for (settle, other, refusal, status, counters) in cases {
-        let mut sale = Sale::with_sku("tv", config(10, 5, 60_000));
-        let id = sale.hold(T0, "tv", "ann", 3, "k");
+        let (mut sale, id) = Sale::ann_holding(config(10, 5, 60_000), 3);
         settle(&mut sale, T0, id);
         assert_eq!(other(&mut sale, T0, id), rejected(refusal));
         assert_eq!(sale.status(id), status);
@@ -175,8 +166,7 @@ fn a_settled_reservation_refuses_to_be_settled_the_other_way() {
 
 #[test]
 fn confirm_after_expiry_is_refused() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    let id = sale.hold(T0, "tv", "ann", 3, "k");
+    let (mut sale, id) = Sale::ann_holding(config(10, 5, 1_000), 3);
     assert_eq!(
         sale.confirm(T0 + 1_000, id),
         rejected(Reject::ReservationExpired)
@@ -191,8 +181,7 @@ fn confirm_after_expiry_is_refused() {
 
 #[test]
 fn confirm_one_ms_before_expiry_succeeds() {
-    let mut sale = Sale::with_sku("tv", config(10, 5, 1_000));
-    let id = sale.hold(T0, "tv", "ann", 3, "k");
+    let (mut sale, id) = Sale::ann_holding(config(10, 5, 1_000), 3);
     assert!(matches!(
         sale.confirm(T0 + 999, id),
         Outcome::Reservation(_)

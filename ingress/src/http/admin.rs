@@ -133,37 +133,41 @@ pub(crate) async fn restock_sku(
     admin_call(&app, &headers, Command::Restock { sku, quantity }).await
 }
 
-#[utoipa::path(
-    post, path = "/v1/admin/skus/{sku}/pause", tag = "admin",
-    summary = "Stop new reservations of a SKU (confirm and cancel still work)",
-    params(SkuPath, AdminKeyHeader),
-    security(("admin_token" = [])),
-    responses(SkuSwitchAnswers)
-)]
-pub(crate) async fn pause_sku(
-    State(app): State<Arc<App>>,
-    Path(SkuPath { sku }): Path<SkuPath>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    admit_sku(&app, &headers, &sku)?;
-    admin_call(&app, &headers, Command::Pause { sku }).await
+/// A SKU switch handler: `POST $path` applies `Command::$command` to the SKU of the path.
+#[rustfmt::skip] // rustfmt re-indents the attribute below on every run
+macro_rules! sku_switch_handler {
+    ($name:ident, $command:ident, path = $path:tt, summary = $summary:tt) => {
+        #[utoipa::path(
+            post, path = $path, tag = "admin",
+            summary = $summary,
+            params(SkuPath, AdminKeyHeader),
+            security(("admin_token" = [])),
+            responses(SkuSwitchAnswers)
+        )]
+        pub(crate) async fn $name(
+            State(app): State<Arc<App>>,
+            Path(SkuPath { sku }): Path<SkuPath>,
+            headers: HeaderMap,
+        ) -> Result<Response, ApiError> {
+            admit_sku(&app, &headers, &sku)?;
+            admin_call(&app, &headers, Command::$command { sku }).await
+        }
+    };
 }
 
-#[utoipa::path(
-    post, path = "/v1/admin/skus/{sku}/resume", tag = "admin",
-    summary = "Resume reservations of a paused SKU",
-    params(SkuPath, AdminKeyHeader),
-    security(("admin_token" = [])),
-    responses(SkuSwitchAnswers)
-)]
-pub(crate) async fn resume_sku(
-    State(app): State<Arc<App>>,
-    Path(SkuPath { sku }): Path<SkuPath>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    admit_sku(&app, &headers, &sku)?;
-    admin_call(&app, &headers, Command::Resume { sku }).await
-}
+sku_switch_handler!(
+    pause_sku,
+    Pause,
+    path = "/v1/admin/skus/{sku}/pause",
+    summary = "Stop new reservations of a SKU (confirm and cancel still work)"
+);
+
+sku_switch_handler!(
+    resume_sku,
+    Resume,
+    path = "/v1/admin/skus/{sku}/resume",
+    summary = "Resume reservations of a paused SKU"
+);
 
 /// The emergency freeze: every SKU paused by one command, decided in log order like any other.
 #[utoipa::path(
@@ -222,7 +226,7 @@ async fn admin_call(
         },
         None => command,
     };
-    match submit(app, Write::Admin, command, key).await? {
+    match submit(app, Write::Admin, command, key).await?.0 {
         Outcome::Sku(view) => Ok(Json(SkuOut::from(view)).into_response()),
         Outcome::Frozen { skus_paused } => Ok(Json(FreezeOut { skus_paused }).into_response()),
         other => Err(unexpected(other)),

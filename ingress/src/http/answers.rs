@@ -53,131 +53,117 @@ fn errors(list: &[(u16, &str)]) -> Answers {
         .collect()
 }
 
-/// A JSON body was read: it can be too slow, too large, not JSON, or out of the limits.
-pub struct BodyErrors;
+/// Declares an answer set: a unit struct whose `IntoResponses` are the answers of its parts,
+/// merged in order (a later part's answer for a status replaces an earlier one's).
+macro_rules! answer_set {
+    ($(#[$doc:meta])* $name:ident => [$($part:expr),+ $(,)?]) => {
+        $(#[$doc])*
+        pub struct $name;
 
-impl IntoResponses for BodyErrors {
-    fn responses() -> Answers {
-        errors(&[
-            (400, "invalid_request: the body is not JSON"),
-            (
-                408,
-                "request_timeout: the body did not arrive in time; the connection is closed",
-            ),
-            (413, "payload_too_large"),
-            (
-                415,
-                "unsupported_media_type: send Content-Type: application/json",
-            ),
-            (422, "invalid_request, with detail"),
-        ])
-    }
+        impl IntoResponses for $name {
+            fn responses() -> Answers {
+                [$($part),+].into_iter().flatten().collect()
+            }
+        }
+    };
 }
 
-/// A buyer's write: admission may refuse it, and its outcome may not arrive in time.
-pub struct BuyerWriteErrors;
-
-impl IntoResponses for BuyerWriteErrors {
-    fn responses() -> Answers {
-        errors(&[
-            (
-                503,
-                "overloaded or no_sequencer, with Retry-After: refused by admission, nothing was \
-                 appended",
-            ),
-            (
-                504,
-                "outcome_unknown: retrying (with the same idempotency key) is safe",
-            ),
-        ])
-    }
+answer_set! {
+    /// A JSON body was read: it can be too slow, too large, not JSON, or out of the limits.
+    BodyErrors => [errors(&[
+        (400, "invalid_request: the body is not JSON"),
+        (
+            408,
+            "request_timeout: the body did not arrive in time; the connection is closed",
+        ),
+        (413, "payload_too_large"),
+        (
+            415,
+            "unsupported_media_type: send Content-Type: application/json",
+        ),
+        (422, "invalid_request, with detail"),
+    ])]
 }
 
-/// An admin command: the admin token, no admission bound but a full producer queue.
-pub struct AdminErrors;
-
-impl IntoResponses for AdminErrors {
-    fn responses() -> Answers {
-        errors(&[
-            (401, "unauthorized: missing or wrong admin token"),
-            (
-                422,
-                "invalid_request (with detail: a bad SKU name, body field or Idempotency-Key), \
-                 or idempotency_key_reused: the Idempotency-Key was used for another command",
-            ),
-            (
-                503,
-                "overloaded, with Retry-After: the request queue is full, nothing was appended",
-            ),
-            (504, "outcome_unknown: retrying is safe"),
-        ])
-    }
+answer_set! {
+    /// A buyer's write: admission may refuse it, and its outcome may not arrive in time.
+    BuyerWriteErrors => [errors(&[
+        (
+            503,
+            "overloaded or no_sequencer, with Retry-After: refused by admission, nothing was \
+             appended",
+        ),
+        (
+            504,
+            "outcome_unknown: retrying (with the same idempotency key) is safe",
+        ),
+    ])]
 }
 
-/// A reservation named by its id, in JWT mode only its owner's.
-pub struct OwnerErrors;
-
-impl IntoResponses for OwnerErrors {
-    fn responses() -> Answers {
-        errors(&[
-            (
-                401,
-                "unauthorized (JWT mode): token missing, forged or expired",
-            ),
-            (403, "forbidden (JWT mode): another user's reservation"),
-            (404, "unknown_reservation"),
-            (
-                503,
-                "unavailable: Postgres did not answer, with Retry-After",
-            ),
-        ])
-    }
+answer_set! {
+    /// An admin command: the admin token, no admission bound but a full producer queue.
+    AdminErrors => [errors(&[
+        (401, "unauthorized: missing or wrong admin token"),
+        (
+            422,
+            "invalid_request (with detail: a bad SKU name, body field or Idempotency-Key), \
+             or idempotency_key_reused: the Idempotency-Key was used for another command",
+        ),
+        (
+            503,
+            "overloaded, with Retry-After: the request queue is full, nothing was appended",
+        ),
+        (504, "outcome_unknown: retrying is safe"),
+    ])]
 }
 
-/// A read from Postgres.
-pub struct ReadErrors;
-
-impl IntoResponses for ReadErrors {
-    fn responses() -> Answers {
-        errors(&[(
+answer_set! {
+    /// A reservation named by its id, in JWT mode only its owner's.
+    OwnerErrors => [errors(&[
+        (
+            401,
+            "unauthorized (JWT mode): token missing, forged or expired",
+        ),
+        (403, "forbidden (JWT mode): another user's reservation"),
+        (404, "unknown_reservation"),
+        (
             503,
             "unavailable: Postgres did not answer, with Retry-After",
-        )])
-    }
+        ),
+    ])]
 }
 
-/// Confirm or cancel: the reservation afterwards, or why not (409s are the operation's own).
-pub struct SettleAnswers;
-
-impl IntoResponses for SettleAnswers {
-    fn responses() -> Answers {
-        let mut answers = ok("the reservation afterwards", "ReservationOut");
-        answers.extend(OwnerErrors::responses());
-        answers.extend(BuyerWriteErrors::responses());
-        answers
-    }
+answer_set! {
+    /// A read from Postgres.
+    ReadErrors => [errors(&[(
+        503,
+        "unavailable: Postgres did not answer, with Retry-After",
+    )])]
 }
 
-/// Pause or resume a SKU: the SKU afterwards, or why not.
-pub struct SkuSwitchAnswers;
-
-impl IntoResponses for SkuSwitchAnswers {
-    fn responses() -> Answers {
-        let mut answers = ok("the SKU", "SkuOut");
-        answers.extend(AdminErrors::responses());
-        answers.extend(errors(&[(404, "unknown_sku")]));
-        answers
-    }
+answer_set! {
+    /// Confirm or cancel: the reservation afterwards, or why not (409s are the operation's own).
+    SettleAnswers => [
+        ok("the reservation afterwards", "ReservationOut"),
+        OwnerErrors::responses(),
+        BuyerWriteErrors::responses(),
+    ]
 }
 
-/// Create, update or restock a SKU from a JSON body: the SKU afterwards, or why not.
-pub struct SkuBodyAnswers;
+answer_set! {
+    /// Pause or resume a SKU: the SKU afterwards, or why not.
+    SkuSwitchAnswers => [
+        ok("the SKU", "SkuOut"),
+        AdminErrors::responses(),
+        errors(&[(404, "unknown_sku")]),
+    ]
+}
 
-impl IntoResponses for SkuBodyAnswers {
-    fn responses() -> Answers {
-        let mut answers = ok("the SKU", "SkuOut");
-        answers.extend(BodyErrors::responses());
-        answers.extend(AdminErrors::responses());
-        answers
-    }
+answer_set! {
+    /// Create, update or restock a SKU from a JSON body: the SKU afterwards, or why not.
+    SkuBodyAnswers => [
+        ok("the SKU", "SkuOut"),
+        BodyErrors::responses(),
+        AdminErrors::responses(),
+    ]
 }

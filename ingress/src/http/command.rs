@@ -11,21 +11,10 @@ use crate::bus::SendError;
 use crate::error::ApiError;
 
 /// Admits `write` (see [`crate::admission::Admission::admit`]), sends `command` under the current
-/// request's id and returns its outcome. `idempotency_key` is returned in a 504 body.
+/// request's id and returns its outcome, with the ticket of the request (its id and log offset):
+/// what a reservation that joined a pre-sale queue is answered with. `idempotency_key` is
+/// returned in a 504 body.
 pub(super) async fn submit(
-    app: &App,
-    write: Write<'_>,
-    command: Command,
-    idempotency_key: Option<String>,
-) -> Result<Outcome, ApiError> {
-    Ok(submit_ticketed(app, write, command, idempotency_key)
-        .await?
-        .0)
-}
-
-/// [`submit`], with the ticket of the request (its id and log offset): what a reservation
-/// that joined a pre-sale queue is answered with.
-pub(super) async fn submit_ticketed(
     app: &App,
     write: Write<'_>,
     command: Command,

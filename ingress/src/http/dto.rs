@@ -56,41 +56,41 @@ pub struct SkuListOut {
     pub next_after: Option<String>,
 }
 
-/// The optional `Idempotency-Key` header of an admin command.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Header)]
-#[allow(dead_code)] // documents the header; the handlers read it from the request's headers
-pub struct AdminKeyHeader {
-    /// Names this command: it is applied once per key. A retry (the same command under the key,
-    /// after a 504 say) gets the first outcome and changes nothing; another command under a used
-    /// key is refused with 422 `idempotency_key_reused`. 1-128 visible ASCII characters.
-    #[param(
-        rename = "Idempotency-Key",
-        min_length = 1,
-        max_length = 128,
-        pattern = "^[\\x21-\\x7E]+$",
-        example = "pause-2026-12-03-tee-1"
-    )]
-    pub key: Option<String>,
+/// Declares the `Idempotency-Key` header of admin commands, for the OpenAPI document (the
+/// handlers read it from the request's headers): `$key` is `Option<String>` where it may be left
+/// out, `String` where it is required.
+macro_rules! admin_key_header {
+    ($(#[$doc:meta])* $name:ident: $key:ty, example = $example:tt) => {
+        $(#[$doc])*
+        #[derive(IntoParams)]
+        #[into_params(parameter_in = Header)]
+        #[allow(dead_code)]
+        pub struct $name {
+            // Wrapped as the document shows it: the description keeps these line breaks.
+            /// Names this command: it is applied once per key. A retry (the same command under the key,
+            /// after a 504 say) gets the first outcome and changes nothing; another command under a used
+            /// key is refused with 422 `idempotency_key_reused`. 1-128 visible ASCII characters.
+            #[param(
+                rename = "Idempotency-Key",
+                min_length = 1,
+                max_length = 128,
+                pattern = "^[\\x21-\\x7E]+$",
+                example = $example
+            )]
+            pub key: $key,
+        }
+    };
 }
 
-/// The `Idempotency-Key` header a restock must carry (a restock is a delta: without a key a
-/// retry would add its units twice).
-#[derive(IntoParams)]
-#[into_params(parameter_in = Header)]
-#[allow(dead_code)] // documents the header; the handler reads it from the request's headers
-pub struct RestockKeyHeader {
-    /// Names this command: it is applied once per key. A retry (the same command under the key,
-    /// after a 504 say) gets the first outcome and changes nothing; another command under a used
-    /// key is refused with 422 `idempotency_key_reused`. 1-128 visible ASCII characters.
-    #[param(
-        rename = "Idempotency-Key",
-        min_length = 1,
-        max_length = 128,
-        pattern = "^[\\x21-\\x7E]+$",
-        example = "restock-2026-12-03-tee-1"
-    )]
-    pub key: String,
+admin_key_header! {
+    /// The optional `Idempotency-Key` header of an admin command.
+    AdminKeyHeader: Option<String>, example = "pause-2026-12-03-tee-1"
+}
+
+admin_key_header! {
+    /// The `Idempotency-Key` header a restock must carry (a restock is a delta: without a key a
+    /// retry would add its units twice).
+    RestockKeyHeader: String, example = "restock-2026-12-03-tee-1"
 }
 
 /// The reservation of a path.

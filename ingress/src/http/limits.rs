@@ -45,10 +45,20 @@ fn string(pattern: &str, max_length: usize) -> ObjectBuilder {
         .pattern(Some(pattern))
 }
 
-fn integer(min: u64, max: u64) -> ObjectBuilder {
+/// A schema of `schema_type` in the well-known `format`.
+fn formatted(schema_type: Type, format: KnownFormat) -> ObjectBuilder {
     ObjectBuilder::new()
-        .schema_type(Type::Integer)
-        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .schema_type(schema_type)
+        .format(Some(SchemaFormat::KnownFormat(format)))
+}
+
+/// An RFC 3339 timestamp between 1970 and 9999 ([`TIMESTAMP_PATTERN`]).
+fn timestamp() -> ObjectBuilder {
+    formatted(Type::String, KnownFormat::DateTime).pattern(Some(TIMESTAMP_PATTERN))
+}
+
+fn integer(min: u64, max: u64) -> ObjectBuilder {
+    formatted(Type::Integer, KnownFormat::Int64)
         .minimum(Some(min as f64))
         .maximum(Some(max as f64))
 }
@@ -115,9 +125,7 @@ pub fn restock_quantity() -> RefOr<Schema> {
 }
 
 pub fn hold_ttl_seconds() -> RefOr<Schema> {
-    ObjectBuilder::new()
-        .schema_type(Type::Number)
-        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Double)))
+    formatted(Type::Number, KnownFormat::Double)
         .minimum(Some(0.001))
         .maximum(Some((HOLD_TTL_MS_MAX / 1000) as f64))
         .description(Some("From 0.001 (1 ms) to 604800 (7 days)."))
@@ -128,12 +136,7 @@ pub fn hold_ttl_seconds() -> RefOr<Schema> {
 /// An optional RFC 3339 timestamp of the sale window (null or absent: no bound).
 pub fn sale_time(description: &str) -> Schema {
     AnyOfBuilder::new()
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
-                .pattern(Some(TIMESTAMP_PATTERN)),
-        )
+        .item(timestamp())
         .item(ObjectBuilder::new().schema_type(Type::Null))
         .description(Some(description))
         .into()
@@ -156,10 +159,7 @@ pub fn ends_at() -> RefOr<Schema> {
 }
 
 pub fn queue_opens_at() -> RefOr<Schema> {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
-        .pattern(Some(TIMESTAMP_PATTERN))
+    timestamp()
         .description(Some(
             "RFC 3339, 1970 to 9999, before the sale's `starts_at` (which a queue needs).",
         ))
@@ -175,10 +175,7 @@ pub fn queue_max() -> RefOr<Schema> {
 
 /// A reservation id: a UUID (anything else is 404 `unknown_reservation`).
 pub fn reservation_id() -> RefOr<Schema> {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
-        .into()
+    formatted(Type::String, KnownFormat::Uuid).into()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use wire::limits::{IDEMPOTENCY_KEY_BYTES_MAX, QUANTITY_MAX, USER_ID_BYTES_MAX};
 use wire::{Command, Outcome};
 
 use super::answers::{BodyErrors, BuyerWriteErrors, OwnerErrors, SettleAnswers};
-use super::command::{db_unavailable, submit, submit_async, submit_ticketed, unexpected};
+use super::command::{db_unavailable, submit, submit_async, unexpected};
 use super::dto::{ReservationOut, ReservationPath, ReserveBody};
 use super::state::App;
 use super::tickets::{eta_ms, queued_eta_ms, Ticket, TicketOut};
@@ -124,7 +124,7 @@ pub(crate) async fn create_reservation(
         let eta = eta_ms(position, lag.decide_rate());
         return Ok(accepted(ticket, position, eta, true));
     }
-    match submit_ticketed(&app, write, command, Some(key)).await? {
+    match submit(&app, write, command, Some(key)).await? {
         (
             Outcome::Held {
                 reservation_id,
@@ -214,47 +214,49 @@ pub(crate) async fn get_reservation(
     .into_response())
 }
 
-#[utoipa::path(
-    post, path = "/v1/reservations/{id}/confirm", tag = "reservations",
-    summary = "Confirm a hold (checkout done): its units move from held to sold; repeatable",
-    params(ReservationPath),
-    security((), ("buyer_jwt" = [])),
-    responses(
-        SettleAnswers,
-        (status = 409, description = "reservation_expired or reservation_cancelled", body = ErrorBody),
-    )
-)]
-pub(crate) async fn confirm_reservation(
-    State(app): State<Arc<App>>,
-    Path(ReservationPath { id }): Path<ReservationPath>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    settle(&app, &headers, &id, |reservation_id| Command::Confirm {
-        reservation_id,
-    })
-    .await
+/// A settle handler: `POST $path` applies `Command::$command` to the reservation of the path
+/// (see [`settle`]); `$conflicts` are its own 409 answers.
+#[rustfmt::skip] // rustfmt re-indents the attribute below on every run
+macro_rules! settle_handler {
+    ($name:ident, $command:ident, path = $path:tt, summary = $summary:tt, conflicts = $conflicts:tt) => {
+        #[utoipa::path(
+            post, path = $path, tag = "reservations",
+            summary = $summary,
+            params(ReservationPath),
+            security((), ("buyer_jwt" = [])),
+            responses(
+                SettleAnswers,
+                (status = 409, description = $conflicts, body = ErrorBody),
+            )
+        )]
+        pub(crate) async fn $name(
+            State(app): State<Arc<App>>,
+            Path(ReservationPath { id }): Path<ReservationPath>,
+            headers: HeaderMap,
+        ) -> Result<Response, ApiError> {
+            settle(&app, &headers, &id, |reservation_id| Command::$command {
+                reservation_id,
+            })
+            .await
+        }
+    };
 }
 
-#[utoipa::path(
-    post, path = "/v1/reservations/{id}/cancel", tag = "reservations",
+settle_handler!(
+    confirm_reservation,
+    Confirm,
+    path = "/v1/reservations/{id}/confirm",
+    summary = "Confirm a hold (checkout done): its units move from held to sold; repeatable",
+    conflicts = "reservation_expired or reservation_cancelled"
+);
+
+settle_handler!(
+    cancel_reservation,
+    Cancel,
+    path = "/v1/reservations/{id}/cancel",
     summary = "Release a hold; repeatable",
-    params(ReservationPath),
-    security((), ("buyer_jwt" = [])),
-    responses(
-        SettleAnswers,
-        (status = 409, description = "reservation_confirmed or reservation_expired", body = ErrorBody),
-    )
-)]
-pub(crate) async fn cancel_reservation(
-    State(app): State<Arc<App>>,
-    Path(ReservationPath { id }): Path<ReservationPath>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    settle(&app, &headers, &id, |reservation_id| Command::Cancel {
-        reservation_id,
-    })
-    .await
-}
+    conflicts = "reservation_confirmed or reservation_expired"
+);
 
 /// The reservation `id` from Postgres, if `subject` (JWT mode) owns it.
 async fn read_owned(
@@ -287,7 +289,10 @@ async fn settle(
     if let Some(subject) = token_subject(app, headers)? {
         read_owned(app, Some(&subject), id).await?;
     }
-    match submit(app, Write::Settle, command(id.as_u128()), None).await? {
+    match submit(app, Write::Settle, command(id.as_u128()), None)
+        .await?
+        .0
+    {
         Outcome::Reservation(view) => Ok(Json(ReservationOut::from(view)).into_response()),
         other => Err(unexpected(other)),
     }
