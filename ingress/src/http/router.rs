@@ -123,7 +123,9 @@ async fn track(State(t): State<Tracked>, request: Request, next: Next) -> Respon
     let mut response = REQUEST_ID.scope(id.as_u128(), next.run(request)).await;
     t.metrics
         .request_done(t.route, response.status().as_u16(), start.elapsed());
-    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = id.hyphenated().encode_lower(&mut text);
+    if let Ok(value) = HeaderValue::from_str(text) {
         response.headers_mut().insert("x-request-id", value);
     }
     response
