@@ -89,3 +89,20 @@ pub fn idempotent_producer(brokers: &str) -> ClientConfig {
     config.set("enable.idempotence", "true").set("acks", "all");
     config
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The requests reader keeps its local queue fed under a backlog (librdkafka's 1 s default
+    /// back-off idled the decide loop half of every second) and never jumps silently to another
+    /// offset (the sequencer must see a missing offset as a lost log).
+    #[test]
+    fn the_requests_reader_fetches_again_quickly_and_never_resets_its_offset() {
+        let config = requests_reader("127.0.0.1:9092", "g".into(), 100);
+        assert_eq!(config.get("fetch.queue.backoff.ms"), Some("10"));
+        assert_eq!(config.get("auto.offset.reset"), Some("error"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("100"));
+    }
+}
