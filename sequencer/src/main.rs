@@ -163,6 +163,11 @@ struct RunArgs {
     /// about this much of the log after the newest checkpoint.
     #[arg(long, env = "CHECKPOINT_INTERVAL_MS", default_value_t = 5_000)]
     checkpoint_interval_ms: u64,
+    /// Decisions the engine makes room for at start-up and takeover, so that none of its tables
+    /// grows (tens of ms on the decide thread at a million rows) before this many more are
+    /// decided. Address space until used: ~150 bytes of it per decision.
+    #[arg(long, env = "ENGINE_HEADROOM_DECISIONS", default_value_t = 2_000_000)]
+    engine_headroom_decisions: usize,
     /// When the requests log is lost, exit with code 4 at once instead of staying up, not
     /// ready, until `sequencer rebase-log` (for supervisors that alert on exits).
     #[arg(long, env = "EXIT_ON_LOG_LOST")]
@@ -309,6 +314,7 @@ fn run(args: RunArgs) -> ExitCode {
             batches: args.checkpoint_batches.max(1),
             interval: Duration::from_millis(args.checkpoint_interval_ms),
         },
+        engine_headroom: args.engine_headroom_decisions,
         status_addr: args.status_addr,
         exit_on_log_lost: args.exit_on_log_lost,
     };

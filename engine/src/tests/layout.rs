@@ -289,3 +289,37 @@ fn a_refusal_creates_no_user_and_its_key_still_replays_after_the_buyer_is_grante
     );
     sale.engine.check_invariants();
 }
+
+/// Room reserved up front (as the sequencer does at load) changes where rows live in memory,
+/// never what is decided: the same batches give the same outputs and the same state.
+#[test]
+fn reserved_room_decides_exactly_as_a_growing_engine() {
+    let mut reqs = Reqs::new();
+    let mut batches = vec![(T0, vec![reqs.upsert("tv", config(500, 2, 60_000))])];
+    for b in 0..20 {
+        let batch = (0..250)
+            .map(|i| {
+                reqs.reserve(
+                    "tv",
+                    &format!("u{}", (b * 250 + i) % 700),
+                    1,
+                    &format!("k{b}-{i}"),
+                )
+            })
+            .collect();
+        batches.push((T0 + 1 + b as i64, batch));
+    }
+    let mut growing = Engine::new();
+    let mut reserved = Engine::new();
+    reserved.reserve_room(10_000);
+    for (at, batch) in &batches {
+        assert_eq!(
+            growing.apply_batch(*at, batch),
+            reserved.apply_batch(*at, batch)
+        );
+    }
+    let start = crate::CheckpointCursor::default();
+    assert_eq!(growing.encode_delta(&start), reserved.encode_delta(&start));
+    assert_eq!(growing.encode_head(), reserved.encode_head());
+    reserved.check_invariants();
+}

@@ -11,6 +11,7 @@ impl Sequencer {
         let (mut engine, next_offset) = self.load_engine(&generation)?;
         self.load_admin_keys(&mut engine)?;
         self.load_queues(&mut engine)?;
+        engine.reserve_room(self.config.engine_headroom);
         let load_ms = started.elapsed().as_millis() as u64;
         self.status.load_ms.store(load_ms, Ordering::Relaxed);
         metrics::gauge!("sequencer_state_load_seconds").set(load_ms as f64 / 1000.0);

@@ -62,6 +62,9 @@ pub struct Config {
     pub status_addr: Option<SocketAddr>,
     /// How often the leader writes a checkpoint of the engine state.
     pub checkpoint: Cadence,
+    /// Decisions the engine makes room for when it is loaded (`Engine::reserve_room`), so
+    /// that no table grows on the decide thread during the next sale.
+    pub engine_headroom: usize,
     /// On a lost requests log, exit (code 4) at once instead of waiting, not ready, for
     /// `sequencer rebase-log`.
     pub exit_on_log_lost: bool,
