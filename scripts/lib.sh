@@ -171,7 +171,12 @@ ensure_kafka() {
       || die "formatting Kafka storage failed; see $RUN_DIR/kafka.log"
   fi
   log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$BROKER_PORT (data in $KAFKA_DATA)"
-  nohup java $KAFKA_HEAP_OPTS -XX:+UseG1GC -cp "$KAFKA_LIBS/*" \
+  # A GC log, so that a latency spike can be matched against the broker's pauses. (Kafka's own
+  # start scripts' -XX:MaxGCPauseMillis=20 was measured here and made the flash tail worse on
+  # 2 cores: more frequent collections, and each still took 20-45 ms.)
+  nohup java $KAFKA_HEAP_OPTS -XX:+UseG1GC \
+    "-Xlog:gc:file=$KAFKA_HOME/gc.log:time,uptime:filecount=3,filesize=10M" \
+    -cp "$KAFKA_LIBS/*" \
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.yaml" \
     kafka.Kafka "$KAFKA_HOME/server.properties" >>"$RUN_DIR/kafka.log" 2>&1 &
   echo $! >"$RUN_DIR/kafka.pid"
