@@ -3,9 +3,11 @@
 //! Requests go to the requests topic through an idempotent producer (acks=all). Every ingress
 //! reads the whole outcomes topic from the offset that was its end at start-up, but decodes only
 //! the messages keyed with its own id; each reply completes the waiting HTTP request, if any.
+//! The producer's delivery report (the append's offset) and the reply meet in `pending.rs`, so
+//! a request's task is woken once.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,68 +15,14 @@ use metrics::Histogram;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use rustc_hash::FxHashMap;
-use tokio::sync::oneshot;
 use wire::{IngressId, Outcome, OutcomeBatch, Request, RequestId, StockUpdate};
 
-use crate::stock::StockFeed;
-
 use crate::metrics::HopTimers;
-use crate::producer::{self, ProducerSlot};
-
-const PENDING_SHARDS: usize = 64;
-
-/// Requests waiting for their outcome, sharded to keep lock hold times tiny under load.
-pub struct Pending {
-    shards: Vec<Mutex<FxHashMap<RequestId, oneshot::Sender<Outcome>>>>,
-    count: AtomicUsize,
-}
-
-impl Pending {
-    fn new() -> Pending {
-        Pending {
-            shards: (0..PENDING_SHARDS).map(|_| Mutex::default()).collect(),
-            count: AtomicUsize::new(0),
-        }
-    }
-
-    fn shard(&self, id: RequestId) -> &Mutex<FxHashMap<RequestId, oneshot::Sender<Outcome>>> {
-        // UUIDv7's low bits are random: a fine shard selector.
-        &self.shards[(id as usize) % PENDING_SHARDS]
-    }
-
-    fn insert(&self, id: RequestId) -> oneshot::Receiver<Outcome> {
-        let (tx, rx) = oneshot::channel();
-        if self
-            .shard(id)
-            .lock()
-            .expect("pending lock")
-            .insert(id, tx)
-            .is_none()
-        {
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
-        rx
-    }
-
-    fn remove(&self, id: RequestId) -> Option<oneshot::Sender<Outcome>> {
-        let sender = self.shard(id).lock().expect("pending lock").remove(&id);
-        if sender.is_some() {
-            self.count.fetch_sub(1, Ordering::Relaxed);
-        }
-        sender
-    }
-
-    pub fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+use crate::pending::{Pending, Reply};
+use crate::producer::{self, AppendHealth, Delivery, ProducerSlot};
+use crate::stock::StockFeed;
 
 /// Why a request got no decided outcome.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +45,6 @@ pub struct Bus {
     pending: Arc<Pending>,
     outcome_timeout: Duration,
     pub health: Arc<BusHealth>,
-    append_latency: Histogram,
     /// The newest committed counters per SKU, for the live stock streams.
     pub stock: Arc<StockFeed>,
 }
@@ -148,7 +95,13 @@ impl Bus {
             c.set("message.timeout.ms", "600000");
             c
         });
-        let slot = Arc::new(ProducerSlot::new(producer_config, first)?);
+        let pending = Arc::new(Pending::default());
+        let delivery = Delivery {
+            pending: pending.clone(),
+            health: Arc::new(AppendHealth::default()),
+            append_latency: hops.append,
+        };
+        let slot = Arc::new(ProducerSlot::new(producer_config, first, delivery)?);
         let mut probe_config = kafka_config::base();
         probe_config.set("bootstrap.servers", brokers);
         // Longer than any append may take (the message timeout), so that only a producer that
@@ -160,7 +113,6 @@ impl Bus {
             requests_topic.to_owned(),
             stuck,
         ));
-        let pending = Arc::new(Pending::new());
         let health = Arc::new(BusHealth::default());
         let consumer: BaseConsumer = kafka_config::assigned_consumer(
             brokers,
@@ -202,7 +154,6 @@ impl Bus {
             pending,
             outcome_timeout,
             health,
-            append_latency: hops.append,
             stock,
         })
     }
@@ -232,8 +183,28 @@ impl Bus {
     /// Appends `request` to the log and waits for its outcome; the outcome and the request's
     /// log offset.
     pub async fn call(&self, request: &Request) -> Result<(Outcome, i64), SendError> {
+        match self.send(request, true).await? {
+            Reply::Decided { outcome, offset } => Ok((outcome, offset)),
+            other => Err(mismatched(other)),
+        }
+    }
+
+    /// Appends `request` and returns its log offset, without waiting for its outcome (a ticket's
+    /// write: `Prefer: respond-async`).
+    pub async fn append_only(&self, request: &Request) -> Result<i64, SendError> {
+        match self.send(request, false).await? {
+            Reply::Appended { offset } => Ok(offset),
+            other => Err(mismatched(other)),
+        }
+    }
+
+    /// Appends `request` and waits, up to the outcome timeout, for what `wants_outcome` asks:
+    /// its outcome (after its append), or only its append. One wake-up per request: the
+    /// delivery report and the outcome meet in [`Pending`].
+    async fn send(&self, request: &Request, wants_outcome: bool) -> Result<Reply, SendError> {
         let id = request.request_id;
-        let rx = self.pending.insert(id);
+        let deadline = tokio::time::Instant::now() + self.outcome_timeout;
+        let rx = self.pending.insert(id, wants_outcome);
         // Removed however this future ends: answered, timed out, or dropped because the client
         // went away (the HTTP server drops the handler). Otherwise a waiter whose outcome never
         // comes would hold its IN_FLIGHT_MAX slot for good.
@@ -241,71 +212,51 @@ impl Bus {
             pending: &self.pending,
             id,
         };
-        self.append_and_wait(request, rx).await
-    }
-
-    /// Appends `request` and returns its log offset, without waiting for its outcome (a ticket's
-    /// write: `Prefer: respond-async`).
-    pub async fn append_only(&self, request: &Request) -> Result<i64, SendError> {
-        let deadline = tokio::time::Instant::now() + self.outcome_timeout;
-        self.append(request, deadline).await
-    }
-
-    async fn append_and_wait(
-        &self,
-        request: &Request,
-        rx: oneshot::Receiver<Outcome>,
-    ) -> Result<(Outcome, i64), SendError> {
-        let deadline = tokio::time::Instant::now() + self.outcome_timeout;
-        let offset = self.append(request, deadline).await?;
+        self.append(request)?;
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(outcome)) => Ok((outcome, offset)),
-            Ok(Err(_)) => Err(SendError::Late {
-                offset,
-                detail: "the outcomes reader stopped".into(),
-            }),
-            Err(_) => Err(SendError::Late {
-                offset,
-                detail: "the sequencer did not answer in time".into(),
-            }),
+            Ok(Ok(Reply::NotAppended { error })) => Err(SendError::Unknown(error)),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(SendError::Unknown("the outcomes reader stopped".into())),
+            Err(_) => match self.pending.remove(id) {
+                Some(Some(offset)) => Err(SendError::Late {
+                    offset,
+                    detail: "the sequencer did not answer in time".into(),
+                }),
+                // A wedged producer may never report a delivery or a failure for the messages
+                // it holds: the deadline answers the client, and the watchdog counts it.
+                Some(None) => {
+                    self.producer.health().failed();
+                    Err(SendError::Unknown(APPEND_UNACKNOWLEDGED.into()))
+                }
+                // Completed between the timeout and the removal: too late to wait for it.
+                None => Err(SendError::Unknown("no outcome within the timeout".into())),
+            },
         }
     }
 
-    /// Appends `request` by `deadline`; its offset in the requests log.
-    async fn append(
-        &self,
-        request: &Request,
-        deadline: tokio::time::Instant,
-    ) -> Result<i64, SendError> {
+    /// Hands `request` to the producer; its delivery report goes to [`Pending`].
+    fn append(&self, request: &Request) -> Result<(), SendError> {
         let payload = wire::encode(request);
-        let record: FutureRecord<'_, (), [u8]> =
-            FutureRecord::to(&self.requests_topic).payload(&payload[..]);
-        let appending = std::time::Instant::now();
-        let producer = self.producer.current();
-        // Bounded by the outcome deadline too: a wedged producer may never report a delivery
-        // or a failure for the messages it holds, and a handler must not wait for ever.
-        let Ok(delivery) =
-            tokio::time::timeout_at(deadline, producer.send(record, Duration::ZERO)).await
-        else {
-            self.producer.failed();
-            return Err(SendError::Unknown(APPEND_UNACKNOWLEDGED.into()));
-        };
-        match delivery {
-            Ok(delivered) => {
-                self.producer.delivered();
-                self.append_latency
-                    .record(appending.elapsed().as_secs_f64());
-                Ok(delivered.offset)
-            }
+        let record = BaseRecord::with_opaque_to(&self.requests_topic, Box::new(request.request_id))
+            .payload(&payload[..]);
+        let record: BaseRecord<'_, (), [u8], Box<RequestId>> = record;
+        match self.producer.current().send(record) {
+            Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::Overloaded)
             }
             Err((e, _)) => {
-                self.producer.failed();
+                self.producer.health().failed();
                 Err(SendError::Unknown(format!("append failed: {e}")))
             }
         }
     }
+}
+
+/// A reply of the other kind than the waiter asked for: `Pending` never gives one.
+fn mismatched(reply: Reply) -> SendError {
+    tracing::error!(?reply, "a waiter got a reply of the wrong kind");
+    SendError::Unknown("internal error: mismatched reply".into())
 }
 
 /// The 504 detail of an append the producer neither acknowledged nor failed in time: it may
@@ -393,15 +344,11 @@ fn listen(
             }
         };
         for reply in batch.replies {
-            // A missing entry is a request that already timed out, or a re-published batch.
-            match pending.remove(reply.request_id) {
-                Some(tx) => {
-                    let _ = tx.send(reply.outcome);
-                    health.replies_delivered.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {
-                    health.replies_unclaimed.fetch_add(1, Ordering::Relaxed);
-                }
+            // No one waiting: a request that already timed out, or a re-published batch.
+            if pending.decided(reply.request_id, reply.outcome) {
+                health.replies_delivered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                health.replies_unclaimed.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

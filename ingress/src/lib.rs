@@ -15,6 +15,7 @@ pub mod console;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod pending;
 pub mod producer;
 pub mod server;
 pub mod stock;

@@ -5,7 +5,8 @@
 //! connection (`REQTMOUT ... 0 in-flight, N out-queue`) and every append times out, for as long
 //! as the process lives. Nothing in its configuration brings it back; a new client does.
 //!
-//! So every append reports to [`ProducerSlot`], and [`watch`] checks once a second: when appends
+//! So every append's delivery report goes to [`AppendHealth`] (and to the waiting request, see
+//! [`Delivery`]), and [`watch`] checks once a second: when appends
 //! have failed and none has been acknowledged for longer than an append may take (the message
 //! timeout), and brand-new clients have reached the broker and found the requests topic's
 //! leader for [`BROKER_BACK_GRACE_MS`] (time enough for a healthy producer to reconnect and get
@@ -19,57 +20,68 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use metrics::Histogram;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureProducer;
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use wire::{now_ms, RequestId};
 
-use crate::bus::now_ms;
+use crate::pending::Pending;
 
-/// How long the broker must have been reachable by a new client, while the producer still
-/// delivers nothing, before the producer counts as wedged. A healthy one reconnects within its
-/// reconnect backoff (at most 1 s) and then acquires its producer id.
-pub const BROKER_BACK_GRACE_MS: i64 = 3_000;
+/// The requests producer: its delivery reports go straight to the waiting requests.
+pub type RequestsProducer = ThreadedProducer<Delivery>;
 
-pub struct ProducerSlot {
-    current: RwLock<FutureProducer>,
-    config: ClientConfig,
+/// What the producer does with a delivery report (on librdkafka's polling thread): it tells the
+/// waiting request (see `pending.rs`) and the watchdog. Each message carries its request id.
+#[derive(Clone)]
+pub struct Delivery {
+    pub pending: Arc<Pending>,
+    pub health: Arc<AppendHealth>,
+    pub append_latency: Histogram,
+}
+
+impl ClientContext for Delivery {}
+
+impl ProducerContext for Delivery {
+    type DeliveryOpaque = Box<RequestId>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, id: Box<RequestId>) {
+        match result {
+            Ok(message) => {
+                self.health.delivered();
+                if let Some(took) = self.pending.appended(*id, message.offset()) {
+                    self.append_latency.record(took.as_secs_f64());
+                }
+            }
+            Err((e, _)) => {
+                self.health.failed();
+                self.pending
+                    .not_appended(*id, format!("append failed: {e}"));
+            }
+        }
+    }
+}
+
+/// The appends' record, for the watchdog.
+pub struct AppendHealth {
     /// Unix ms of the last acknowledged append; start-up and each replacement count as one.
     delivered_ms: AtomicI64,
     /// Appends that failed (a full local queue aside) since the last acknowledged one.
     failed_since_delivery: AtomicU64,
-    replaced_ms: AtomicI64,
-    /// How many times the watchdog replaced the producer.
-    pub replacements: AtomicU64,
 }
 
-impl ProducerSlot {
-    /// A slot whose producers are made from `config`; the first from `first` instead when given
-    /// (a drill: a first producer that reaches no broker is wedged from the start).
-    pub fn new(config: ClientConfig, first: Option<ClientConfig>) -> anyhow::Result<ProducerSlot> {
-        let producer = first
-            .as_ref()
-            .unwrap_or(&config)
-            .create()
-            .context("creating the requests producer")?;
-        let now = now_ms();
-        Ok(ProducerSlot {
-            current: RwLock::new(producer),
-            config,
-            delivered_ms: AtomicI64::new(now),
+impl Default for AppendHealth {
+    fn default() -> AppendHealth {
+        AppendHealth {
+            delivered_ms: AtomicI64::new(now_ms()),
             failed_since_delivery: AtomicU64::new(0),
-            replaced_ms: AtomicI64::new(now),
-            replacements: AtomicU64::new(0),
-        })
+        }
     }
+}
 
-    /// The producer to append with now (a cheap handle).
-    pub fn current(&self) -> FutureProducer {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
+impl AppendHealth {
     pub fn delivered(&self) {
         self.delivered_ms.store(now_ms(), Ordering::Relaxed);
         self.failed_since_delivery.store(0, Ordering::Relaxed);
@@ -78,22 +90,72 @@ impl ProducerSlot {
     pub fn failed(&self) {
         self.failed_since_delivery.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// How long the broker must have been reachable by a new client, while the producer still
+/// delivers nothing, before the producer counts as wedged. A healthy one reconnects within its
+/// reconnect backoff (at most 1 s) and then acquires its producer id.
+pub const BROKER_BACK_GRACE_MS: i64 = 3_000;
+
+pub struct ProducerSlot {
+    current: RwLock<RequestsProducer>,
+    config: ClientConfig,
+    delivery: Delivery,
+    replaced_ms: AtomicI64,
+    /// How many times the watchdog replaced the producer.
+    pub replacements: AtomicU64,
+}
+
+impl ProducerSlot {
+    /// A slot whose producers are made from `config`; the first from `first` instead when given
+    /// (a drill: a first producer that reaches no broker is wedged from the start).
+    pub fn new(
+        config: ClientConfig,
+        first: Option<ClientConfig>,
+        delivery: Delivery,
+    ) -> anyhow::Result<ProducerSlot> {
+        let producer = first
+            .as_ref()
+            .unwrap_or(&config)
+            .create_with_context(delivery.clone())
+            .context("creating the requests producer")?;
+        Ok(ProducerSlot {
+            current: RwLock::new(producer),
+            config,
+            delivery,
+            replaced_ms: AtomicI64::new(now_ms()),
+            replacements: AtomicU64::new(0),
+        })
+    }
+
+    /// The producer to append with now (a cheap handle).
+    pub fn current(&self) -> RequestsProducer {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The appends' record the watchdog reads.
+    pub fn health(&self) -> &AppendHealth {
+        &self.delivery.health
+    }
 
     fn looks_wedged(&self, now_ms: i64, stuck_ms: i64) -> bool {
         looks_wedged(
             now_ms,
-            self.delivered_ms.load(Ordering::Relaxed),
-            self.failed_since_delivery.load(Ordering::Relaxed),
+            self.health().delivered_ms.load(Ordering::Relaxed),
+            self.health().failed_since_delivery.load(Ordering::Relaxed),
             self.replaced_ms.load(Ordering::Relaxed),
             stuck_ms,
         )
     }
 
     /// Puts a new producer in place and returns the old one.
-    fn replace(&self) -> anyhow::Result<FutureProducer> {
-        let fresh: FutureProducer = self
+    fn replace(&self) -> anyhow::Result<RequestsProducer> {
+        let fresh: RequestsProducer = self
             .config
-            .create()
+            .create_with_context(self.delivery.clone())
             .context("creating a new requests producer")?;
         let old = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
@@ -101,8 +163,7 @@ impl ProducerSlot {
         );
         let now = now_ms();
         self.replaced_ms.store(now, Ordering::Relaxed);
-        self.delivered_ms.store(now, Ordering::Relaxed);
-        self.failed_since_delivery.store(0, Ordering::Relaxed);
+        self.health().delivered();
         self.replacements.fetch_add(1, Ordering::Relaxed);
         Ok(old)
     }
@@ -148,7 +209,7 @@ pub async fn watch(
     let stuck_ms = stuck.as_millis() as i64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut retired: Option<(FutureProducer, i64)> = None;
+    let mut retired: Option<(RequestsProducer, i64)> = None;
     // Since when new clients have found the broker serving while the producer looked wedged.
     let mut reachable_since: Option<i64> = None;
     loop {
