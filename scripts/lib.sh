@@ -61,7 +61,13 @@ KAFKA_LIBS="${KAFKA_LIBS:-$KAFKA_CACHE/kafka-$KAFKA_VERSION-$(sha256sum "$KAFKA_
 KAFKA_HOME="$RUN_DIR/kafka"
 KAFKA_DATA="$KAFKA_HOME/data"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((BROKER_PORT + 1))}"
-KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}"
+# G1 with a 20 ms pause goal, as Kafka's own start scripts set it. With G1's defaults the broker's
+# young collections took 75-113 ms every ~20 s under a 25k/s sale, and each one stalled every
+# append and every fetch: the batch timeline's largest gaps were exactly those pauses. With these
+# the pauses stay under ~40 ms (docs/BENCHMARKS.md, "The broker's pauses"). ZGC (no pauses)
+# was worse on 2 cores: its concurrent threads take CPU the sale needs.
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms1g -Xmx1g}"
+KAFKA_GC_OPTS="${KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35}"
 BROKER="${BROKER:-kafka}"
 if [ "$BROKER" = tansu ]; then
   # tansu 0.6 holds every fetch for the whole fetch.wait.max.ms and slows down with every record
@@ -171,10 +177,8 @@ ensure_kafka() {
       || die "formatting Kafka storage failed; see $RUN_DIR/kafka.log"
   fi
   log "starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$BROKER_PORT (data in $KAFKA_DATA)"
-  # A GC log, so that a latency spike can be matched against the broker's pauses. (Kafka's own
-  # start scripts' -XX:MaxGCPauseMillis=20 was measured here and made the flash tail worse on
-  # 2 cores: more frequent collections, and each still took 20-45 ms.)
-  nohup java $KAFKA_HEAP_OPTS -XX:+UseG1GC \
+  # A GC log, so that a latency spike can be matched against the broker's pauses.
+  nohup java $KAFKA_HEAP_OPTS $KAFKA_GC_OPTS \
     "-Xlog:gc:file=$KAFKA_HOME/gc.log:time,uptime:filecount=3,filesize=10M" \
     -cp "$KAFKA_LIBS/*" \
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.yaml" \
