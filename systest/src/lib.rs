@@ -27,3 +27,21 @@ pub fn assert_error(status: u16, body: &serde_json::Value, expected: (u16, &str)
         "{body}"
     );
 }
+
+/// The one `int8` that `sql` selects from `stack`'s database; panics, naming the query, when
+/// it fails (every caller is a test asserting on the figure).
+pub async fn scalar(stack: &Stack, sql: &str) -> i64 {
+    match stack.query_i64(sql).await {
+        Ok(n) => n,
+        Err(e) => panic!("{sql}: {e:#}"),
+    }
+}
+
+/// A stack whose ingress has these `(name, value)` pairs added to its environment.
+pub async fn stack_with_ingress_env(name: &str, pairs: &[(&str, &str)]) -> Stack {
+    let options = Options::default().with_ingress_env(pairs);
+    match Stack::start(name, options).await {
+        Ok(stack) => stack,
+        Err(e) => panic!("starting {name}: {e:#}"),
+    }
+}

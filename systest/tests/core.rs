@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use systest::load::{under_load, verify, UnderLoad};
-use systest::{Options, Stack};
+use systest::{scalar, Options, Stack};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -99,15 +99,17 @@ async fn concurrent_buyers_get_exactly_the_stock_and_never_more() {
 
     let row = stack.sku_row("hot").await.unwrap();
     assert_eq!((row["held"], row["available"], row["sold"]), (1_000, 0, 0));
-    let held_rows = stack
-        .query_i64("SELECT count(*) FROM decisions WHERE status = 'held'")
-        .await
-        .unwrap();
+    let held_rows = scalar(
+        &stack,
+        "SELECT count(*) FROM decisions WHERE status = 'held'",
+    )
+    .await;
     assert_eq!(held_rows, 1_000, "Postgres agrees with the engine");
-    let rejected_rows = stack
-        .query_i64("SELECT count(*) FROM decisions WHERE status = 'rejected'")
-        .await
-        .unwrap();
+    let rejected_rows = scalar(
+        &stack,
+        "SELECT count(*) FROM decisions WHERE status = 'rejected'",
+    )
+    .await;
     assert_eq!(
         rejected_rows, 19_000,
         "every refusal is a recorded decision"
@@ -180,10 +182,11 @@ async fn the_same_request_sent_three_times_reserves_once_and_answers_identically
         201
     );
 
-    let rows = stack
-        .query_i64("SELECT count(*) FROM decisions WHERE user_id = 'alice'")
-        .await
-        .unwrap();
+    let rows = scalar(
+        &stack,
+        "SELECT count(*) FROM decisions WHERE user_id = 'alice'",
+    )
+    .await;
     assert_eq!(rows, 1, "one decision row for alice's key");
     let row = stack.sku_row("idem").await.unwrap();
     assert_eq!((row["held"], row["available"]), (4, 6));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use harness::jwt::hs256;
 use serde_json::{json, Value};
-use systest::{assert_error, Options, Stack, ADMIN_TOKEN};
+use systest::{assert_error, scalar, stack_with_ingress_env, Options, Stack, ADMIN_TOKEN};
 
 /// `(method, path template)` of a route.
 type Route = (&'static str, &'static str);
@@ -101,10 +101,6 @@ fn refused_count(text: &str, reason: &str) -> Option<f64> {
     sample(text, &series)
 }
 
-async fn rows(stack: &Stack, sql: &str) -> i64 {
-    stack.query_i64(sql).await.unwrap()
-}
-
 async fn key_was_written(stack: &Stack, key: &str) -> bool {
     sqlx::query_scalar::<_, i64>("SELECT count(*) FROM decisions WHERE idempotency_key = $1")
         .bind(key)
@@ -146,8 +142,7 @@ async fn wait_for_sample(stack: &Stack, series: &str, ok: impl Fn(f64) -> bool) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_requests_latency_in_flight_queue_depth_outcomes_and_lag() {
     // Rate limiting off: one user may send as fast as it likes.
-    let options = Options::default().with_ingress_env(&[("RATE_LIMIT_PER_USER_PER_S", "0")]);
-    let stack = Stack::start("metrics", options).await.unwrap();
+    let stack = stack_with_ingress_env("metrics", &[("RATE_LIMIT_PER_USER_PER_S", "0")]).await;
     stack.put_sku("m", 3, 100, 300.0).await.unwrap();
     let mut held = 0;
     for i in 0..30 {
@@ -261,11 +256,14 @@ async fn metrics_expose_requests_latency_in_flight_queue_depth_outcomes_and_lag(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_rate_limit_answers_429_with_retry_after_and_writes_nothing() {
-    let options = Options::default().with_ingress_env(&[
-        ("RATE_LIMIT_PER_USER_PER_S", "1"),
-        ("RATE_LIMIT_BURST", "2"),
-    ]);
-    let stack = Stack::start("ratelimit", options).await.unwrap();
+    let stack = stack_with_ingress_env(
+        "ratelimit",
+        &[
+            ("RATE_LIMIT_PER_USER_PER_S", "1"),
+            ("RATE_LIMIT_BURST", "2"),
+        ],
+    )
+    .await;
     stack.put_sku("rl", 100, 50, 300.0).await.unwrap();
     let body = |user: &str, key: &str| json!({"sku": "rl", "user_id": user, "quantity": 1, "idempotency_key": key});
     for k in ["g1", "g2"] {
@@ -294,7 +292,7 @@ async fn per_user_rate_limit_answers_429_with_retry_after_and_writes_nothing() {
         201
     );
     assert_eq!(
-        rows(
+        scalar(
             &stack,
             "SELECT count(*) FROM decisions WHERE user_id = 'greedy'"
         )
@@ -361,7 +359,7 @@ async fn in_flight_bound_answers_503_with_retry_after_at_once_and_appends_nothin
     );
     assert!(!key_was_written(&stack, "refused").await);
     assert!(key_was_written(&stack, "waits").await);
-    assert_eq!(rows(&stack, "SELECT count(*) FROM decisions").await, 1);
+    assert_eq!(scalar(&stack, "SELECT count(*) FROM decisions").await, 1);
     let text = metrics_text(&stack).await;
     assert_eq!(refused_count(&text, "in_flight"), Some(1.0));
 }
@@ -464,15 +462,14 @@ async fn lag_bound_answers_503_when_the_sequencer_falls_behind_but_lets_admin_th
         !key_was_written(&stack, "late").await,
         "the refused request left no trace"
     );
-    assert_eq!(rows(&stack, "SELECT count(*) FROM decisions").await, 6);
+    assert_eq!(scalar(&stack, "SELECT count(*) FROM decisions").await, 6);
     let text = metrics_text(&stack).await;
     assert_eq!(refused_count(&text, "lag"), Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_mode_makes_the_token_subject_the_buyer() {
-    let options = Options::default().with_ingress_env(&[("JWT_HS256_SECRET", JWT_SECRET)]);
-    let stack = Stack::start("jwt", options).await.unwrap();
+    let stack = stack_with_ingress_env("jwt", &[("JWT_HS256_SECRET", JWT_SECRET)]).await;
     stack.put_sku("j", 10, 5, 300.0).await.unwrap();
     let with = |token: &str, body: Value| reserve(&stack, body).bearer_auth(token);
     let body = |user: Option<&str>, key: &str| match user {
@@ -541,7 +538,7 @@ async fn jwt_mode_makes_the_token_subject_the_buyer() {
         );
     }
     assert_eq!(
-        rows(&stack, "SELECT count(*) FROM decisions").await,
+        scalar(&stack, "SELECT count(*) FROM decisions").await,
         0,
         "refusals wrote nothing"
     );
@@ -661,11 +658,10 @@ const STABLE_CODES: [&str; 9] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
-    let options = Options::default().with_ingress_env(&[("JWT_HS256_SECRET", JWT_SECRET)]);
-    let stack = Stack::start("hostile", options).await.unwrap();
+    let stack = stack_with_ingress_env("hostile", &[("JWT_HS256_SECRET", JWT_SECRET)]).await;
     stack.put_sku("good", 5, 2, 300.0).await.unwrap();
     let sku_before = stack.sku_row("good").await.unwrap();
-    let batches_before = rows(
+    let batches_before = scalar(
         &stack,
         "SELECT coalesce(max(batch_seq), 0)::int8 FROM batches",
     )
@@ -1042,7 +1038,7 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
     eprintln!("hostile sweep: {total} requests, every one a 4xx with a stable code");
 
     assert_eq!(
-        rows(&stack, "SELECT count(*) FROM decisions").await,
+        scalar(&stack, "SELECT count(*) FROM decisions").await,
         0,
         "nothing written"
     );
@@ -1056,7 +1052,7 @@ async fn hostile_input_on_every_route_gets_a_stable_4xx_and_writes_nothing() {
         .await
         .unwrap();
     assert!(!paused);
-    assert_eq!(rows(&stack, "SELECT count(*) FROM skus").await, 1);
+    assert_eq!(scalar(&stack, "SELECT count(*) FROM skus").await, 1);
     // Nothing reached the sequencer either: no batch carried a command.
     let commands: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(commands), 0)::int8 FROM batches WHERE batch_seq > $1",

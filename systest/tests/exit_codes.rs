@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use systest::{Options, Stack};
+use systest::{scalar, Options, Stack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_refused_by_a_database_constraint_exits_fatal_not_deposed() {
@@ -30,10 +30,8 @@ async fn a_batch_refused_by_a_database_constraint_exits_fatal_not_deposed() {
         .wait_sequencer_exit(0, Duration::from_secs(20))
         .unwrap();
     assert_eq!(code, Some(5), "fatal, not deposed (3) or a plain error (1)");
-    let held = stack
-        .query_i64("SELECT held FROM skus WHERE sku = 'c'")
-        .await;
-    assert_eq!(held.unwrap(), 1, "nothing of the refused batch was written");
+    let held = scalar(&stack, "SELECT held FROM skus WHERE sku = 'c'").await;
+    assert_eq!(held, 1, "nothing of the refused batch was written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

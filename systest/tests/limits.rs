@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use systest::{Options, Stack, ADMIN_TOKEN};
+use systest::{scalar, stack_with_ingress_env, Options, Stack, ADMIN_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -165,17 +165,20 @@ async fn writes_get_503_at_once_while_no_sequencer_commits_and_a_quiet_sale_stay
         assert!(Instant::now() < deadline, "never ready again: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let n = stack.query_i64("SELECT count(*) FROM decisions").await;
-    assert_eq!(n.unwrap(), 1, "the refused buyers left no trace");
+    let n = scalar(&stack, "SELECT count(*) FROM decisions").await;
+    assert_eq!(n, 1, "the refused buyers left no trace");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_cut_off_after_the_header_and_body_deadlines() {
-    let options = Options::default().with_ingress_env(&[
-        ("HEADER_READ_TIMEOUT_MS", "1000"),
-        ("BODY_READ_TIMEOUT_MS", "1000"),
-    ]);
-    let stack = Stack::start("slowloris", options).await.unwrap();
+    let stack = stack_with_ingress_env(
+        "slowloris",
+        &[
+            ("HEADER_READ_TIMEOUT_MS", "1000"),
+            ("BODY_READ_TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
 
     // Half a header, then nothing: closed after the header deadline.
     let mut half = TcpStream::connect(addr(&stack)).await.unwrap();
@@ -224,11 +227,14 @@ async fn a_slow_client_is_cut_off_after_the_header_and_body_deadlines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_refused_while_the_held_ones_are_served() {
     const MAX: usize = 4;
-    let options = Options::default().with_ingress_env(&[
-        ("CONNECTIONS_MAX", "4"),
-        ("HEADER_READ_TIMEOUT_MS", "60000"),
-    ]);
-    let stack = Stack::start("connmax", options).await.unwrap();
+    let stack = stack_with_ingress_env(
+        "connmax",
+        &[
+            ("CONNECTIONS_MAX", "4"),
+            ("HEADER_READ_TIMEOUT_MS", "60000"),
+        ],
+    )
+    .await;
     // The stack's own client may hold a few idle connections already: open more until one is
     // refused, which must happen by the (MAX+1)th.
     let mut held = Vec::new();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use systest::{Options, Stack};
+use systest::{scalar, Options, Stack};
 use wire::{Command, Request, SkuConfig};
 
 fn raw(command: Command, id: u128) -> Vec<u8> {
@@ -78,10 +78,7 @@ async fn poison_messages_on_the_requests_topic_are_refused_and_the_sale_goes_on(
         .await
         .unwrap();
     assert_eq!(stored, vec!["alice".to_owned()]);
-    let far = stack
-        .query_i64("SELECT count(*) FROM skus WHERE sku = 'far'")
-        .await
-        .unwrap();
+    let far = scalar(&stack, "SELECT count(*) FROM skus WHERE sku = 'far'").await;
     assert_eq!(far, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

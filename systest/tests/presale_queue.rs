@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use systest::tickets::{assert_decided_in_order, until_decided};
-use systest::{assert_error, Options, Stack};
+use systest::{assert_error, scalar, Options, Stack};
 
 /// Queued requests the SKU's queue holds.
 const QUEUE_MAX: usize = 6;
@@ -107,10 +107,11 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
         (200, Some("queued"), Some(4)),
         "{t}"
     );
-    let queued_rows = stack
-        .query_i64("SELECT count(*) FROM queued_requests WHERE released_batch IS NULL")
-        .await
-        .unwrap();
+    let queued_rows = scalar(
+        &stack,
+        "SELECT count(*) FROM queued_requests WHERE released_batch IS NULL",
+    )
+    .await;
     assert_eq!(queued_rows, QUEUE_MAX as i64, "the queue is in Postgres");
 
     // The active dies; the standby takes over with the queue it rebuilt from the log.
@@ -160,18 +161,18 @@ async fn the_waiting_room_queues_in_order_survives_failover_and_restart_and_deci
     // The first three get a unit each, the one the synchronous retry of their key answers.
     assert_decided_in_order(&stack, "drop", &decided, STOCK as usize).await;
     // All six were decided by one batch, before the newcomer's.
-    let batches = stack
-        .query_i64("SELECT count(DISTINCT batch_seq) FROM decisions WHERE user_id ~ '^u[0-5]$'")
-        .await
-        .unwrap();
+    let batches = scalar(
+        &stack,
+        "SELECT count(DISTINCT batch_seq) FROM decisions WHERE user_id ~ '^u[0-5]$'",
+    )
+    .await;
     assert_eq!(batches, 1, "the queue is decided in one batch");
-    let before = stack
-        .query_i64(
-            "SELECT count(*) FROM decisions q, decisions l
+    let before = scalar(
+        &stack,
+        "SELECT count(*) FROM decisions q, decisions l
               WHERE q.user_id ~ '^u[0-5]$' AND l.user_id = 'late' AND q.batch_seq < l.batch_seq",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     assert_eq!(
         before, QUEUE_MAX as i64,
         "every queued request before the newcomer"

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use systest::{Options, Stack};
+use systest::{scalar, Options, Stack};
 
 const STALL_AT: i64 = 5;
 
@@ -102,10 +102,11 @@ async fn a_leader_whose_reader_hangs_is_not_ready_then_exits_and_the_standby_dec
     }
     let row = stack.sku_row("r").await.unwrap();
     assert_eq!(row["held"], STALL_AT + 2, "{row:?}");
-    let holds = stack
-        .query_i64("SELECT count(*) FROM decisions WHERE sku = 'r' AND status = 'held'")
-        .await
-        .unwrap();
+    let holds = scalar(
+        &stack,
+        "SELECT count(*) FROM decisions WHERE sku = 'r' AND status = 'held'",
+    )
+    .await;
     assert_eq!(holds, STALL_AT + 2);
     let report = stack.audit().unwrap();
     assert_eq!(report["violations"], json!([]), "{report}");
