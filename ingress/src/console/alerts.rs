@@ -279,6 +279,7 @@ fn two_writers(h: &History) -> Found {
 fn lag(h: &History) -> Found {
     let lag = newest(h)?
         .ingress
+        .log
         .lag
         .ok_or("no fresh measurement of the lag")?;
     Ok((lag > 25_000).then(|| format!("{lag} requests wait in the log")))
@@ -308,7 +309,7 @@ fn stalled(h: &History) -> Found {
         return Ok(None);
     };
     let grown = h
-        .increase(MINUTE, |t| t.ingress.log_end.map(|e| e as f64))
+        .increase(MINUTE, |t| t.ingress.log.end.map(|e| e as f64))
         .unwrap_or(0.0);
     Ok((age > 30_000 && grown > 0.0).then(|| {
         format!(
@@ -329,28 +330,28 @@ fn grew(h: &History, f: impl Fn(&Tick) -> f64, what: &str) -> Found {
 fn no_sequencer(h: &History) -> Found {
     grew(
         h,
-        |t| t.ingress.refused_no_sequencer,
+        |t| t.ingress.answers.refused_no_sequencer,
         "writes refused no_sequencer",
     )
 }
 
 fn connections(h: &History) -> Found {
     let now = &newest(h)?.ingress;
-    if now.connections_max > 0.0 && now.connections_open > 0.8 * now.connections_max {
+    if now.connections.max > 0.0 && now.connections.open > 0.8 * now.connections.max {
         return Ok(Some(format!(
             "{} of {} connections open",
-            now.connections_open, now.connections_max
+            now.connections.open, now.connections.max
         )));
     }
-    grew(h, |t| t.ingress.connections_refused, "connections refused")
+    grew(h, |t| t.ingress.connections.refused, "connections refused")
 }
 
 fn rate_503(h: &History) -> Found {
     let all = h
-        .increase(MINUTE, |t| Some(t.ingress.answers))
+        .increase(MINUTE, |t| Some(t.ingress.answers.all))
         .ok_or("nothing sampled yet")?;
     let refused = h
-        .increase(MINUTE, |t| Some(t.ingress.answers_503))
+        .increase(MINUTE, |t| Some(t.ingress.answers.status_503))
         .unwrap_or(0.0);
     Ok((all > 0.0 && refused / all > 0.01).then(|| format!("{refused} of {all} answers were 503")))
 }
@@ -381,7 +382,7 @@ fn slow_start(h: &History) -> Found {
 }
 
 fn rate_504(h: &History) -> Found {
-    grew(h, |t| t.ingress.answers_504, "answers 504")
+    grew(h, |t| t.ingress.answers.status_504, "answers 504")
 }
 
 #[cfg(test)]
@@ -527,14 +528,14 @@ mod tests {
             peers: vec![peer("active")],
             ..Tick::default()
         };
-        t.ingress.answers = 1_000.0;
-        t.ingress.connections_max = 100.0;
+        t.ingress.answers.all = 1_000.0;
+        t.ingress.connections.max = 100.0;
         history.push(t.clone());
         t.at_ms = 30_000;
-        t.ingress.answers = 2_000.0;
-        t.ingress.answers_503 = 20.0;
-        t.ingress.answers_504 = 1.0;
-        t.ingress.connections_open = 81.0;
+        t.ingress.answers.all = 2_000.0;
+        t.ingress.answers.status_503 = 20.0;
+        t.ingress.answers.status_504 = 1.0;
+        t.ingress.connections.open = 81.0;
         // A counter that appears (its first increment) counts from 0.
         t.peers[0].as_mut().unwrap().commit_retries = 2.0;
         history.push(t.clone());
@@ -554,7 +555,7 @@ mod tests {
         );
         // A minute later, nothing new: the first tick is out of the window.
         t.at_ms = 91_000;
-        t.ingress.connections_open = 10.0;
+        t.ingress.connections.open = 10.0;
         history.push(t.clone());
         let out = alerting.evaluate(&history);
         for name in ["503 rate", "504 rate", "connections", "commit retries"] {

@@ -16,12 +16,13 @@ pub mod prom;
 pub mod sample;
 pub mod summary;
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prom::{quantile, Scrape};
-use sample::{History, IngressTick, PeerStatus, PeerTick, Tick};
+use sample::{
+    Answers, Connections, History, IngressTick, LogPosition, PeerStatus, PeerTick, Queues, Tick,
+};
 use summary::{
     IngressOut, LogOut, OpsSummaryOut, PresaleQueueOut, SequencerOut, ThroughputOut, WriterOut,
 };
@@ -112,19 +113,13 @@ async fn sample(app: &App, client: &reqwest::Client) -> Tick {
         peers
     );
     let now = now_ms();
-    let lag = &app.admission.lag;
-    let measured = lag.measured_ms.load(Ordering::Relaxed) > 0;
-    let mut ingress = IngressTick {
-        connections_max: app.config.connections_max as f64,
-        log_end: measured.then(|| lag.high_watermark.load(Ordering::Relaxed)),
-        committed: measured.then(|| lag.committed_offset.load(Ordering::Relaxed)),
-        lag: lag.current_lag(now),
-        writes_in_flight: app.bus.in_flight() as u64,
-        producer_queue_depth: app.bus.producer_queue_depth().max(0) as u64,
-        stock_streams: app.bus.stock.subscribers() as u64,
-        ..IngressTick::default()
+    let scrape = Scrape::parse(&app.metrics.render());
+    let ingress = IngressTick {
+        answers: Answers::read(&scrape),
+        connections: Connections::read(&scrape, app.config.connections_max as f64),
+        log: LogPosition::measured(&app.admission.lag, now),
+        queues: Queues::of(&app.bus),
     };
-    ingress.read(&Scrape::parse(&app.metrics.render()));
     Tick {
         at_ms: now,
         ingress,
@@ -154,18 +149,18 @@ fn summarise(app: &App, history: &History, alerts: Vec<summary::AlertOut>) -> Op
     OpsSummaryOut {
         sampled_at: rfc3339(now.at_ms),
         ingress: IngressOut {
-            writes_in_flight: i.writes_in_flight,
+            writes_in_flight: i.queues.writes_in_flight,
             in_flight_max: app.admission.limits.in_flight_max as u64,
-            producer_queue_depth: i.producer_queue_depth,
-            stock_streams: i.stock_streams,
+            producer_queue_depth: i.queues.producer_queue_depth,
+            stock_streams: i.queues.stock_streams,
             stream_subscribers_max: app.config.stream_subscribers_max as u64,
-            connections_open: i.connections_open as u64,
+            connections_open: i.connections.open as u64,
             connections_max: app.config.connections_max as u64,
         },
         log: LogOut {
-            end_offset: i.log_end,
-            committed_offset: i.committed,
-            lag: i.lag,
+            end_offset: i.log.end,
+            committed_offset: i.log.committed,
+            lag: i.log.lag,
             lag_max: app.admission.limits.lag_max,
         },
         throughput: throughput(history),

@@ -2,12 +2,15 @@
 //! rates and alerts are computed over.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 
 use persistence::reads::WriterView;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::prom::{increase, Scrape};
+use crate::admission::LagMonitor;
+use crate::bus::Bus;
 
 /// How much history is kept: the longest window an alert looks at ("checkpoints stalled").
 pub const HISTORY_MS: i64 = 5 * 60_000;
@@ -29,29 +32,26 @@ pub struct Tick {
 /// This ingress's own figures (its `/metrics`, its lag monitor, its bounds).
 #[derive(Clone, Debug, Default)]
 pub struct IngressTick {
-    /// Answers, all and by status (`ingress_http_requests_total`), but those of `/readyz`: its
-    /// 503 says "not ready" (while starting, say), not "refused".
-    pub answers: f64,
-    pub answers_503: f64,
-    pub answers_504: f64,
-    /// Writes refused with 503 `no_sequencer` (`ingress_admission_refused_total`).
-    pub refused_no_sequencer: f64,
-    pub connections_open: f64,
-    pub connections_refused: f64,
-    pub connections_max: f64,
-    /// The requests log's end and the committed offset as last measured, and the lag when the
-    /// measurement is fresh.
-    pub log_end: Option<i64>,
-    pub committed: Option<i64>,
-    pub lag: Option<i64>,
-    pub writes_in_flight: u64,
-    pub producer_queue_depth: u64,
-    pub stock_streams: u64,
+    pub answers: Answers,
+    pub connections: Connections,
+    pub log: LogPosition,
+    pub queues: Queues,
 }
 
-impl IngressTick {
-    /// The figures of this ingress's own Prometheus text.
-    pub fn read(&mut self, scrape: &Scrape) {
+/// Answers, all and by status (`ingress_http_requests_total`), but those of `/readyz`: its 503
+/// says "not ready" (while starting, say), not "refused".
+#[derive(Clone, Debug, Default)]
+pub struct Answers {
+    pub all: f64,
+    pub status_503: f64,
+    pub status_504: f64,
+    /// Writes refused with 503 `no_sequencer` (`ingress_admission_refused_total`).
+    pub refused_no_sequencer: f64,
+}
+
+impl Answers {
+    /// The answers counted in this ingress's own Prometheus text.
+    pub fn read(scrape: &Scrape) -> Answers {
         let answers = |status: Option<&str>| {
             let mut labels = vec![];
             labels.extend(status.map(|s| ("status", s)));
@@ -60,19 +60,78 @@ impl IngressTick {
             let probes = scrape.sum("ingress_http_requests_total", &labels);
             all.unwrap_or(0.0) - probes.unwrap_or(0.0)
         };
-        self.answers = answers(None);
-        self.answers_503 = answers(Some("503"));
-        self.answers_504 = answers(Some("504"));
-        self.refused_no_sequencer = scrape
-            .sum(
-                "ingress_admission_refused_total",
-                &[("reason", "no_sequencer")],
-            )
-            .unwrap_or(0.0);
-        self.connections_open = scrape.value("ingress_http_connections_open").unwrap_or(0.0);
-        self.connections_refused = scrape
-            .value("ingress_http_connections_refused_total")
-            .unwrap_or(0.0);
+        Answers {
+            all: answers(None),
+            status_503: answers(Some("503")),
+            status_504: answers(Some("504")),
+            refused_no_sequencer: scrape
+                .sum(
+                    "ingress_admission_refused_total",
+                    &[("reason", "no_sequencer")],
+                )
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// HTTP connections: open now, refused so far, and their bound (CONNECTIONS_MAX).
+#[derive(Clone, Debug, Default)]
+pub struct Connections {
+    pub open: f64,
+    pub refused: f64,
+    pub max: f64,
+}
+
+impl Connections {
+    /// The connections of this ingress's own Prometheus text, under the bound `max`.
+    pub fn read(scrape: &Scrape, max: f64) -> Connections {
+        Connections {
+            open: scrape.value("ingress_http_connections_open").unwrap_or(0.0),
+            refused: scrape
+                .value("ingress_http_connections_refused_total")
+                .unwrap_or(0.0),
+            max,
+        }
+    }
+}
+
+/// The requests log's end and the committed offset as last measured, and the lag when the
+/// measurement is fresh.
+#[derive(Clone, Debug, Default)]
+pub struct LogPosition {
+    pub end: Option<i64>,
+    pub committed: Option<i64>,
+    pub lag: Option<i64>,
+}
+
+impl LogPosition {
+    /// As the lag monitor of admission last measured it (nothing before its first measurement).
+    pub fn measured(lag: &LagMonitor, now_ms: i64) -> LogPosition {
+        let measured = lag.measured_ms.load(Ordering::Relaxed) > 0;
+        LogPosition {
+            end: measured.then(|| lag.high_watermark.load(Ordering::Relaxed)),
+            committed: measured.then(|| lag.committed_offset.load(Ordering::Relaxed)),
+            lag: lag.current_lag(now_ms),
+        }
+    }
+}
+
+/// What waits on this ingress: writes for their outcome, requests for the broker, and the open
+/// live stock streams.
+#[derive(Clone, Debug, Default)]
+pub struct Queues {
+    pub writes_in_flight: u64,
+    pub producer_queue_depth: u64,
+    pub stock_streams: u64,
+}
+
+impl Queues {
+    pub fn of(bus: &Bus) -> Queues {
+        Queues {
+            writes_in_flight: bus.in_flight() as u64,
+            producer_queue_depth: bus.producer_queue_depth().max(0) as u64,
+            stock_streams: bus.stock.subscribers() as u64,
+        }
     }
 }
 
@@ -217,14 +276,16 @@ ingress_admission_refused_total{reason="no_sequencer"} 2
 ingress_http_connections_open 7
 "#,
         );
-        let mut tick = IngressTick::default();
-        tick.read(&scrape);
+        let answers = Answers::read(&scrape);
         assert_eq!(
-            (tick.answers, tick.answers_503, tick.answers_504),
+            (answers.all, answers.status_503, answers.status_504),
             (42.0, 2.0, 0.0)
         );
         assert_eq!(
-            (tick.refused_no_sequencer, tick.connections_open),
+            (
+                answers.refused_no_sequencer,
+                Connections::read(&scrape, 0.0).open
+            ),
             (2.0, 7.0)
         );
     }
