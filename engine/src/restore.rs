@@ -8,7 +8,7 @@
 
 use std::cmp::Reverse;
 
-use wire::{Reject, RequestId, ReservationStatus, SkuView, StoredDecision};
+use wire::{Reject, ReservationStatus, ReserveRef, SkuView, StoredDecision};
 
 use crate::output::{RestoreError, Snapshot};
 use crate::state::{refusal_text, split_id, Engine, Reservation, Sku, Span};
@@ -17,11 +17,7 @@ use crate::SkuIdx;
 /// One decision row as read from the database, borrowing its strings from the row.
 #[derive(Debug, Clone, Copy)]
 pub struct DecisionRef<'a> {
-    pub request_id: RequestId,
-    pub user_id: &'a str,
-    pub idempotency_key: &'a str,
-    pub sku: &'a str,
-    pub quantity: u32,
+    pub request: ReserveRef<'a>,
     /// The reservation's current status, or why the request was refused.
     pub status: Result<ReservationStatus, Reject>,
     pub expires_at_ms: i64,
@@ -30,11 +26,7 @@ pub struct DecisionRef<'a> {
 impl<'a> From<&'a StoredDecision> for DecisionRef<'a> {
     fn from(d: &'a StoredDecision) -> Self {
         DecisionRef {
-            request_id: d.request_id,
-            user_id: &d.user_id,
-            idempotency_key: &d.idempotency_key,
-            sku: &d.sku,
-            quantity: d.quantity,
+            request: d.request(),
             status: d.status,
             expires_at_ms: d.expires_at_ms,
         }
@@ -66,46 +58,47 @@ impl Restorer {
     /// Adds the next decision row.
     pub fn add(&mut self, d: DecisionRef<'_>) -> Result<(), RestoreError> {
         let engine = &mut self.engine;
+        let r = d.request;
         let hashes = engine
             .hash_key
-            .hashes(d.request_id, d.user_id, d.idempotency_key);
-        if engine.find_request(hashes.request, d.request_id).is_some() {
+            .hashes(r.request_id, r.user_id, r.idempotency_key);
+        if engine.find_request(hashes.request, r.request_id).is_some() {
             return Err(RestoreError::DuplicateRequestId {
-                request_id: d.request_id,
+                request_id: r.request_id,
             });
         }
         // Refusals too: only decisions about a known SKU are ever recorded.
-        let Some(&sku) = engine.sku_index.get(d.sku) else {
+        let Some(&sku) = engine.sku_index.get(r.sku) else {
             return Err(RestoreError::UnknownSku {
-                request_id: d.request_id,
-                sku: d.sku.to_owned(),
+                request_id: r.request_id,
+                sku: r.sku.to_owned(),
             });
         };
         if engine
-            .find_key(hashes.key, d.user_id, d.idempotency_key)
+            .find_key(hashes.key, r.user_id, r.idempotency_key)
             .is_some()
         {
             return Err(RestoreError::DuplicateKey {
-                user_id: d.user_id.to_owned(),
-                key: d.idempotency_key.to_owned(),
+                user_id: r.user_id.to_owned(),
+                key: r.idempotency_key.to_owned(),
             });
         }
         let (user, key) = if d.status.is_ok() {
-            let user = match engine.find_user(hashes.user, d.user_id) {
+            let user = match engine.find_user(hashes.user, r.user_id) {
                 Some(user) => user,
-                None => engine.add_user(hashes.user, d.user_id),
+                None => engine.add_user(hashes.user, r.user_id),
             };
-            (user, Span::push(&mut engine.keys, d.idempotency_key))
+            (user, Span::push(&mut engine.keys, r.idempotency_key))
         } else {
-            refusal_text(&mut engine.keys, d.user_id, d.idempotency_key)
+            refusal_text(&mut engine.keys, r.user_id, r.idempotency_key)
         };
         let row = Reservation {
-            request_id: split_id(d.request_id),
+            request_id: split_id(r.request_id),
             expires_at_ms: d.expires_at_ms,
             key,
             user,
             sku,
-            quantity: d.quantity,
+            quantity: r.quantity,
             status: d.status,
         };
         let idx = engine.decisions.len() as u32;
@@ -149,11 +142,13 @@ impl Engine {
     pub fn decision(&self, i: usize) -> Option<DecisionRef<'_>> {
         let r = self.decisions.get(i)?;
         Some(DecisionRef {
-            request_id: r.request_id(),
-            user_id: self.row_user_id(r),
-            idempotency_key: self.key(r),
-            sku: &self.skus[r.sku as usize].name,
-            quantity: r.quantity,
+            request: ReserveRef {
+                request_id: r.request_id(),
+                user_id: self.row_user_id(r),
+                idempotency_key: self.key(r),
+                sku: &self.skus[r.sku as usize].name,
+                quantity: r.quantity,
+            },
             status: r.status,
             expires_at_ms: r.expires_at_ms,
         })

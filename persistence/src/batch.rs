@@ -15,18 +15,15 @@ use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
-use wire::{Reject, RequestId, ReservationStatus, SkuView};
+use wire::{Reject, RequestId, ReservationStatus, ReserveRef, SkuView};
 
 use crate::ts;
 
 /// A new decision row, borrowing the strings from the decoded requests.
 #[derive(Debug, Clone)]
 pub struct DecisionRow<'a> {
-    pub reservation_id: RequestId,
-    pub user_id: &'a str,
-    pub idempotency_key: &'a str,
-    pub sku: &'a str,
-    pub quantity: u32,
+    /// The request decided; its id is the reservation's.
+    pub request: ReserveRef<'a>,
     /// `Ok(expires_at_ms)` for a hold, `Err(reason)` for a refusal.
     pub result: Result<i64, Reject>,
     pub request_offset: i64,
@@ -315,11 +312,12 @@ impl<'a> RequestColumns<'a> {
     {
         let mut c = RequestColumns::default();
         for d in rows {
-            c.ids.push(Uuid::from_u128(d.reservation_id));
-            c.users.push(d.user_id);
-            c.keys.push(d.idempotency_key);
-            c.skus.push(d.sku);
-            c.quantities.push(d.quantity as i32);
+            let r = d.request;
+            c.ids.push(Uuid::from_u128(r.request_id));
+            c.users.push(r.user_id);
+            c.keys.push(r.idempotency_key);
+            c.skus.push(r.sku);
+            c.quantities.push(r.quantity as i32);
             c.offsets.push(d.request_offset);
         }
         c

@@ -8,7 +8,7 @@ use common::{fresh_database, take_lease};
 use persistence::batch::{commit_batch, CommitError};
 use persistence::{audit, lease, BatchRecord, DecisionRow};
 use sqlx::PgPool;
-use wire::{Reject, SkuConfig, SkuView};
+use wire::{Reject, ReserveRef, SkuConfig, SkuView};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -41,11 +41,13 @@ fn batch(
     skus: Vec<SkuView>,
 ) -> BatchRecord<'_> {
     let d = DecisionRow {
-        reservation_id: u128::from(seq),
-        user_id: "buyer-1",
-        idempotency_key: key,
-        sku: "sku-1",
-        quantity: 1,
+        request: ReserveRef {
+            request_id: u128::from(seq),
+            user_id: "buyer-1",
+            idempotency_key: key,
+            sku: "sku-1",
+            quantity: 1,
+        },
         result,
         request_offset: seq as i64 - 1,
     };
@@ -143,7 +145,7 @@ async fn refusals_are_one_row_per_batch_and_load_back_in_decision_order() {
         (3, "c", Err(Reject::LimitExceeded)),
     ] {
         let mut d = record.decisions[0].clone();
-        (d.reservation_id, d.idempotency_key, d.result) = (id, key, result);
+        (d.request.request_id, d.request.idempotency_key, d.result) = (id, key, result);
         d.request_offset = id as i64 - 1;
         record.decisions.push(d);
     }

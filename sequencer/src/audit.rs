@@ -45,7 +45,7 @@ pub fn checkpoint_against_rows(
         if !same && violations.len() < DIFFERENCES_LISTED_MAX {
             violations.push(format!(
                 "checkpoint of batch {batch_seq}: decision {i} is {:?} in the checkpoint but {:032x} ({}, {}, {:?}) in the rows",
-                engine.decision(i).map(|d| (d.request_id, d.user_id.to_owned(), d.status)),
+                engine.decision(i).map(|d| (d.request.request_id, d.request.user_id.to_owned(), d.status)),
                 row.request_id,
                 row.user_id,
                 row.idempotency_key,
@@ -65,11 +65,5 @@ pub fn checkpoint_against_rows(
 }
 
 fn same_decision(d: &DecisionRef<'_>, row: &StoredDecision) -> bool {
-    d.request_id == row.request_id
-        && d.user_id == row.user_id
-        && d.idempotency_key == row.idempotency_key
-        && d.sku == row.sku
-        && d.quantity == row.quantity
-        && d.status == row.status
-        && d.expires_at_ms == row.expires_at_ms
+    d.request == row.request() && d.status == row.status && d.expires_at_ms == row.expires_at_ms
 }

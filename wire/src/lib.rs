@@ -352,6 +352,18 @@ impl Reject {
     }
 }
 
+/// A reserve request's own fields, borrowed: who asked for how many of what, under which key.
+/// Every decision row repeats them, whether it is written ([`StoredDecision`] is the owned row
+/// read back) or rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReserveRef<'a> {
+    pub request_id: RequestId,
+    pub user_id: &'a str,
+    pub idempotency_key: &'a str,
+    pub sku: &'a str,
+    pub quantity: u32,
+}
+
 /// A decision row as persisted, read back at start-up. Shared by `persistence` (which reads it)
 /// and the engine (which rebuilds its state from it); it never travels over Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,6 +376,19 @@ pub struct StoredDecision {
     /// The reservation's current status, or why the request was refused.
     pub status: Result<ReservationStatus, Reject>,
     pub expires_at_ms: i64,
+}
+
+impl StoredDecision {
+    /// The request's fields, borrowed from the row.
+    pub fn request(&self) -> ReserveRef<'_> {
+        ReserveRef {
+            request_id: self.request_id,
+            user_id: &self.user_id,
+            idempotency_key: &self.idempotency_key,
+            sku: &self.sku,
+            quantity: self.quantity,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

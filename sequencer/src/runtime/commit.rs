@@ -162,11 +162,13 @@ fn batch_record<'a>(
             .as_reserve()
             .expect("decisions and queued requests come from reserve commands only");
         DecisionRow {
-            reservation_id: id,
-            user_id,
-            idempotency_key,
-            sku,
-            quantity,
+            request: ReserveRef {
+                request_id: id,
+                user_id,
+                idempotency_key,
+                sku,
+                quantity,
+            },
             result,
             request_offset: offsets[i],
         }

@@ -24,7 +24,7 @@ use persistence::snapshot::{self, BatchHeader};
 use persistence::{lease, loggen, AdminKeyRow, BatchRecord, DecisionRow, TransitionRow};
 use sqlx::PgPool;
 use tokio::runtime::Runtime;
-use wire::{Command, Reject, Request, RequestId};
+use wire::{Command, Reject, Request, RequestId, ReserveRef};
 
 use crate::checkpointer::{Cadence, Checkpointer};
 use crate::clock::now_ms;
