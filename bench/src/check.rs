@@ -10,13 +10,56 @@ use sqlx::Row;
 
 use crate::http;
 
-#[derive(Serialize, Clone, Debug, Default)]
-pub struct SkuCheck {
-    pub sku: String,
+/// A SKU's stock counters, as `GET /v1/skus/{sku}` answers them or the `skus` row holds them.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkuCounters {
     pub total: i64,
     pub available: i64,
     pub held: i64,
     pub sold: i64,
+}
+
+impl SkuCounters {
+    /// The counters of an API answer; one that is missing reads -1 (and fails the check).
+    fn from_json(v: &serde_json::Value) -> SkuCounters {
+        let f = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(-1);
+        SkuCounters {
+            total: f("total"),
+            available: f("available"),
+            held: f("held"),
+            sold: f("sold"),
+        }
+    }
+
+    /// What is wrong with them: a negative counter, or available + held + sold not the total.
+    /// Either is an oversell.
+    fn violations(&self, sku: &str) -> Vec<String> {
+        let SkuCounters {
+            total,
+            available,
+            held,
+            sold,
+        } = *self;
+        let mut found = Vec::new();
+        if total < 0 || available < 0 || held < 0 || sold < 0 {
+            found.push(format!(
+                "{sku}: negative counter (available {available}, held {held}, sold {sold})"
+            ));
+        }
+        if available + held + sold != total {
+            found.push(format!(
+                "{sku}: available {available} + held {held} + sold {sold} != total {total}"
+            ));
+        }
+        found
+    }
+}
+
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct SkuCheck {
+    pub sku: String,
+    #[serde(flatten)]
+    pub counters: SkuCounters,
     /// Distinct reservation ids the client received a 201 for.
     pub client_winners: u64,
     /// From Postgres, when reachable: units of rows in `held` / `confirmed`, rows ever granted.
@@ -76,11 +119,7 @@ pub async fn run(
         {
             Ok(r) if r.status == 200 => {
                 let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-                let f = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(-1);
-                c.total = f("total");
-                c.available = f("available");
-                c.held = f("held");
-                c.sold = f("sold");
+                c.counters = SkuCounters::from_json(&v);
             }
             Ok(r) => report
                 .violations
@@ -100,32 +139,21 @@ pub async fn run(
         }
     }
     for c in &rows {
-        if c.total < 0 || c.available < 0 || c.held < 0 || c.sold < 0 {
-            report.oversell = true;
-            report.violations.push(format!(
-                "{}: negative counter (available {}, held {}, sold {})",
-                c.sku, c.available, c.held, c.sold
-            ));
-        }
-        if c.available + c.held + c.sold != c.total {
-            report.oversell = true;
-            report.violations.push(format!(
-                "{}: available {} + held {} + sold {} != total {}",
-                c.sku, c.available, c.held, c.sold, c.total
-            ));
-        }
-        if c.client_winners as i64 > c.total {
+        let counters = c.counters.violations(&c.sku);
+        report.oversell |= !counters.is_empty();
+        report.violations.extend(counters);
+        if c.client_winners as i64 > c.counters.total {
             report.oversell = true;
             report.violations.push(format!(
                 "{}: clients were granted {} reservations of {} units",
-                c.sku, c.client_winners, c.total
+                c.sku, c.client_winners, c.counters.total
             ));
         }
         if let (Some(h), Some(s)) = (c.db_held_units, c.db_confirmed_units) {
-            if h != c.held || s != c.sold {
+            if h != c.counters.held || s != c.counters.sold {
                 report.violations.push(format!(
                     "{}: counters held {}/sold {} but reservation rows add up to {h}/{s}",
-                    c.sku, c.held, c.sold
+                    c.sku, c.counters.held, c.counters.sold
                 ));
             }
         }
@@ -174,10 +202,12 @@ async fn db_rows(url: &str, rows: &mut [SkuCheck]) -> anyhow::Result<()> {
         let sku: String = row.get(0);
         if let Some(c) = rows.iter_mut().find(|c| c.sku == sku) {
             // Postgres is the system of record: its counters are the ones checked.
-            c.total = row.get(1);
-            c.available = row.get(2);
-            c.held = row.get(3);
-            c.sold = row.get(4);
+            c.counters = SkuCounters {
+                total: row.get(1),
+                available: row.get(2),
+                held: row.get(3),
+                sold: row.get(4),
+            };
             c.db_held_units = Some(row.get(5));
             c.db_confirmed_units = Some(row.get(6));
             c.db_granted_rows = Some(row.get(7));
@@ -242,10 +272,10 @@ pub fn print(c: &CheckReport) {
         println!(
             "  {}: total {} available {} held {} sold {}; client saw {} grants{}",
             s.sku,
-            s.total,
-            s.available,
-            s.held,
-            s.sold,
+            s.counters.total,
+            s.counters.available,
+            s.counters.held,
+            s.counters.sold,
             s.client_winners,
             match (s.db_held_units, s.db_confirmed_units, s.db_granted_rows) {
                 (Some(h), Some(c), Some(g)) =>
@@ -265,5 +295,51 @@ pub fn print(c: &CheckReport) {
     }
     for v in &c.violations {
         println!("  VIOLATION {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sku_check_keeps_its_counters_at_the_top_level_of_the_json() {
+        let c = SkuCheck {
+            sku: "a".into(),
+            counters: SkuCounters::from_json(
+                &serde_json::json!({"total": 10, "available": 7, "held": 2, "sold": 1}),
+            ),
+            client_winners: 3,
+            ..SkuCheck::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::json!({"sku": "a", "total": 10, "available": 7, "held": 2, "sold": 1,
+                "client_winners": 3, "db_held_units": null, "db_confirmed_units": null,
+                "db_granted_rows": null})
+        );
+        assert!(c.counters.violations("a").is_empty());
+    }
+
+    #[test]
+    fn missing_or_inconsistent_counters_are_violations() {
+        let missing = SkuCounters::from_json(&serde_json::json!({"total": 10}));
+        assert_eq!(
+            missing.violations("a"),
+            [
+                "a: negative counter (available -1, held -1, sold -1)",
+                "a: available -1 + held -1 + sold -1 != total 10"
+            ]
+        );
+        let over = SkuCounters {
+            total: 10,
+            available: 0,
+            held: 6,
+            sold: 5,
+        };
+        assert_eq!(
+            over.violations("a"),
+            ["a: available 0 + held 6 + sold 5 != total 10"]
+        );
     }
 }
