@@ -129,13 +129,19 @@ pub async fn commit_batch(
         }
         .into());
     }
-    release_queued(&mut tx, batch).await?;
-    insert_grants(&mut tx, batch).await?;
-    insert_refusals(&mut tx, batch).await?;
-    insert_queued(&mut tx, batch).await?;
-    apply_transitions(&mut tx, batch).await?;
-    upsert_skus(&mut tx, batch).await?;
-    insert_admin_keys(&mut tx, batch).await?;
+    // One statement a kind of row, in this order; a kind the batch has none of sends nothing.
+    let statements = [
+        release_queued(batch),
+        insert_grants(batch),
+        insert_refusals(batch),
+        insert_queued(batch),
+        apply_transitions(batch),
+        upsert_skus(batch),
+        insert_admin_keys(batch),
+    ];
+    for statement in statements.into_iter().flatten() {
+        statement.run(&mut tx, batch.batch_seq).await?;
+    }
     // The last statement extends the lease again, in the same round trip: whatever waited in
     // between (a lock on a table, a slow disk), the lease runs from just before the commit.
     // The state row is already locked by this transaction, so this never waits.
@@ -167,12 +173,9 @@ pub async fn commit_batch(
     Ok(())
 }
 
-async fn insert_admin_keys(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-) -> Result<(), CommitError> {
+fn insert_admin_keys<'b>(batch: &'b BatchRecord<'_>) -> Option<Statement<'b>> {
     if batch.admin_keys.is_empty() {
-        return Ok(());
+        return None;
     }
     let keys: Vec<&str> = batch.admin_keys.iter().map(|a| a.idempotency_key).collect();
     let commands: Vec<&[u8]> = batch.admin_keys.iter().map(|a| &a.command[..]).collect();
@@ -182,13 +185,17 @@ async fn insert_admin_keys(
             "INSERT INTO admin_commands (idempotency_key, command, outcome, batch_seq, decided_at)
              SELECT k, c, o, $4, $5 FROM UNNEST($1::text[], $2::bytea[], $3::bytea[]) AS t(k, c, o)",
         ),
-        &keys,
-        &commands,
-        &outcomes,
+        keys,
+        commands,
+        outcomes,
         batch.batch_seq as i64,
         ts(batch.batch_time_ms),
     );
-    execute_expecting(tx, batch, query, "admin keys inserted", keys.len()).await
+    Some(Statement::new(
+        query,
+        "admin keys inserted",
+        batch.admin_keys.len(),
+    ))
 }
 
 /// The admin keys applied by batches up to `batch_seq`: what an engine loaded at that batch
@@ -207,19 +214,12 @@ pub async fn admin_keys_up_to(
 
 /// Queued reservations decided by this batch: each `queued_requests` row is marked with the
 /// batch, and its decision row is inserted from it (the strings were stored when it was queued).
-async fn release_queued(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-) -> Result<(), CommitError> {
+fn release_queued<'b>(batch: &'b BatchRecord<'_>) -> Option<Statement<'b>> {
     if batch.released.is_empty() {
-        return Ok(());
+        return None;
     }
     let n = batch.released.len();
-    let ids: Vec<Uuid> = batch
-        .released
-        .iter()
-        .map(|r| Uuid::from_u128(r.0))
-        .collect();
+    let ids = uuids(batch.released.iter().map(|r| r.0));
     let (statuses, reasons, expiries) = result_columns(batch.released.iter().map(|r| r.1));
     let query = bind_all!(
         sqlx::query(
@@ -236,23 +236,20 @@ async fn release_queued(
                     request_offset, $5
                FROM released",
         ),
-        &ids,
-        &statuses,
-        &reasons,
-        &expiries,
+        ids,
+        statuses,
+        reasons,
+        expiries,
         batch.batch_seq as i64,
         ts(batch.batch_time_ms),
     );
-    execute_expecting(tx, batch, query, "queued requests decided", n).await
+    Some(Statement::new(query, "queued requests decided", n))
 }
 
 /// Reservations that joined a pre-sale queue in this batch.
-async fn insert_queued(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-) -> Result<(), CommitError> {
+fn insert_queued<'b>(batch: &'b BatchRecord<'_>) -> Option<Statement<'b>> {
     if batch.queued.is_empty() {
-        return Ok(());
+        return None;
     }
     let q = &batch.queued;
     let c = RequestColumns::of(q.iter().map(|(d, _)| d));
@@ -264,16 +261,16 @@ async fn insert_queued(
              SELECT *, $8 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[],
                                       $6::int4[], $7::int8[])",
         ),
-        &c.ids,
-        &c.users,
-        &c.keys,
-        &c.skus,
-        &c.quantities,
-        &positions,
-        &c.offsets,
+        c.ids,
+        c.users,
+        c.keys,
+        c.skus,
+        c.quantities,
+        positions,
+        c.offsets,
         batch.batch_seq as i64,
     );
-    execute_expecting(tx, batch, query, "queued requests inserted", q.len()).await
+    Some(Statement::new(query, "queued requests inserted", q.len()))
 }
 
 /// The requests queued by batches up to `batch_seq` and not decided by them, each SKU's in
@@ -346,14 +343,11 @@ fn result_columns(results: impl Iterator<Item = Result<i64, Reject>>) -> ResultC
 }
 
 /// Granted decisions, one `reservations` row each (they are read by id and change status).
-async fn insert_grants(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-) -> Result<(), CommitError> {
+fn insert_grants<'b>(batch: &'b BatchRecord<'_>) -> Option<Statement<'b>> {
     let grants = || batch.decisions.iter().filter(|d| d.result.is_ok());
     let n = grants().count();
     if n == 0 {
-        return Ok(());
+        return None;
     }
     let c = RequestColumns::of(grants());
     let (statuses, reasons, expiries) = result_columns(grants().map(|d| d.result));
@@ -367,31 +361,27 @@ async fn insert_grants(
                            $7::text[], $8::timestamptz[], $9::int8[])
                     AS t(id, u, k, s, q, st, r, e, o)",
         ),
-        &c.ids,
-        &c.users,
-        &c.keys,
-        &c.skus,
-        &c.quantities,
-        &statuses,
-        &reasons,
-        &expiries,
-        &c.offsets,
+        c.ids,
+        c.users,
+        c.keys,
+        c.skus,
+        c.quantities,
+        statuses,
+        reasons,
+        expiries,
+        c.offsets,
         ts(batch.batch_time_ms),
         batch.batch_seq as i64,
     );
-    execute_expecting(tx, batch, query, "decision rows inserted", n).await
+    Some(Statement::new(query, "decision rows inserted", n))
 }
 
 /// The batch's refusals, as ONE `refusals` row of parallel arrays in decision order: no heap
 /// tuple and no index entry per refusal (migration 0009).
-async fn insert_refusals(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-) -> Result<(), CommitError> {
+fn insert_refusals<'b>(batch: &'b BatchRecord<'_>) -> Option<Statement<'b>> {
     let refusals = || batch.decisions.iter().filter(|d| d.result.is_err());
-    if refusals().next().is_none() {
-        return Ok(());
-    }
+    // None when the batch refused nobody.
+    refusals().next()?;
     let c = RequestColumns::of(refusals());
     let reasons: Vec<&str> = refusals()
         .filter_map(|d| d.result.err().map(Reject::code))
@@ -402,70 +392,53 @@ async fn insert_refusals(
                                    reasons, request_offsets, batch_seq)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         ),
-        &c.ids,
-        &c.users,
-        &c.keys,
-        &c.skus,
-        &c.quantities,
-        &reasons,
-        &c.offsets,
+        c.ids,
+        c.users,
+        c.keys,
+        c.skus,
+        c.quantities,
+        reasons,
+        c.offsets,
         batch.batch_seq as i64,
     );
-    execute_expecting(tx, batch, query, "refusal rows inserted", 1).await
+    Some(Statement::new(query, "refusal rows inserted", 1))
 }
 
-async fn apply_transitions(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-) -> Result<(), CommitError> {
+fn apply_transitions<'b>(batch: &'b BatchRecord<'_>) -> Option<Statement<'b>> {
     if batch.transitions.is_empty() {
-        return Ok(());
+        return None;
     }
     let n = batch.transitions.len();
-    let ids: Vec<Uuid> = batch
-        .transitions
-        .iter()
-        .map(|t| Uuid::from_u128(t.reservation_id))
-        .collect();
+    let ids = uuids(batch.transitions.iter().map(|t| t.reservation_id));
     let statuses: Vec<&str> = batch
         .transitions
         .iter()
         .map(|t| t.status.as_str())
         .collect();
     let ats: Vec<_> = batch.transitions.iter().map(|t| ts(t.at_ms)).collect();
-    // Every transition leaves `held`; a row not in `held` means Postgres and the engine disagree.
+    // Every transition leaves `held`; a row not in `held` means Postgres and the engine disagree
+    // (fewer rows moved, so fewer events inserted). Each move is recorded as an event.
     let query = bind_all!(
         sqlx::query(
-            "UPDATE reservations r SET status = t.st, updated_at = t.at
-               FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS t(id, st, at)
-              WHERE r.reservation_id = t.id AND r.status = 'held'",
+            "WITH moved AS (
+               UPDATE reservations r SET status = t.st, updated_at = t.at
+                 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS t(id, st, at)
+                WHERE r.reservation_id = t.id AND r.status = 'held'
+             RETURNING r.reservation_id, t.st, t.at)
+             INSERT INTO reservation_events (reservation_id, status, at, batch_seq)
+             SELECT reservation_id, st, at, $4 FROM moved",
         ),
-        &ids,
-        &statuses,
-        &ats,
-    );
-    execute_expecting(tx, batch, query, "held reservations moved", n).await?;
-    bind_all!(
-        sqlx::query(
-            "INSERT INTO reservation_events (reservation_id, status, at, batch_seq)
-             SELECT id, st, at, $4 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS t(id, st, at)",
-        ),
-        &ids,
-        &statuses,
-        &ats,
+        ids,
+        statuses,
+        ats,
         batch.batch_seq as i64,
-    )
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    );
+    Some(Statement::new(query, "held reservations moved", n))
 }
 
-async fn upsert_skus(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-) -> Result<(), CommitError> {
+fn upsert_skus<'b>(batch: &'b BatchRecord<'_>) -> Option<Statement<'b>> {
     if batch.skus.is_empty() {
-        return Ok(());
+        return None;
     }
     let s = &batch.skus;
     let names: Vec<&str> = s.iter().map(|v| v.sku.as_str()).collect();
@@ -482,7 +455,7 @@ async fn upsert_skus(
         .iter()
         .map(|v| v.config.queue.as_ref().map(|q| q.max as i32))
         .collect();
-    bind_all!(
+    let query = bind_all!(
         sqlx::query(
             "INSERT INTO skus (sku, total, available, held, sold, per_user_limit, hold_ttl_ms,
                                starts_at, ends_at, paused, queue_opens_at, queue_max, updated_batch)
@@ -497,39 +470,58 @@ async fn upsert_skus(
                  queue_opens_at = EXCLUDED.queue_opens_at, queue_max = EXCLUDED.queue_max,
                  updated_batch = EXCLUDED.updated_batch",
         ),
-        &names,
+        names,
         int8(|v| v.total),
         int8(|v| v.available),
         int8(|v| v.held),
         int8(|v| v.sold),
-        &limits,
+        limits,
         int8(|v| v.config.hold_ttl_ms),
-        &starts,
-        &ends,
-        &paused,
-        &queue_opens,
-        &queue_max,
+        starts,
+        ends,
+        paused,
+        queue_opens,
+        queue_max,
         batch.batch_seq as i64,
-    )
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    );
+    // One row each, inserted or updated.
+    Some(Statement::new(query, "SKU rows written", s.len()))
 }
 
-/// Runs `query` in `tx`; it must touch `want` rows (`what` names them when it does not).
-async fn execute_expecting(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchRecord<'_>,
-    query: Query<'_, Postgres, PgArguments>,
-    what: &str,
-    want: usize,
-) -> Result<(), CommitError> {
-    let got = query.execute(&mut **tx).await?.rows_affected();
-    if got as usize == want {
-        return Ok(());
+/// Request ids as the `uuid` column values they are stored as.
+fn uuids(ids: impl Iterator<Item = RequestId>) -> Vec<Uuid> {
+    ids.map(Uuid::from_u128).collect()
+}
+
+/// One statement of a batch's transaction, and how many rows it must touch.
+struct Statement<'q> {
+    query: Query<'q, Postgres, PgArguments>,
+    /// What the rows are, for the error when Postgres touched another number of them.
+    what: &'static str,
+    rows: usize,
+}
+
+impl<'q> Statement<'q> {
+    fn new(query: Query<'q, Postgres, PgArguments>, what: &'static str, rows: usize) -> Self {
+        Statement { query, what, rows }
     }
-    Err(CommitError::Inconsistent {
-        batch_seq: batch.batch_seq,
-        what: format!("{what}: expected {want}, Postgres reports {got}"),
-    })
+
+    /// Runs it in `tx`; a count other than `rows` means Postgres and the engine disagree.
+    async fn run(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+        batch_seq: u64,
+    ) -> Result<(), CommitError> {
+        let got = self.query.execute(&mut **tx).await?.rows_affected();
+        if got as usize == self.rows {
+            return Ok(());
+        }
+        Err(CommitError::Inconsistent {
+            batch_seq,
+            what: format!(
+                "{}: expected {}, Postgres reports {got}",
+                self.what, self.rows
+            ),
+        })
+    }
 }
