@@ -37,15 +37,8 @@ pub struct CompareArgs {
     pub max_requests: u64,
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
-    /// Ramp: first rate, factor per step, seconds per step, highest rate.
-    #[arg(long, default_value_t = 250.0)]
-    pub ramp_start: f64,
-    #[arg(long, default_value_t = 1.6)]
-    pub ramp_factor: f64,
-    #[arg(long, default_value_t = 5.0)]
-    pub ramp_step_secs: f64,
-    #[arg(long, default_value_t = 80_000.0)]
-    pub ramp_max: f64,
+    #[command(flatten)]
+    pub ramp: RampPlan,
     #[arg(long)]
     pub skip_ramp: bool,
     #[arg(long)]
@@ -97,6 +90,22 @@ pub struct CompareArgs {
     pub infra: Infra,
 }
 
+/// The steps of every design's `ramp` run, as asked for; the report records them all but the
+/// highest rate.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct RampPlan {
+    /// Ramp: first rate, factor per step, seconds per step, highest rate.
+    #[arg(long, default_value_t = 250.0)]
+    pub ramp_start: f64,
+    #[arg(long, default_value_t = 1.6)]
+    pub ramp_factor: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub ramp_step_secs: f64,
+    #[arg(long, default_value_t = 80_000.0)]
+    #[serde(skip)]
+    pub ramp_max: f64,
+}
+
 #[derive(Serialize, Clone, Debug, Default)]
 pub struct EngineFigure {
     pub id: String,
@@ -138,15 +147,10 @@ impl DesignRuns {
 
 #[derive(Serialize, Clone, Debug)]
 pub struct CompareReport {
-    pub date: String,
-    pub ramp_start: f64,
-    pub ramp_factor: f64,
-    pub ramp_step_secs: f64,
-    pub machine: String,
-    /// /proc/loadavg when the run started and ended: other work on the machine shows here.
-    pub loadavg_start: String,
-    pub loadavg_end: String,
-    pub command: String,
+    #[serde(flatten)]
+    pub run: RunInfo,
+    #[serde(flatten)]
+    pub ramp: RampPlan,
     pub engine: Vec<EngineFigure>,
     pub pipeline: Vec<PipelineReport>,
     pub designs: Vec<DesignRuns>,
@@ -157,12 +161,12 @@ fn load_args(c: &CompareArgs, scenario: Scenario, target: String, label: &str) -
     LoadArgs {
         scenario,
         rate: if scenario == Scenario::Ramp {
-            c.ramp_start
+            c.ramp.ramp_start
         } else {
             c.rate
         },
         duration: if scenario == Scenario::Ramp {
-            c.ramp_step_secs
+            c.ramp.ramp_step_secs
         } else {
             c.duration
         },
@@ -177,14 +181,43 @@ fn load_args(c: &CompareArgs, scenario: Scenario, target: String, label: &str) -
         users: 200_000,
         skus: 500,
         retry_pct: 5,
-        ramp_factor: c.ramp_factor,
-        ramp_max: c.ramp_max,
+        ramp_factor: c.ramp.ramp_factor,
+        ramp_max: c.ramp.ramp_max,
         p99_limit_ms: 120.0,
         no_follow_up: false,
         quiet: false,
         label: Some(label.to_owned()),
         metrics: Vec::new(),
         out: c.out.clone(),
+    }
+}
+
+/// When, on what machine and by what command the run was made (the summary's first lines).
+#[derive(Serialize, Clone, Debug)]
+pub struct RunInfo {
+    pub date: String,
+    pub machine: String,
+    /// /proc/loadavg when the run started and ended: other work on the machine shows here.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+    pub command: String,
+}
+
+impl RunInfo {
+    /// The run starting now, with the machine's load average now.
+    fn start(command: &str) -> RunInfo {
+        RunInfo {
+            date: chrono::Utc::now().to_rfc3339(),
+            machine: machine(),
+            loadavg_start: loadavg(),
+            loadavg_end: String::new(),
+            command: command.to_owned(),
+        }
+    }
+
+    /// Records the load average at the end of the run.
+    fn end(&mut self) {
+        self.loadavg_end = loadavg();
     }
 }
 
@@ -229,14 +262,8 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
     infra.log_dir = dir.join("logs");
     let mut errors = Vec::new();
     let mut report = CompareReport {
-        date: chrono::Utc::now().to_rfc3339(),
-        ramp_start: c.ramp_start,
-        ramp_factor: c.ramp_factor,
-        ramp_step_secs: c.ramp_step_secs,
-        machine: machine(),
-        loadavg_start: loadavg(),
-        loadavg_end: String::new(),
-        command: c.command_line.clone(),
+        run: RunInfo::start(&c.command_line),
+        ramp: c.ramp.clone(),
         engine: criterion::engine_figures(&c.criterion_dir),
         pipeline: Vec::new(),
         designs: Vec::new(),
@@ -362,7 +389,7 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
         eprintln!("bench: ERROR {e}");
     }
     report.errors = errors;
-    report.loadavg_end = loadavg();
+    report.run.end();
     let json_path = dir.join("compare.json");
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
     let md = summary::markdown(&report, &dir);
@@ -380,5 +407,49 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
 fn save(dir: &Path, r: &LoadReport) {
     if let Err(e) = scenario::write_report(dir, r) {
         eprintln!("bench: could not write report: {e:#}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_keeps_its_top_level_keys() {
+        let report = CompareReport {
+            run: RunInfo::start("scripts/bench"),
+            ramp: RampPlan {
+                ramp_start: 250.0,
+                ramp_factor: 1.6,
+                ramp_step_secs: 5.0,
+                ramp_max: 80_000.0,
+            },
+            engine: Vec::new(),
+            pipeline: Vec::new(),
+            designs: Vec::new(),
+            errors: Vec::new(),
+        };
+        let v = serde_json::to_value(&report).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "command",
+                "date",
+                "designs",
+                "engine",
+                "errors",
+                "loadavg_end",
+                "loadavg_start",
+                "machine",
+                "pipeline",
+                "ramp_factor",
+                "ramp_start",
+                "ramp_step_secs"
+            ]
+        );
+        assert_eq!(v["ramp_factor"], 1.6);
+        assert_eq!(v["command"], "scripts/bench");
     }
 }

@@ -106,13 +106,13 @@ pub(super) fn markdown(r: &CompareReport, dir: &Path) -> String {
     use std::fmt::Write;
     let mut m = String::new();
     let _ = writeln!(m, "## Latest run\n");
-    let _ = writeln!(m, "- date: {}", r.date);
-    let _ = writeln!(m, "- machine: {}", r.machine);
-    let _ = writeln!(m, "- command: `{}`", r.command);
+    let _ = writeln!(m, "- date: {}", r.run.date);
+    let _ = writeln!(m, "- machine: {}", r.run.machine);
+    let _ = writeln!(m, "- command: `{}`", r.run.command);
     let _ = writeln!(
         m,
         "- load average (1/5/15 min) at start: {}; at end: {} (other work on the machine competes for the 2 cores)",
-        r.loadavg_start, r.loadavg_end
+        r.run.loadavg_start, r.run.loadavg_end
     );
     let _ = writeln!(m, "- raw reports: `{}` (git-ignored)\n", dir.display());
     // Targets.
@@ -344,7 +344,7 @@ pub(super) fn markdown(r: &CompareReport, dir: &Path) -> String {
     let _ = writeln!(
         m,
         "Steps of {} s, the rate ×{} per step from {}/s until decisions fall under 90% of the offered rate (or > 1% errors), then two bisection probes. Peak = most decisions/s of any step (throughput). Knee = highest offered rate whose step kept p99 <= 120 ms, < 1% errors and >= 90% of the offered rate as decisions.\n",
-        r.ramp_step_secs, r.ramp_factor, r.ramp_start
+        r.ramp.ramp_step_secs, r.ramp.ramp_factor, r.ramp.ramp_start
     );
     let _ = writeln!(m, "| design | peak decisions/s (at offered/s, p99 ms) | knee (offered/s) | decisions/s at knee | p99 at knee ms | first rate over the limits | why | this system ÷ design: peak | this system ÷ design: knee |");
     let _ = writeln!(m, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
