@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::baseline;
 use crate::pipeline::{self, PipelineArgs, PipelineReport};
-use crate::scenario::{self, LoadArgs, LoadReport, Scenario};
+use crate::scenario::{self, LoadArgs, LoadReport, OfferedLoad, Scenario};
 use crate::stack::{BaselineStack, Infra, SystemOptions, SystemStack, ADMIN_TOKEN};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -160,17 +160,19 @@ pub struct CompareReport {
 fn load_args(c: &CompareArgs, scenario: Scenario, target: String, label: &str) -> LoadArgs {
     LoadArgs {
         scenario,
-        rate: if scenario == Scenario::Ramp {
-            c.ramp.ramp_start
-        } else {
-            c.rate
+        offered: OfferedLoad {
+            rate: if scenario == Scenario::Ramp {
+                c.ramp.ramp_start
+            } else {
+                c.rate
+            },
+            duration: if scenario == Scenario::Ramp {
+                c.ramp.ramp_step_secs
+            } else {
+                c.duration
+            },
+            connections: c.connections,
         },
-        duration: if scenario == Scenario::Ramp {
-            c.ramp.ramp_step_secs
-        } else {
-            c.duration
-        },
-        connections: c.connections,
         target,
         max_requests: c.max_requests,
         timeout_ms: c.timeout_ms,
@@ -371,7 +373,7 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
                         &format!("{kind}-{name}"),
                     );
                     if sc == Scenario::Flash {
-                        args.duration = c.baseline_duration.unwrap_or(c.duration);
+                        args.offered.duration = c.baseline_duration.unwrap_or(c.duration);
                     }
                     args.database_url = stack.database_url.clone();
                     let r = scenario::run(&args).await;

@@ -28,15 +28,8 @@ pub enum Scenario {
 pub struct LoadArgs {
     #[arg(long, value_enum, default_value = "flash")]
     pub scenario: Scenario,
-    /// Offered requests/s (for ramp: the first step's rate).
-    #[arg(long, default_value_t = 25_000.0)]
-    pub rate: f64,
-    /// Seconds of load (for ramp: seconds per step).
-    #[arg(long, default_value_t = 60.0)]
-    pub duration: f64,
-    /// Keep-alive connections (each carries one request at a time).
-    #[arg(long, default_value_t = 2_000)]
-    pub connections: usize,
+    #[command(flatten)]
+    pub offered: OfferedLoad,
     /// Base URL of the HTTP API; loopback only.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub target: String,
@@ -94,6 +87,22 @@ pub struct LoadArgs {
     pub out: PathBuf,
 }
 
+/// The offered load: requests/s, for how long, on how many connections. Asked for on the
+/// command line and recorded in the report as it was asked for.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct OfferedLoad {
+    /// Offered requests/s (for ramp: the first step's rate).
+    #[arg(long, default_value_t = 25_000.0)]
+    pub rate: f64,
+    /// Seconds of load (for ramp: seconds per step).
+    #[arg(long, default_value_t = 60.0)]
+    #[serde(rename = "duration_s")]
+    pub duration: f64,
+    /// Keep-alive connections (each carries one request at a time).
+    #[arg(long, default_value_t = 2_000)]
+    pub connections: usize,
+}
+
 #[derive(Serialize, Clone, Debug)]
 pub struct RampResult {
     /// Highest offered rate that kept p99 under the limit with < 1% errors.
@@ -116,9 +125,8 @@ pub struct LoadReport {
     pub scenario: Scenario,
     pub target: String,
     pub started_at: String,
-    pub rate: f64,
-    pub duration_s: f64,
-    pub connections: usize,
+    #[serde(flatten)]
+    pub offered: OfferedLoad,
     pub skus: Vec<String>,
     pub stock_per_sku: u64,
     pub phases: Vec<PhaseReport>,
@@ -311,7 +319,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     setup_skus(addr, &token, &skus, stock, limit)
         .await
         .context("creating the scenario's SKUs (is the admin token right?)")?;
-    let mut pool = Pool::open(addr, args.connections).await?;
+    let mut pool = Pool::open(addr, args.offered.connections).await?;
     let mut phases = Vec::new();
     let mut ramp = None;
     let mut winners_by_slot: Vec<u64> = vec![0; skus.len()];
@@ -334,8 +342,8 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
             };
             let phase = Phase {
                 label: format!("{label}: reservations"),
-                rate: args.rate,
-                duration: Duration::from_secs_f64(args.duration),
+                rate: args.offered.rate,
+                duration: Duration::from_secs_f64(args.offered.duration),
                 max_requests: args.max_requests,
                 index_base: 0,
             };
@@ -354,7 +362,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
             if args.scenario == Scenario::Flash && !args.no_follow_up && !winners.is_empty() {
                 let ids: Arc<Vec<u128>> = Arc::new(winners.iter().map(|w| w.0).collect());
                 let n = (ids.len() as u64).min(args.max_requests.saturating_sub(sent));
-                let rate = args.rate.min(5_000.0);
+                let rate = args.offered.rate.min(5_000.0);
                 let phase = Phase {
                     label: format!("{label}: confirm 70% / cancel 20% of winners"),
                     rate,
@@ -413,9 +421,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         scenario: args.scenario,
         target: args.target.clone(),
         started_at,
-        rate: args.rate,
-        duration_s: args.duration,
-        connections: args.connections,
+        offered: args.offered.clone(),
         skus: if skus.len() > 20 {
             vec![format!(
                 "{} .. {} ({} skus)",
@@ -460,14 +466,14 @@ async fn run_ramp(
     timeout: Duration,
 ) -> (Vec<PhaseReport>, RampResult) {
     let workload = ramp_workload(run_id, sku.into());
-    let step = Duration::from_secs_f64(args.duration);
+    let step = Duration::from_secs_f64(args.offered.duration);
     let mut base = 0u64;
     let mut steps = Vec::new();
     // (rate, decisions/s, p99) of the highest rate that kept the latency limit.
     let mut ok: Option<(f64, f64, f64)> = None;
     // Lowest rate that broke it, and why.
     let mut bad: Option<(f64, String)> = None;
-    let mut rate = args.rate;
+    let mut rate = args.offered.rate;
     // Rise until the system saturates (decisions fall under 90% of the offered rate, or more
     // than 1% errors): past the latency knee too, so the peak throughput is measured. Then two
     // bisection probes between the last rate that kept the limit and the first that did not.
@@ -578,4 +584,18 @@ pub fn write_report(dir: &std::path::Path, report: &LoadReport) -> anyhow::Resul
 /// `v` with `decimals` decimals and then `unit`, or `none` when there is no value.
 fn shown(v: Option<f64>, decimals: usize, unit: &str, none: &str) -> String {
     v.map_or(none.into(), |v| format!("{v:.decimals$}{unit}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_offered_load_keeps_the_report_s_keys() {
+        let offered = super::OfferedLoad {
+            rate: 25_000.0,
+            duration: 60.0,
+            connections: 2_000,
+        };
+        let v = serde_json::json!({"rate": 25_000.0, "duration_s": 60.0, "connections": 2_000});
+        assert_eq!(serde_json::to_value(offered).unwrap(), v);
+    }
 }
