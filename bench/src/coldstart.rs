@@ -222,11 +222,11 @@ pub async fn run(args: &ColdStartArgs) -> anyhow::Result<ColdStartReport> {
     let infra = args.infra.clone();
     let within = Duration::from_secs(args.timeout_s);
     let suffix = format!("cold_{:06x}", crate::rand32() & 0xFF_FFFF);
-    let (db, topology) = infra.fresh_topology(&suffix).await?;
-    let database_url = topology.database_url.clone();
+    let fresh = infra.fresh_topology(&suffix).await?;
+    let database_url = fresh.topology.database_url.clone();
     let mut run = Run {
         infra: infra.clone(),
-        topology: topology.clone(),
+        topology: fresh.topology.clone(),
         sku: format!("cold-{suffix}"),
         ingress_id: u64::from(crate::rand32()),
         base_id: uuid::Uuid::now_v7().as_u128(),
@@ -340,7 +340,7 @@ pub async fn run(args: &ColdStartArgs) -> anyhow::Result<ColdStartReport> {
     if !audit.clean {
         bail!("audit after the cold-start benchmark: {}", audit.summary);
     }
-    infra.remove(&db, &topology);
+    infra.remove(&fresh);
     print(&report);
     Ok(report)
 }

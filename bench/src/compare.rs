@@ -318,7 +318,7 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
                 format!("http://{}", stack.ingress_addr),
                 &format!("system-{name}"),
             );
-            args.database_url = Some(stack.topology.database_url.clone());
+            args.database_url = Some(stack.fresh.topology.database_url.clone());
             args.audit_bin = Some(infra.bin("sequencer"));
             args.metrics = stack.metrics_urls.clone();
             let r = scenario::run(&args).await;

@@ -129,7 +129,7 @@ fn main() -> ExitCode {
                 "target http://{} (admin token {}), status http://127.0.0.1:{status_port}/status, database {}",
                 s.ingress_addr,
                 stack::ADMIN_TOKEN,
-                s.topology.database_url
+                s.fresh.topology.database_url
             );
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_secs(seconds)) => {}

@@ -159,7 +159,8 @@ async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
 pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Result<PipelineReport> {
     let infra = &args.infra;
     let suffix = format!("pipe{batch_size_max}_{:06x}", crate::rand32() & 0xFF_FFFF);
-    let (db, topology) = infra.fresh_topology(&suffix).await?;
+    let fresh = infra.fresh_topology(&suffix).await?;
+    let topology = &fresh.topology;
     let (database_url, requests_topic) = (
         topology.database_url.clone(),
         topology.requests_topic.clone(),
@@ -262,7 +263,7 @@ pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Resu
     }
     let span_ms = (last_ms - first_ms.unwrap_or(last_ms)).max(1);
     let audit = check::run_audit(&infra.bin("sequencer"), &database_url);
-    infra.remove(&db, &topology);
+    infra.remove(&fresh);
     let drain_s = finished.as_secs_f64();
     let size_lat = Latency::of(&sizes);
     let report = PipelineReport {

@@ -65,7 +65,7 @@ impl Infra {
     }
 
     /// A fresh database and fresh topics named after `suffix`, on this broker.
-    pub async fn fresh_topology(&self, suffix: &str) -> anyhow::Result<(String, Topology)> {
+    pub async fn fresh_topology(&self, suffix: &str) -> anyhow::Result<FreshTopology> {
         let db = format!("{}_{suffix}", self.prefix);
         let database_url = self.fresh_database(&db).await?;
         let topology = Topology {
@@ -79,12 +79,13 @@ impl Infra {
             &self.brokers,
             &[&topology.requests_topic, &topology.outcomes_topic],
         )?;
-        Ok((db, topology))
+        Ok(FreshTopology { db, topology })
     }
 
     /// Drops the database and deletes the topics of a run (best effort).
-    pub fn remove(&self, db: &str, topology: &Topology) {
-        self.drop_database(db);
+    pub fn remove(&self, fresh: &FreshTopology) {
+        self.drop_database(&fresh.db);
+        let topology = &fresh.topology;
         let _ = harness::topics::delete_topics(
             &self.bin_dir(),
             &self.brokers,
@@ -96,6 +97,15 @@ impl Infra {
         std::fs::create_dir_all(&self.log_dir)?;
         Ok(File::create(self.log_dir.join(format!("{name}.log")))?)
     }
+}
+
+/// A run's own database and topics: made by [`Infra::fresh_topology`], dropped and deleted by
+/// [`Infra::remove`].
+#[derive(Clone, Debug)]
+pub struct FreshTopology {
+    /// The database's name (the topology has its URL).
+    pub db: String,
+    pub topology: Topology,
 }
 
 /// Waits until `GET path` on `addr` answers 200 (and, with `body_contains`, says so).
@@ -127,8 +137,7 @@ pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 
 /// This system: one (or two) sequencers and one ingress on a fresh database and fresh topics.
 pub struct SystemStack {
-    pub db: String,
-    pub topology: Topology,
+    pub fresh: FreshTopology,
     pub ingress_addr: SocketAddr,
     /// `/metrics` of the ingress and of every sequencer (for the hop breakdown).
     pub metrics_urls: Vec<String>,
@@ -147,12 +156,11 @@ pub struct SystemOptions {
 impl SystemStack {
     pub async fn start(infra: &Infra, o: &SystemOptions) -> anyhow::Result<SystemStack> {
         let suffix = format!("{}_{:06x}", o.name, crate::rand32() & 0xFF_FFFF);
-        let (db, topology) = infra.fresh_topology(&suffix).await?;
+        let fresh = infra.fresh_topology(&suffix).await?;
         let status_addr: SocketAddr = format!("127.0.0.1:{}", o.status_port).parse()?;
         let ingress_addr: SocketAddr = format!("127.0.0.1:{}", o.ingress_port).parse()?;
         let mut stack = SystemStack {
-            db,
-            topology,
+            fresh,
             ingress_addr,
             metrics_urls: vec![format!("http://{ingress_addr}/metrics")],
             procs: Vec::new(),
@@ -166,7 +174,7 @@ impl SystemStack {
         }
         for n in 0..nodes {
             let node = format!("bench-seq-{}", (b'a' + n as u8) as char);
-            let mut cmd = stack.topology.sequencer(
+            let mut cmd = stack.fresh.topology.sequencer(
                 &infra.bin_dir(),
                 &node,
                 &format!("127.0.0.1:{}", o.status_port + n as u16),
@@ -186,9 +194,11 @@ impl SystemStack {
                 .await?;
             }
         }
-        let cmd = stack
-            .topology
-            .ingress(&infra.bin_dir(), &ingress_addr.to_string(), ADMIN_TOKEN);
+        let cmd =
+            stack
+                .fresh
+                .topology
+                .ingress(&infra.bin_dir(), &ingress_addr.to_string(), ADMIN_TOKEN);
         let log = infra.log_file(&format!("{}-ingress", o.name))?;
         stack.procs.push(Proc::spawn("ingress", cmd, log)?);
         let p = stack.procs.last_mut().expect("just pushed");
@@ -200,7 +210,7 @@ impl SystemStack {
         for p in self.procs.iter_mut().rev() {
             p.stop();
         }
-        infra.remove(&self.db, &self.topology);
+        infra.remove(&self.fresh);
     }
 }
 
