@@ -149,13 +149,10 @@ pub enum SaleStatus {
 /// A SKU's counters and configuration; `available + held + sold == total` always.
 #[derive(Serialize, ToSchema)]
 pub struct SkuOut {
-    pub sku: String,
-    pub total: u64,
-    pub available: u64,
-    pub held: u64,
-    pub sold: u64,
-    #[schema(value_type = SaleStatus)]
-    pub status: &'static str,
+    /// Its counters and status: what its live stream sends.
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub stock: StockEventOut,
     pub per_user_limit: u32,
     pub hold_ttl_seconds: f64,
     #[schema(format = DateTime)]
@@ -273,19 +270,6 @@ pub struct StockEventOut {
     pub status: &'static str,
 }
 
-impl From<SkuOut> for StockEventOut {
-    fn from(s: SkuOut) -> StockEventOut {
-        StockEventOut {
-            sku: s.sku,
-            total: s.total,
-            available: s.available,
-            held: s.held,
-            sold: s.sold,
-            status: s.status,
-        }
-    }
-}
-
 impl From<SkuView> for SkuOut {
     /// `status` summarises why a buyer can or cannot reserve now.
     fn from(v: SkuView) -> SkuOut {
@@ -304,12 +288,14 @@ impl From<SkuView> for SkuOut {
             "on_sale"
         };
         SkuOut {
-            sku: v.sku,
-            total: v.total,
-            available: v.available,
-            held: v.held,
-            sold: v.sold,
-            status,
+            stock: StockEventOut {
+                sku: v.sku,
+                total: v.total,
+                available: v.available,
+                held: v.held,
+                sold: v.sold,
+                status,
+            },
             per_user_limit: v.config.per_user_limit,
             hold_ttl_seconds: v.config.hold_ttl_ms as f64 / 1000.0,
             starts_at: v.config.starts_at_ms.map(rfc3339),

@@ -80,7 +80,9 @@ pub(crate) async fn list_skus(
     let more = views.len() > SKUS_PAGE_MAX as usize;
     views.truncate(SKUS_PAGE_MAX as usize);
     let skus: Vec<SkuOut> = views.into_iter().map(SkuOut::from).collect();
-    let next_after = more.then(|| skus.last().map(|s| s.sku.clone())).flatten();
+    let next_after = more
+        .then(|| skus.last().map(|s| s.stock.sku.clone()))
+        .flatten();
     Ok(Json(SkuListOut { skus, next_after }).into_response())
 }
 
@@ -176,7 +178,7 @@ fn stock_events(
                 let event = Event::default()
                     .event("stock")
                     .id(state.batch_seq.to_string())
-                    .json_data(StockEventOut::from(SkuOut::from(state.view)))
+                    .json_data(SkuOut::from(state.view).stock)
                     .expect("the stock event serialises");
                 return Some((Ok(event), c));
             }
