@@ -7,7 +7,7 @@
 //! the answer with `httparse`, with no per-request task, pool lookup or header map.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,9 +25,17 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// A connection idle this long is checked before it is used again: the server may have closed
+/// it meanwhile (the ingress closes a keep-alive connection whose next request has not come
+/// within HEADER_READ_TIMEOUT_MS). Busier connections skip the check and its system call.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
 pub struct Conn {
     stream: TcpStream,
+    addr: SocketAddr,
     host: String,
+    /// When the last response was read (or the connection opened).
+    idle_since: Instant,
     buf: Vec<u8>,
     out: Vec<u8>,
     /// The server said `Connection: close`: the connection must not be reused.
@@ -61,14 +69,25 @@ impl Conn {
         stream.set_nodelay(true)?;
         Ok(Conn {
             stream,
+            addr,
             host: addr.to_string(),
+            idle_since: Instant::now(),
             buf: Vec::with_capacity(4096),
             out: Vec::with_capacity(512),
             closed: false,
         })
     }
 
-    /// Sends one request and reads its whole response.
+    /// Whether the server has closed this connection (or sent bytes nobody asked for) while it
+    /// sat idle between two requests.
+    fn closed_while_idle(&self) -> bool {
+        let mut byte = [0u8; 1];
+        !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends one request and reads its whole response. A connection that has been idle for a
+    /// while and was closed by the server meanwhile is opened again first, as any pooling client
+    /// does; sending on it would fail the request with "connection closed by the server".
     pub async fn request(
         &mut self,
         method: &str,
@@ -92,8 +111,14 @@ impl Conn {
         }
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(body);
+        if self.idle_since.elapsed() >= IDLE_CHECK_AFTER && self.closed_while_idle() {
+            let fresh = Conn::connect(self.addr).await?;
+            (self.stream, self.buf) = (fresh.stream, fresh.buf);
+        }
         self.stream.write_all(&self.out).await?;
-        self.read_response().await
+        let response = self.read_response().await;
+        self.idle_since = Instant::now();
+        response
     }
 
     async fn fill(&mut self) -> anyhow::Result<()> {
@@ -422,6 +447,36 @@ mod tests {
         let r = c.request("GET", "/c", "", b"").await.expect("third");
         assert_eq!(r.body, b"{\"ok\":true}");
         assert!(!c.closed);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_opened_again() {
+        // Each connection gets one answer and is closed, like an idle keep-alive timeout.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                while find_crlf_crlf(&request).is_none() {
+                    let mut b = [0u8; 1024];
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(SIMPLE).await;
+            }
+        });
+        let mut c = Conn::connect(addr).await.expect("connect");
+        let r = c.request("GET", "/a", "", b"").await.expect("first");
+        assert_eq!(r.status, 201);
+        assert!(!c.closed, "the answer did not say Connection: close");
+        tokio::time::sleep(IDLE_CHECK_AFTER + Duration::from_millis(100)).await;
+        let r = c
+            .request("GET", "/b", "", b"")
+            .await
+            .expect("second, on a new connection");
+        assert_eq!(r.body, b"{\"ok\":true}");
     }
 
     #[tokio::test]
