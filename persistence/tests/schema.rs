@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use common::{fresh_database, take_lease};
 use persistence::batch::{commit_batch, CommitError};
-use persistence::{audit, lease, BatchRecord, DecisionRow};
+use persistence::{audit, lease, BatchRecord, DecisionRow, TransitionRow};
 use sqlx::PgPool;
-use wire::{Reject, ReserveRef, SkuConfig, SkuView};
+use wire::{Reject, ReservationStatus, ReserveRef, SkuConfig, SkuView};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -252,4 +252,56 @@ async fn a_batch_held_up_by_a_lock_keeps_the_lease_and_the_standby_waits() {
         "a short renewal queued behind the batch must not shorten its lease: {} ms left",
         state.lease_remaining_ms
     );
+}
+
+/// A move out of `held` is applied with its event in one statement; a move of a reservation that
+/// is no longer `held` means the engine and Postgres disagree, and refuses the whole batch.
+#[tokio::test]
+async fn a_transition_moves_a_held_reservation_with_its_event_and_refuses_any_other() {
+    let (pool, epoch) = writer("transitions").await;
+    let mut conn = pool.acquire().await.unwrap();
+    let grant = batch(epoch, 1, "k", Ok(1_700_000_060_000), vec![sku(1)]);
+    commit_batch(&mut conn, &grant).await.unwrap();
+
+    let mut sold = sku(0);
+    (sold.available, sold.sold) = (9, 1);
+    let mut confirm = batch(epoch, 2, "unused", Err(Reject::SoldOut), vec![sold]);
+    confirm.decisions.clear();
+    confirm.transitions = vec![TransitionRow {
+        reservation_id: 1,
+        status: ReservationStatus::Confirmed,
+        at_ms: 1_700_000_000_500,
+    }];
+    commit_batch(&mut conn, &confirm).await.unwrap();
+    let events = || {
+        sqlx::query_as::<_, (String, String, i64)>(
+            "SELECT reservation_id::text, status, batch_seq FROM reservation_events",
+        )
+        .fetch_all(&pool)
+    };
+    let one_event = vec![(uuid::Uuid::from_u128(1).to_string(), "confirmed".into(), 2)];
+    assert_eq!(events().await.unwrap(), one_event);
+
+    // The engine believing it is still held: the batch is refused, nothing of it is written.
+    let mut cancel = batch(epoch, 3, "unused", Err(Reject::SoldOut), vec![]);
+    cancel.decisions.clear();
+    cancel.transitions = vec![TransitionRow {
+        reservation_id: 1,
+        status: ReservationStatus::Cancelled,
+        at_ms: 1_700_000_000_900,
+    }];
+    match commit_batch(&mut conn, &cancel).await {
+        Err(CommitError::Inconsistent { batch_seq: 3, what }) => {
+            assert!(what.contains("expected 1, Postgres reports 0"), "{what}");
+        }
+        other => panic!("expected the batch refused as inconsistent, got {other:?}"),
+    }
+    let state = lease::read_state(&pool).await.unwrap();
+    assert_eq!((state.next_offset, state.batch_seq), (2, 2));
+    assert_eq!(events().await.unwrap(), one_event);
+    let status: String = sqlx::query_scalar("SELECT status FROM reservations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "confirmed");
 }
