@@ -7,7 +7,8 @@ use std::time::Duration;
 use common::{fresh_database, take_lease};
 use persistence::batch::{commit_batch, CommitError};
 use persistence::{audit, lease, BatchRecord, DecisionRow, TransitionRow};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use wire::{Reject, ReservationStatus, ReserveRef, SkuConfig, SkuView};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -84,12 +85,18 @@ async fn writer(name: &str) -> (PgPool, u64) {
     (pool, epoch)
 }
 
+/// A writer whose batch 1 held one unit of sku-1 for buyer-1 under key `k` (reservation 1).
+async fn writer_after_one_grant(name: &str) -> (PgPool, PoolConnection<Postgres>, u64) {
+    let (pool, epoch) = writer(name).await;
+    let mut conn = pool.acquire().await.unwrap();
+    let grant = batch(epoch, 1, "k", Ok(1_700_000_060_000), vec![sku(1)]);
+    commit_batch(&mut conn, &grant).await.unwrap();
+    (pool, conn, epoch)
+}
+
 #[tokio::test]
 async fn postgres_refuses_a_second_reservation_under_one_idempotency_key() {
-    let (pool, epoch) = writer("twice_held").await;
-    let mut conn = pool.acquire().await.unwrap();
-    let first = batch(epoch, 1, "k", Ok(1_700_000_060_000), vec![sku(1)]);
-    commit_batch(&mut conn, &first).await.unwrap();
+    let (pool, mut conn, epoch) = writer_after_one_grant("twice_held").await;
 
     // A buggy writer granting the same key again: the whole batch is refused.
     let second = batch(epoch, 2, "k", Ok(1_700_000_060_001), vec![sku(2)]);
@@ -258,10 +265,7 @@ async fn a_batch_held_up_by_a_lock_keeps_the_lease_and_the_standby_waits() {
 /// is no longer `held` means the engine and Postgres disagree, and refuses the whole batch.
 #[tokio::test]
 async fn a_transition_moves_a_held_reservation_with_its_event_and_refuses_any_other() {
-    let (pool, epoch) = writer("transitions").await;
-    let mut conn = pool.acquire().await.unwrap();
-    let grant = batch(epoch, 1, "k", Ok(1_700_000_060_000), vec![sku(1)]);
-    commit_batch(&mut conn, &grant).await.unwrap();
+    let (pool, mut conn, epoch) = writer_after_one_grant("transitions").await;
 
     let mut sold = sku(0);
     (sold.available, sold.sold) = (9, 1);
