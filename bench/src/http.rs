@@ -112,8 +112,12 @@ impl Conn {
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(body);
         if self.idle_since.elapsed() >= IDLE_CHECK_AFTER && self.closed_while_idle() {
+            // A whole new connection (its `closed` flag clear), keeping the request written.
             let fresh = Conn::connect(self.addr).await?;
-            (self.stream, self.buf) = (fresh.stream, fresh.buf);
+            *self = Conn {
+                out: std::mem::take(&mut self.out),
+                ..fresh
+            };
         }
         self.stream.write_all(&self.out).await?;
         let response = self.read_response().await;
