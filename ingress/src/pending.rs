@@ -7,6 +7,7 @@
 //! broker has acknowledged), but the delivery callback runs on another thread and may be late:
 //! an outcome that arrives first is kept until the offset does.
 
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -87,7 +88,10 @@ impl Pending {
     /// or wants none. How long the append took, if anyone still waits.
     pub fn appended(&self, id: RequestId, offset: i64) -> Option<Duration> {
         let mut shard = self.shard(id);
-        let waiter = shard.get_mut(&id)?;
+        let Entry::Occupied(mut entry) = shard.entry(id) else {
+            return None;
+        };
+        let waiter = entry.get_mut();
         let took = waiter.since.elapsed();
         let reply = match (waiter.wants_outcome, waiter.outcome.take()) {
             (false, _) => Reply::Appended { offset },
@@ -97,17 +101,16 @@ impl Pending {
                 return Some(took);
             }
         };
-        self.complete(&mut shard, id, reply);
+        self.complete(entry.remove(), reply);
         Some(took)
     }
 
     /// The producer gave up on the append of `id`. Whether anyone still waited.
     pub fn not_appended(&self, id: RequestId, error: String) -> bool {
-        let mut shard = self.shard(id);
-        if !shard.contains_key(&id) {
+        let Some(waiter) = self.shard(id).remove(&id) else {
             return false;
-        }
-        self.complete(&mut shard, id, Reply::NotAppended { error });
+        };
+        self.complete(waiter, Reply::NotAppended { error });
         true
     }
 
@@ -116,22 +119,21 @@ impl Pending {
     /// re-published batch).
     pub fn decided(&self, id: RequestId, outcome: Outcome) -> bool {
         let mut shard = self.shard(id);
-        let Some(waiter) = shard.get_mut(&id) else {
+        let Entry::Occupied(mut entry) = shard.entry(id) else {
             return false;
         };
-        match waiter.offset {
-            Some(offset) => self.complete(&mut shard, id, Reply::Decided { outcome, offset }),
-            None => waiter.outcome = Some(outcome),
+        match entry.get().offset {
+            Some(offset) => self.complete(entry.remove(), Reply::Decided { outcome, offset }),
+            None => entry.get_mut().outcome = Some(outcome),
         }
         true
     }
 
-    fn complete(&self, shard: &mut FxHashMap<RequestId, Waiter>, id: RequestId, reply: Reply) {
-        if let Some(waiter) = shard.remove(&id) {
-            self.count.fetch_sub(1, Ordering::Relaxed);
-            // A handler that went away between its timeout and its removal: nothing to tell.
-            let _ = waiter.tx.send(reply);
-        }
+    /// Ends the wait of `waiter`, already taken out of its shard, with `reply`.
+    fn complete(&self, waiter: Waiter, reply: Reply) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        // A handler that went away between its timeout and its removal: nothing to tell.
+        let _ = waiter.tx.send(reply);
     }
 
     pub fn len(&self) -> usize {
