@@ -116,15 +116,7 @@ pub fn serve(args: ServerArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         eprintln!("baseline {} listening on {}", args.kind, args.listen);
         axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            })
+            .with_graceful_shutdown(shutdown::requested())
             .await?;
         if let Backend::Redis(r) = &app.backend {
             let deleted = r.delete_namespace(&app.namespace).await.unwrap_or(0);

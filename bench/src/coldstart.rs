@@ -19,14 +19,13 @@ use wire::{Command as WireCommand, Request, SkuConfig};
 
 use crate::stack::{wait_http, Infra, Proc};
 
+/// One, five and ten million stored decisions: a sale, a busy day, a busy week.
+const DEFAULT_SIZES: &str = "1000000,5000000,10000000";
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct ColdStartArgs {
     /// Stored decisions at which a cold start is measured, ascending (each adds to the last).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "1000000,5000000,10000000"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_SIZES)]
     pub sizes: Vec<u64>,
     /// Units of the hot SKU.
     #[arg(long, default_value_t = 10_000)]

@@ -19,6 +19,7 @@ mod hops;
 mod http;
 mod load;
 mod pipeline;
+mod ramp;
 mod scenario;
 mod stack;
 mod streams;

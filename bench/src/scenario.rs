@@ -12,6 +12,7 @@ use crate::check::{self, CheckReport};
 use crate::hops;
 use crate::http;
 use crate::load::{self, Kind, Phase, PhaseReport, Pool, Req, Workload};
+use crate::ramp::{self, RampResult};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -101,22 +102,6 @@ pub struct OfferedLoad {
     /// Keep-alive connections (each carries one request at a time).
     #[arg(long, default_value_t = 2_000)]
     pub connections: usize,
-}
-
-#[derive(Serialize, Clone, Debug)]
-pub struct RampResult {
-    /// Highest offered rate that kept p99 under the limit with < 1% errors.
-    pub knee_rate: Option<f64>,
-    /// Lowest offered rate that did not.
-    pub first_failing_rate: Option<f64>,
-    pub failing_reason: Option<String>,
-    /// Decisions/s measured at the knee step.
-    pub knee_goodput: Option<f64>,
-    pub knee_p99_ms: Option<f64>,
-    /// Most decisions/s of any step, whatever its latency (the saturation throughput).
-    pub peak_goodput: Option<f64>,
-    pub peak_offered_rate: Option<f64>,
-    pub peak_p99_ms: Option<f64>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -378,31 +363,18 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
             }
         }
         Scenario::Ramp => {
-            let (steps, result) =
-                run_ramp(&mut pool, args, run_id.clone(), &skus[0], timeout).await;
+            let workload = ramp_workload(run_id.clone(), skus[0].as_str().into());
+            let (steps, result) = ramp::run(&mut pool, args, workload, timeout).await;
             // The knee step first, so `main_phase` is the sustainable one.
             let mut steps = steps;
-            if let Some(k) = result.knee_rate {
-                if let Some(pos) = steps.iter().position(|s| s.offered_rate == k) {
+            if let Some(k) = result.knee {
+                if let Some(pos) = steps.iter().position(|s| s.offered_rate == k.offered_rate) {
                     let knee = steps.remove(pos);
                     steps.insert(0, knee);
                 }
             }
             phases = steps;
-            println!(
-                "ramp: peak {} decisions/s (offered {}, p99 {} ms)",
-                shown(result.peak_goodput, 0, "", "-"),
-                shown(result.peak_offered_rate, 0, "/s", "-"),
-                shown(result.peak_p99_ms, 1, "", "-"),
-            );
-            println!(
-                "ramp: knee {} (p99 {} ms, {} decisions/s); first failing rate {} ({})",
-                shown(result.knee_rate, 0, "/s", "none"),
-                shown(result.knee_p99_ms, 1, "", "-"),
-                shown(result.knee_goodput, 0, "", "-"),
-                shown(result.first_failing_rate, 0, "/s", "none"),
-                result.failing_reason.as_deref().unwrap_or("-"),
-            );
+            result.print();
             ramp = Some(result);
         }
     }
@@ -441,7 +413,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
 }
 
 /// Runs and prints one phase; with `--metrics`, also the latency of each hop during it.
-async fn measured_phase(
+pub(crate) async fn measured_phase(
     pool: &mut Pool,
     phase: &Phase,
     workload: Workload,
@@ -458,117 +430,6 @@ async fn measured_phase(
     (report, stats)
 }
 
-async fn run_ramp(
-    pool: &mut Pool,
-    args: &LoadArgs,
-    run_id: Arc<str>,
-    sku: &str,
-    timeout: Duration,
-) -> (Vec<PhaseReport>, RampResult) {
-    let workload = ramp_workload(run_id, sku.into());
-    let step = Duration::from_secs_f64(args.offered.duration);
-    let mut base = 0u64;
-    let mut steps = Vec::new();
-    // (rate, decisions/s, p99) of the highest rate that kept the latency limit.
-    let mut ok: Option<(f64, f64, f64)> = None;
-    // Lowest rate that broke it, and why.
-    let mut bad: Option<(f64, String)> = None;
-    let mut rate = args.offered.rate;
-    // Rise until the system saturates (decisions fall under 90% of the offered rate, or more
-    // than 1% errors): past the latency knee too, so the peak throughput is measured. Then two
-    // bisection probes between the last rate that kept the limit and the first that did not.
-    let mut rising = true;
-    let mut probes = 0;
-    loop {
-        let remaining = args.max_requests.saturating_sub(base);
-        if remaining == 0 {
-            break;
-        }
-        let phase = Phase {
-            label: format!("ramp {rate:.0}/s"),
-            rate,
-            duration: step,
-            max_requests: remaining,
-            index_base: base,
-        };
-        let (r, _) = measured_phase(pool, &phase, workload.clone(), timeout, args).await;
-        base += r.planned_requests;
-        let saturated = if r.error_fraction() > 0.01 {
-            Some(format!("{:.1}% errors", r.error_fraction() * 100.0))
-        } else if r.goodput < 0.9 * rate {
-            Some(format!("only {:.0} decisions/s", r.goodput))
-        } else {
-            None
-        };
-        let verdict = if r.latency.p99_ms > args.p99_limit_ms {
-            Some(format!(
-                "p99 {:.1} ms > {} ms",
-                r.latency.p99_ms, args.p99_limit_ms
-            ))
-        } else {
-            saturated.clone()
-        };
-        eprintln!(
-            "ramp step {rate:.0}/s: p99 {:.1} ms, {:.0} decisions/s, errors {} -> {}",
-            r.latency.p99_ms,
-            r.goodput,
-            r.errors,
-            verdict.as_deref().unwrap_or("sustained")
-        );
-        match &verdict {
-            None => {
-                if ok.is_none_or(|(o, _, _)| rate > o) {
-                    ok = Some((rate, r.goodput, r.latency.p99_ms));
-                }
-            }
-            Some(why) => {
-                if bad.as_ref().is_none_or(|(b, _)| rate < *b) {
-                    bad = Some((rate, why.clone()));
-                }
-            }
-        }
-        steps.push(r);
-        // Let queues drain before the next step; after an overloaded step the system may still
-        // be working off a backlog (requests appended but answered 504), so wait longer.
-        let pause = if verdict.is_some() { 10 } else { 2 };
-        tokio::time::sleep(Duration::from_secs(pause)).await;
-        if rising {
-            rate *= args.ramp_factor;
-            if saturated.is_none() && rate <= args.ramp_max {
-                continue;
-            }
-            rising = false;
-        }
-        match (&ok, &bad) {
-            (Some((o, _, _)), Some((b, _))) if probes < 2 && b / o > 1.15 => {
-                probes += 1;
-                rate = (o + b) / 2.0;
-            }
-            (None, Some((b, _))) if probes < 2 && *b > 100.0 => {
-                probes += 1;
-                rate = b / 3.0;
-            }
-            _ => break,
-        }
-    }
-    steps.sort_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate));
-    let peak = steps
-        .iter()
-        .max_by(|a, b| a.goodput.total_cmp(&b.goodput))
-        .map(|p| (p.offered_rate, p.goodput, p.latency.p99_ms));
-    let result = RampResult {
-        knee_rate: ok.map(|o| o.0),
-        first_failing_rate: bad.as_ref().map(|b| b.0),
-        failing_reason: bad.map(|b| b.1),
-        knee_goodput: ok.map(|o| o.1),
-        knee_p99_ms: ok.map(|o| o.2),
-        peak_goodput: peak.map(|p| p.1),
-        peak_offered_rate: peak.map(|p| p.0),
-        peak_p99_ms: peak.map(|p| p.2),
-    };
-    (steps, result)
-}
-
 /// Writes the JSON report under `dir` and returns its path.
 pub fn write_report(dir: &std::path::Path, report: &LoadReport) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
@@ -579,11 +440,6 @@ pub fn write_report(dir: &std::path::Path, report: &LoadReport) -> anyhow::Resul
     ));
     std::fs::write(&path, serde_json::to_vec_pretty(report)?)?;
     Ok(path)
-}
-
-/// `v` with `decimals` decimals and then `unit`, or `none` when there is no value.
-fn shown(v: Option<f64>, decimals: usize, unit: &str, none: &str) -> String {
-    v.map_or(none.into(), |v| format!("{v:.decimals$}{unit}"))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! What the engine hands back: the outputs of a batch (what the persistence layer writes in one
 //! transaction), the snapshot a restore starts from, and why a restore is refused.
 
-use wire::{Outcome, Reject, RequestId, ReservationStatus, SkuView, StoredDecision};
+use wire::{Outcome, Reject, RequestId, ReservationStatus};
 
 /// A new decision row: one per reserve command that was not a replay of an earlier key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +31,7 @@ pub struct BatchOutput {
     pub decisions: Vec<Decision>,
     pub transitions: Vec<Transition>,
     /// Final state of every SKU the batch changed, in SKU creation order.
-    pub skus: Vec<SkuView>,
+    pub skus: Vec<wire::SkuView>,
     /// Keyed admin commands applied by this batch (not their replays): each key is stored with
     /// its command and outcome in the batch's transaction.
     pub admin_keys: Vec<AdminKeyApplied>,
@@ -98,8 +98,8 @@ pub struct Snapshot {
     pub hash_seed: u64,
     pub batch_seq: u64,
     pub clock_ms: i64,
-    pub skus: Vec<SkuView>,
-    pub decisions: Vec<StoredDecision>,
+    pub skus: Vec<wire::SkuView>,
+    pub decisions: Vec<wire::StoredDecision>,
     /// Admin keys applied up to `batch_seq` (`admin_commands`).
     pub admin_keys: Vec<AdminKeyRecord>,
     /// The pre-sale queues as they stood after `batch_seq`, each SKU's in queue order.

@@ -231,13 +231,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         router(app),
         limits,
         async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing the SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+            shutdown::requested().await;
             tracing::info!("shutting down: finishing in-flight requests");
         },
         move || refused.connection_refused(),

@@ -327,12 +327,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     sequencer.runtime().spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        shutdown::requested().await;
         tracing::info!("shutdown requested: finishing the current batch");
         shutdown.store(true, Ordering::Relaxed);
     });

@@ -171,14 +171,12 @@ async fn writes_get_503_at_once_while_no_sequencer_commits_and_a_quiet_sale_stay
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_cut_off_after_the_header_and_body_deadlines() {
-    let stack = stack_with_ingress_env(
-        "slowloris",
-        &[
-            ("HEADER_READ_TIMEOUT_MS", "1000"),
-            ("BODY_READ_TIMEOUT_MS", "1000"),
-        ],
-    )
-    .await;
+    // One second for the header and one for the body.
+    let deadlines = [
+        ("HEADER_READ_TIMEOUT_MS", "1000"),
+        ("BODY_READ_TIMEOUT_MS", "1000"),
+    ];
+    let stack = stack_with_ingress_env("slowloris", &deadlines).await;
 
     // Half a header, then nothing: closed after the header deadline.
     let mut half = TcpStream::connect(addr(&stack)).await.unwrap();

@@ -132,12 +132,12 @@ pub(super) fn markdown(r: &CompareReport, dir: &Path) -> String {
     let peak = |d: Option<&DesignRuns>| {
         d.and_then(|d| d.ramp.as_ref())
             .and_then(|r| r.ramp.as_ref())
-            .and_then(|k| k.peak_goodput)
+            .and_then(|k| k.peak.map(|p| p.goodput))
     };
     let knee = |d: Option<&DesignRuns>| {
         d.and_then(|d| d.ramp.as_ref())
             .and_then(|r| r.ramp.as_ref())
-            .and_then(|k| k.knee_goodput)
+            .and_then(|k| k.knee.map(|k| k.goodput))
     };
     let _ = writeln!(m, "### Targets\n");
     let _ = writeln!(m, "| target | measured | verdict |\n| --- | --- | --- |");
@@ -379,20 +379,23 @@ pub(super) fn markdown(r: &CompareReport, dir: &Path) -> String {
             m,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             d.design,
-            k.peak_goodput.map_or("-".into(), |g| format!(
+            k.peak.map_or("-".into(), |p| format!(
                 "{} ({}, {:.0})",
-                f0(g),
-                k.peak_offered_rate.map_or("-".into(), f0),
-                k.peak_p99_ms.unwrap_or(0.0)
+                f0(p.goodput),
+                f0(p.offered_rate),
+                p.p99_ms
             )),
-            k.knee_rate.map_or("none".into(), f0),
-            k.knee_goodput.map_or("-".into(), f0),
-            k.knee_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
-            k.first_failing_rate
-                .map_or("none below the ramp's top".into(), f0),
-            k.failing_reason.clone().unwrap_or_default(),
-            ratio(sys_peak, k.peak_goodput),
-            ratio(sys_knee, k.knee_goodput),
+            k.knee.map_or("none".into(), |k| f0(k.offered_rate)),
+            k.knee.map_or("-".into(), |k| f0(k.goodput)),
+            k.knee.map_or("-".into(), |k| format!("{:.1}", k.p99_ms)),
+            k.first_failing
+                .as_ref()
+                .map_or("none below the ramp's top".into(), |f| f0(f.offered_rate)),
+            k.first_failing
+                .as_ref()
+                .map_or(String::new(), |f| f.reason.clone()),
+            ratio(sys_peak, k.peak.map(|p| p.goodput)),
+            ratio(sys_knee, k.knee.map(|k| k.goodput)),
         );
     }
     if !step_lines.is_empty() {

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -41,11 +40,12 @@ use crate::error::{ApiError, ErrorBody};
 )]
 pub(crate) async fn upsert_sku(
     State(app): State<Arc<App>>,
-    Path(SkuPath { sku }): Path<SkuPath>,
-    headers: HeaderMap,
-    body: Body,
+    SkuCommand {
+        sku,
+        headers,
+        body: b,
+    }: SkuCommand<UpsertBody>,
 ) -> Result<Response, ApiError> {
-    let b: UpsertBody = admit_sku_body(&app, &headers, &sku, body).await?;
     validate::integer("total_stock", b.total_stock, 0, STOCK_MAX as i64)?;
     validate::integer(
         "per_user_limit",
@@ -117,11 +117,12 @@ pub(super) const QUEUE_BEFORE_START: &str = "queue.opens_at must be before start
 )]
 pub(crate) async fn restock_sku(
     State(app): State<Arc<App>>,
-    Path(SkuPath { sku }): Path<SkuPath>,
-    headers: HeaderMap,
-    body: Body,
+    SkuCommand {
+        sku,
+        headers,
+        body: b,
+    }: SkuCommand<RestockBody>,
 ) -> Result<Response, ApiError> {
-    let b: RestockBody = admit_sku_body(&app, &headers, &sku, body).await?;
     validate::integer("quantity", b.quantity, 1, STOCK_MAX as i64)?;
     let quantity = b.quantity as u64;
     if admin_key(&headers)?.is_none() {
@@ -194,15 +195,31 @@ fn admit_sku(app: &App, headers: &HeaderMap, sku: &str) -> Result<(), ApiError> 
     validate::sku_name(sku)
 }
 
-/// [`admit_sku`], then the JSON body.
-async fn admit_sku_body<T: DeserializeOwned>(
-    app: &App,
-    headers: &HeaderMap,
-    sku: &str,
-    body: Body,
-) -> Result<T, ApiError> {
-    admit_sku(app, headers, sku)?;
-    parse_json(headers, body, &app.config).await
+/// An admin command on the SKU of the path with a JSON body: extracting it runs
+/// [`admit_sku`] (401, 422), then reads the body ([`parse_json`]: 413, 415, 400, 422), so an
+/// unauthorised caller's body is never read.
+pub(crate) struct SkuCommand<T> {
+    sku: String,
+    headers: HeaderMap,
+    body: T,
+}
+
+impl<T: DeserializeOwned> FromRequest<Arc<App>> for SkuCommand<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, app: &Arc<App>) -> Result<Self, ApiError> {
+        let (mut parts, body) = request.into_parts();
+        let Path(SkuPath { sku }) = Path::<SkuPath>::from_request_parts(&mut parts, app)
+            .await
+            .map_err(|e| ApiError::Invalid(format!("path: {}", e.body_text())))?;
+        admit_sku(app, &parts.headers, &sku)?;
+        let body = parse_json(&parts.headers, body, &app.config).await?;
+        Ok(Self {
+            sku,
+            headers: parts.headers,
+            body,
+        })
+    }
 }
 
 /// The `Idempotency-Key` header of an admin command, if one was sent (422 if it is not 1-128
