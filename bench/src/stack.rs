@@ -73,6 +73,7 @@ impl Infra {
             brokers: self.brokers.clone(),
             requests_topic: format!("{}-req-{suffix}", self.prefix.replace('_', "-")),
             outcomes_topic: format!("{}-out-{suffix}", self.prefix.replace('_', "-")),
+            partitions: 1,
         };
         harness::topics::create_topics(
             &self.bin_dir(),

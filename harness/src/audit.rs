@@ -17,12 +17,20 @@ pub struct AuditRun {
 }
 
 impl AuditRun {
-    /// The violations the report lists (none when there is no report).
+    /// The reports: one, or one per partition.
+    fn reports(&self) -> Vec<&Value> {
+        match self.report.as_array() {
+            Some(all) => all.iter().collect(),
+            None => vec![&self.report],
+        }
+    }
+
+    /// The violations the report lists, of every partition (none when there is no report).
     pub fn violations(&self) -> Vec<Value> {
-        self.report["violations"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.reports()
+            .into_iter()
+            .flat_map(|r| r["violations"].as_array().cloned().unwrap_or_default())
+            .collect()
     }
 
     /// A report that lists no violation, from an audit that exited 0.
@@ -32,17 +40,32 @@ impl AuditRun {
 
     /// Whether the exit code says what the report says (0 exactly when no violation is listed).
     pub fn consistent(&self) -> bool {
-        (self.exit_code == Some(0))
-            == self.report["violations"]
-                .as_array()
-                .is_some_and(|v| v.is_empty())
+        let listed = self.reports();
+        let clean = !self.report.is_null()
+            && listed
+                .iter()
+                .all(|r| r["violations"].as_array().is_some_and(|v| v.is_empty()));
+        (self.exit_code == Some(0)) == clean
     }
 }
 
 /// Runs `<sequencer> audit --json` against `database_url`, `sequencer` being the binary's path.
 pub fn run(sequencer: &Path, database_url: &str) -> anyhow::Result<AuditRun> {
+    run_partitions(sequencer, database_url, 1)
+}
+
+/// [`run`] over every partition's database of a store with `partitions` partitions (partition
+/// p's named after `database_url`'s with `_p{p}`); with several, the report is an array of one
+/// report per partition.
+pub fn run_partitions(
+    sequencer: &Path,
+    database_url: &str,
+    partitions: u32,
+) -> anyhow::Result<AuditRun> {
     let out = Command::new(sequencer)
         .args(["audit", "--json", "--database-url", database_url])
+        .env("REQUEST_PARTITIONS", partitions.to_string())
+        .env_remove("DATABASE_URLS")
         .output()
         .with_context(|| format!("running {} audit", sequencer.display()))?;
     Ok(AuditRun {

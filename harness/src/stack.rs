@@ -33,6 +33,8 @@ pub struct Options {
     pub brokers: Option<String>,
     /// Wait for the ingress's `/readyz` at start (else only for `/healthz`).
     pub wait_ingress_ready: bool,
+    /// Partitions of the requests topic (REQUEST_PARTITIONS), each with its own database.
+    pub partitions: u32,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
             sequencer_env: Vec::new(),
             brokers: None,
             wait_ingress_ready: true,
+            partitions: 1,
         }
     }
 }
@@ -76,6 +79,11 @@ impl Options {
             renew_ms,
             ..self
         }
+    }
+
+    /// A requests topic of `partitions` partitions, each with its own database.
+    pub fn with_partitions(self, partitions: u32) -> Options {
+        Options { partitions, ..self }
     }
 
     /// The broker (`host:port`) instead of the shared one.
@@ -115,7 +123,10 @@ pub struct Stack {
     pub outcomes_topic: String,
     /// The broker this stack's processes talk to.
     pub brokers: String,
+    /// Partition 0's database.
     pub pool: PgPool,
+    /// Every partition's database, in partition order (the first is `pool`).
+    pub pools: Vec<PgPool>,
     pub http: reqwest::Client,
     pub base: String,
     pub options: Options,
@@ -130,16 +141,35 @@ impl Stack {
         let suffix = format!("{}_{:08x}", test, rand32());
         let db_name = format!("flash_t_{suffix}");
         let database_url = db::fresh_database(&pg_admin_url(), &db_name).await?;
+        for p in 1..options.partitions {
+            db::fresh_database(&pg_admin_url(), &format!("{db_name}_p{p}")).await?;
+        }
         let requests_topic = format!("req-{suffix}");
         let outcomes_topic = format!("out-{suffix}");
         let brokers = options.brokers.clone().unwrap_or_else(shared_brokers);
-        crate::create_topics(&bin_dir(), &brokers, &[&requests_topic, &outcomes_topic])?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&database_url)
-            .await
-            .context("connecting to the test database")?;
+        crate::topics::create_partitioned_topics(
+            &bin_dir(),
+            &brokers,
+            &[&requests_topic, &outcomes_topic],
+            options.partitions,
+        )?;
+        let mut pools = Vec::new();
+        for p in 0..options.partitions {
+            let url = if p == 0 {
+                database_url.clone()
+            } else {
+                db::database_url(&pg_admin_url(), &format!("{db_name}_p{p}"))
+            };
+            pools.push(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(&url)
+                    .await
+                    .context("connecting to the test database")?,
+            );
+        }
+        let pool = pools[0].clone();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(512)
             .timeout(Duration::from_secs(30))
@@ -152,6 +182,7 @@ impl Stack {
             outcomes_topic,
             brokers,
             pool,
+            pools,
             http,
             base: String::new(),
             options: options.clone(),
@@ -219,7 +250,13 @@ impl Stack {
             brokers: self.brokers.clone(),
             requests_topic: self.requests_topic.clone(),
             outcomes_topic: self.outcomes_topic.clone(),
+            partitions: self.options.partitions,
         }
+    }
+
+    /// The database of the partition `sku` lives in.
+    pub fn pool_for(&self, sku: &str) -> &PgPool {
+        &self.pools[wire::partition::partition_of(sku, self.options.partitions) as usize]
     }
 
     fn spawn_ingress(&mut self) -> anyhow::Result<()> {
@@ -428,7 +465,11 @@ impl Stack {
 
     /// Runs `sequencer audit --json` against this stack's database.
     pub fn audit(&self) -> anyhow::Result<Value> {
-        let run = crate::audit::run(&bin_dir().join("sequencer"), &self.database_url)?;
+        let run = crate::audit::run_partitions(
+            &bin_dir().join("sequencer"),
+            &self.database_url,
+            self.options.partitions,
+        )?;
         ensure!(
             !run.report.is_null(),
             "audit printed no report: {}",
@@ -484,6 +525,9 @@ impl Drop for Stack {
         // Keep the database of a failed test for inspection; drop it otherwise.
         if !std::thread::panicking() {
             db::drop_database(&pg_admin_url(), &self.db_name);
+            for p in 1..self.options.partitions {
+                db::drop_database(&pg_admin_url(), &format!("{}_p{p}", self.db_name));
+            }
         }
     }
 }

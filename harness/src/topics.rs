@@ -21,6 +21,9 @@ pub struct Topology {
     pub brokers: String,
     pub requests_topic: String,
     pub outcomes_topic: String,
+    /// The requests topic's partition count (REQUEST_PARTITIONS); partition p's database is
+    /// `database_url`'s with `_p{p}` after the name.
+    pub partitions: u32,
 }
 
 impl Topology {
@@ -33,6 +36,7 @@ impl Topology {
             .env("KAFKA_BROKERS", &self.brokers)
             .env("REQUESTS_TOPIC", &self.requests_topic)
             .env("OUTCOMES_TOPIC", &self.outcomes_topic)
+            .env("REQUEST_PARTITIONS", self.partitions.to_string())
             .env("NODE_ID", node_id)
             .env("STATUS_ADDR", status_addr)
             .env("RUST_LOG", log_filter());
@@ -47,6 +51,7 @@ impl Topology {
             .env("KAFKA_BROKERS", &self.brokers)
             .env("REQUESTS_TOPIC", &self.requests_topic)
             .env("OUTCOMES_TOPIC", &self.outcomes_topic)
+            .env("REQUEST_PARTITIONS", self.partitions.to_string())
             .env("ADMIN_TOKEN", admin_token)
             .env("RUST_LOG", log_filter());
         cmd
@@ -57,6 +62,16 @@ impl Topology {
 /// `topics[1]` (the same when only one is given), retried for up to 30 s: a broker that has just
 /// opened its port may still be electing its controller.
 pub fn create_topics(bin_dir: &Path, brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
+    create_partitioned_topics(bin_dir, brokers, topics, 1)
+}
+
+/// [`create_topics`] with a requests topic of `partitions` partitions.
+pub fn create_partitioned_topics(
+    bin_dir: &Path,
+    brokers: &str,
+    topics: &[&str],
+    partitions: u32,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new(bin_dir.join("sequencer"))
@@ -66,6 +81,8 @@ pub fn create_topics(bin_dir: &Path, brokers: &str, topics: &[&str]) -> anyhow::
                 brokers,
                 "--requests-topic",
                 topics[0],
+                "--request-partitions",
+                &partitions.to_string(),
             ])
             .args([
                 "--outcomes-topic",

@@ -103,7 +103,13 @@ impl LagMonitor {
     /// record batch, so there the lag reads low by up to one producer batch, a few hundred
     /// requests: nothing next to LAG_MAX.) Both figures are read afresh each time, so after a
     /// `sequencer rebase-log` onto a recreated topic the lag is right at the next poll.
-    pub async fn run(self: Arc<Self>, probe: BrokerProbe, pool: PgPool, every: Duration) {
+    pub async fn run(
+        self: Arc<Self>,
+        probe: BrokerProbe,
+        pool: PgPool,
+        every: Duration,
+        partition: u32,
+    ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned_db = false;
@@ -115,7 +121,8 @@ impl LagMonitor {
         loop {
             tick.tick().await;
             let probe = probe.clone();
-            let high = tokio::task::spawn_blocking(move || probe.requests_high_watermark());
+            let high =
+                tokio::task::spawn_blocking(move || probe.requests_high_watermark(partition));
             let committed = sqlx::query_scalar::<_, i64>(
                 "SELECT next_offset FROM sequencer_state WHERE id = 1",
             )
@@ -129,7 +136,7 @@ impl LagMonitor {
                 }
                 Ok(Err(e)) => {
                     if !warned_broker {
-                        tracing::warn!(error = %e, "cannot read the requests topic's end from the broker");
+                        tracing::warn!(partition, error = %e, "cannot read the requests topic's end from the broker");
                         warned_broker = true;
                     }
                     None
@@ -147,7 +154,7 @@ impl LagMonitor {
                 }
                 Err(e) => {
                     if !warned_db {
-                        tracing::warn!(error = %e, "cannot read the committed offset from Postgres");
+                        tracing::warn!(partition, error = %e, "cannot read the committed offset from Postgres");
                         warned_db = true;
                     }
                     None
@@ -171,11 +178,16 @@ impl LagMonitor {
                 if lag == 0 || last_committed != Some(c) {
                     self.progress_ms.store(now, Ordering::Relaxed);
                     if warned_stall {
-                        tracing::info!(committed_offset = c, "the sequencer commits again");
+                        tracing::info!(
+                            partition,
+                            committed_offset = c,
+                            "the sequencer commits again"
+                        );
                         warned_stall = false;
                     }
                 } else if !warned_stall && now - self.progress_ms.load(Ordering::Relaxed) > 1_000 {
                     tracing::warn!(
+                        partition,
                         committed_offset = c,
                         lag,
                         "no sequencer has committed for over 1 s while requests wait in the log"
@@ -284,7 +296,9 @@ pub enum Write<'a> {
 /// ingress cannot finish, and counts every refusal by reason.
 pub struct Admission {
     pub limits: AdmissionLimits,
-    pub lag: Arc<LagMonitor>,
+    /// One per partition of the requests log: a partition that falls behind or stalls sheds
+    /// its own SKUs' writes and no other's.
+    lags: Vec<Arc<LagMonitor>>,
     /// Per-user token buckets of `POST /v1/reservations`; `None` when rate limiting is off.
     pub limiter: Option<Arc<UserLimiter>>,
     metrics: Arc<Metrics>,
@@ -293,13 +307,14 @@ pub struct Admission {
 impl Admission {
     pub fn new(
         limits: AdmissionLimits,
-        lag: Arc<LagMonitor>,
+        lags: Vec<Arc<LagMonitor>>,
         limiter: Option<Arc<UserLimiter>>,
         metrics: Arc<Metrics>,
     ) -> Admission {
+        assert!(!lags.is_empty(), "a log has at least one partition");
         Admission {
             limits,
-            lag,
+            lags,
             limiter,
             metrics,
         }
@@ -310,7 +325,13 @@ impl Admission {
     /// no sequencer committing for STALL_MAX_MS while requests wait (503), the user's token
     /// bucket empty (429). The bounds come before the token bucket, so that a 503 does not cost
     /// the buyer a token.
-    pub fn admit(&self, write: Write<'_>, in_flight: usize) -> Result<(), ApiError> {
+    /// Every signal but in-flight is `partition`'s, the partition the write goes to.
+    pub fn admit(
+        &self,
+        write: Write<'_>,
+        in_flight: usize,
+        partition: u32,
+    ) -> Result<(), ApiError> {
         if let Write::Admin = write {
             return Ok(());
         }
@@ -326,7 +347,7 @@ impl Admission {
             ));
         }
         if limits.lag_max > 0 {
-            if let Some(lag) = self.lag.current_lag(now) {
+            if let Some(lag) = self.lag(partition).current_lag(now) {
                 if lag > limits.lag_max as i64 {
                     return Err(self.overloaded(
                         Refusal::Lag,
@@ -338,14 +359,14 @@ impl Admission {
                 }
             }
         }
-        if let Some(stalled) = self.stalled_for(now) {
+        if let Some(stalled) = self.stalled_in(partition, now) {
             self.metrics.refused(Refusal::NoSequencer);
             return Err(ApiError::NoSequencer {
                 retry_after_s: 1,
                 detail: format!(
                     "no sequencer has committed anything for {stalled} ms while {} requests \
                      wait in the log; nothing was appended",
-                    self.lag.lag.load(Ordering::Relaxed)
+                    self.lag(partition).lag.load(Ordering::Relaxed)
                 ),
             });
         }
@@ -365,10 +386,41 @@ impl Admission {
         self.overloaded(Refusal::QueueFull, "the request queue is full".into())
     }
 
-    /// How long no sequencer has committed while requests wait, past STALL_MAX_MS (see
-    /// [`LagMonitor::stalled_for`]).
+    /// The lag signals of `partition` (partition 0's for one out of range).
+    pub fn lag(&self, partition: u32) -> &LagMonitor {
+        self.lags.get(partition as usize).unwrap_or(&self.lags[0])
+    }
+
+    /// When the broker last answered a probe of any partition, unix ms; 0 = never.
+    pub fn broker_ok_ms(&self) -> i64 {
+        self.lags
+            .iter()
+            .map(|l| l.broker_ok_ms.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The lag signals of every partition, in partition order.
+    pub fn lags(&self) -> &[Arc<LagMonitor>] {
+        &self.lags
+    }
+
+    /// How long no sequencer has committed `partition` while its requests wait, past
+    /// STALL_MAX_MS (see [`LagMonitor::stalled_for`]).
+    pub fn stalled_in(&self, partition: u32, now_ms: i64) -> Option<i64> {
+        self.lag(partition)
+            .stalled_for(now_ms, self.limits.stall_max_ms)
+    }
+
+    /// The shortest stall when EVERY partition is stalled (this ingress can then decide
+    /// nothing: not ready); `None` while any partition commits.
     pub fn stalled_for(&self, now_ms: i64) -> Option<i64> {
-        self.lag.stalled_for(now_ms, self.limits.stall_max_ms)
+        let limit = self.limits.stall_max_ms;
+        self.lags
+            .iter()
+            .map(|l| l.stalled_for(now_ms, limit))
+            .collect::<Option<Vec<i64>>>()
+            .and_then(|v| v.into_iter().min())
     }
 
     fn overloaded(&self, why: Refusal, detail: String) -> ApiError {
@@ -444,7 +496,12 @@ mod tests {
             stall_max_ms: 3_000,
         };
         let metrics = Arc::new(Metrics::new(&[]));
-        Admission::new(limits, Arc::new(monitor), limiter.map(Arc::new), metrics)
+        Admission::new(
+            limits,
+            vec![Arc::new(monitor)],
+            limiter.map(Arc::new),
+            metrics,
+        )
     }
 
     fn refusal(result: Result<(), ApiError>) -> String {
@@ -460,21 +517,49 @@ mod tests {
     #[test]
     fn buyers_meet_every_bound_and_admin_commands_none() {
         let a = admission(5, 0, None);
-        assert_eq!(refusal(a.admit(Write::Settle, 4)), "admitted");
-        assert!(refusal(a.admit(Write::Settle, 5)).contains("waits on 5"));
+        assert_eq!(refusal(a.admit(Write::Settle, 4, 0)), "admitted");
+        assert!(refusal(a.admit(Write::Settle, 5, 0)).contains("waits on 5"));
         let user = Write::Reserve { user_id: "alice" };
-        assert!(refusal(a.admit(user, 5)).contains("waits on 5"));
-        assert_eq!(refusal(a.admit(Write::Admin, 5)), "admitted");
+        assert!(refusal(a.admit(user, 5, 0)).contains("waits on 5"));
+        assert_eq!(refusal(a.admit(Write::Admin, 5, 0)), "admitted");
         let behind = admission(5, 11, None);
-        assert!(refusal(behind.admit(user, 0)).contains("11 requests behind"));
-        assert_eq!(refusal(behind.admit(Write::Admin, 0)), "admitted");
+        assert!(refusal(behind.admit(user, 0, 0)).contains("11 requests behind"));
+        assert_eq!(refusal(behind.admit(Write::Admin, 0, 0)), "admitted");
         let stalled = admission(5, 3, None);
         stalled
-            .lag
+            .lag(0)
             .progress_ms
             .store(now_ms() - 4_000, Ordering::Relaxed);
-        assert_eq!(refusal(stalled.admit(Write::Settle, 0)), "no_sequencer");
-        assert_eq!(refusal(stalled.admit(Write::Admin, 0)), "admitted");
+        assert_eq!(refusal(stalled.admit(Write::Settle, 0, 0)), "no_sequencer");
+        assert_eq!(refusal(stalled.admit(Write::Admin, 0, 0)), "admitted");
+    }
+
+    #[test]
+    fn a_partition_that_stalls_or_lags_sheds_its_own_writes_and_no_others() {
+        let monitor = |lag: i64, progress_ago: i64| {
+            let m = LagMonitor::default();
+            let now = now_ms();
+            m.lag.store(lag, Ordering::Relaxed);
+            m.measured_ms.store(now, Ordering::Relaxed);
+            m.progress_ms.store(now - progress_ago, Ordering::Relaxed);
+            Arc::new(m)
+        };
+        let limits = AdmissionLimits {
+            in_flight_max: 100,
+            lag_max: 10,
+            stall_max_ms: 3_000,
+        };
+        let lags = vec![monitor(0, 0), monitor(3, 4_000), monitor(11, 0)];
+        let a = Admission::new(limits, lags, None, Arc::new(Metrics::new(&[])));
+        let user = Write::Reserve { user_id: "u" };
+        assert_eq!(refusal(a.admit(user, 0, 0)), "admitted");
+        assert_eq!(refusal(a.admit(user, 0, 1)), "no_sequencer");
+        assert!(refusal(a.admit(user, 0, 2)).contains("11 requests behind"));
+        assert!(
+            a.stalled_for(now_ms()).is_none(),
+            "ready while one partition commits"
+        );
+        assert!(a.stalled_in(1, now_ms()).is_some());
     }
 
     #[test]
@@ -482,13 +567,13 @@ mod tests {
         let a = admission(5, 0, UserLimiter::new(0.001, 1).unwrap());
         let user = Write::Reserve { user_id: "alice" };
         // Refused by a bound: the token is not spent.
-        assert!(refusal(a.admit(user, 5)).starts_with("overloaded"));
-        assert_eq!(refusal(a.admit(Write::Settle, 0)), "admitted");
-        assert_eq!(refusal(a.admit(user, 0)), "admitted");
-        assert_eq!(refusal(a.admit(user, 0)), "rate_limited");
-        assert_eq!(refusal(a.admit(Write::Settle, 0)), "admitted");
+        assert!(refusal(a.admit(user, 5, 0)).starts_with("overloaded"));
+        assert_eq!(refusal(a.admit(Write::Settle, 0, 0)), "admitted");
+        assert_eq!(refusal(a.admit(user, 0, 0)), "admitted");
+        assert_eq!(refusal(a.admit(user, 0, 0)), "rate_limited");
+        assert_eq!(refusal(a.admit(Write::Settle, 0, 0)), "admitted");
         assert_eq!(
-            refusal(a.admit(Write::Reserve { user_id: "bob" }, 0)),
+            refusal(a.admit(Write::Reserve { user_id: "bob" }, 0, 0)),
             "admitted"
         );
     }

@@ -42,6 +42,9 @@ pub struct Bus {
     pub ingress_id: IngressId,
     producer: Arc<ProducerSlot>,
     requests_topic: String,
+    /// The requests topic's partition count: each request goes to its partition
+    /// (`wire::partition::of_command`).
+    pub partitions: u32,
     pending: Arc<Pending>,
     outcome_timeout: Duration,
     pub health: Arc<BusHealth>,
@@ -61,14 +64,17 @@ pub struct BusHealth {
 
 impl Bus {
     pub fn start(
-        brokers: &str,
-        requests_topic: &str,
-        outcomes_topic: &str,
+        log: &kafka_config::LogArgs,
         outcome_timeout: Duration,
         fetch_wait_max_ms: u64,
         produce_linger_ms: u64,
         hops: HopTimers,
     ) -> anyhow::Result<Bus> {
+        let (brokers, requests_topic, outcomes_topic) = (
+            &log.brokers[..],
+            &log.requests_topic[..],
+            &log.outcomes_topic[..],
+        );
         // Never wire::STOCK_UPDATES, the key every ingress reads stock updates under.
         let ingress_id: IngressId = rand_u64().max(1);
         let mut producer_config = kafka_config::idempotent_producer(brokers);
@@ -151,6 +157,7 @@ impl Bus {
             ingress_id,
             producer: slot,
             requests_topic: requests_topic.to_owned(),
+            partitions: log.request_partitions,
             pending,
             outcome_timeout,
             health,
@@ -236,8 +243,14 @@ impl Bus {
 
     /// Hands `request` to the producer; its delivery report goes to [`Pending`].
     fn append(&self, request: &Request) -> Result<(), SendError> {
+        let partition =
+            wire::partition::of_command(&request.command, request.request_id, self.partitions)
+                .ok_or_else(|| {
+                    SendError::Unknown("internal error: a request for no partition".into())
+                })?;
         let payload = wire::encode(request);
         let record = BaseRecord::with_opaque_to(&self.requests_topic, Box::new(request.request_id))
+            .partition(partition as i32)
             .payload(&payload[..]);
         let record: BaseRecord<'_, (), [u8], Box<RequestId>> = record;
         match self.producer.current().send(record) {
@@ -285,11 +298,20 @@ pub struct BrokerProbe {
 }
 
 impl BrokerProbe {
-    /// The end offset of the requests topic's partition 0.
-    pub fn requests_high_watermark(&self) -> Result<i64, KafkaError> {
+    /// The requests topic's partition count (`None`: no such topic yet).
+    pub fn requests_partitions(&self) -> anyhow::Result<Option<usize>> {
+        kafka_config::partition_count(
+            self.producer.current().client(),
+            &self.requests_topic,
+            Duration::from_secs(5),
+        )
+    }
+
+    /// The end offset of the requests topic's partition `partition`.
+    pub fn requests_high_watermark(&self, partition: u32) -> Result<i64, KafkaError> {
         let (_, high) = self.producer.current().client().fetch_watermarks(
             &self.requests_topic,
-            0,
+            partition as i32,
             Duration::from_millis(1_000),
         )?;
         Ok(high)

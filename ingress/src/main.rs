@@ -29,6 +29,11 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/flash"
     )]
     database_url: String,
+    /// One database URL per partition of the requests topic, in partition order
+    /// (comma-separated); without it partition p's is DATABASE_URL's with `_p{p}` after the
+    /// name (partition 0's is DATABASE_URL).
+    #[arg(long, env = "DATABASE_URLS", value_delimiter = ',')]
+    database_urls: Vec<String>,
     #[command(flatten)]
     log: LogArgs,
     /// Bearer token for /v1/admin routes. Required: the ingress refuses to start without one.
@@ -175,25 +180,48 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         in_flight_max = args.in_flight_max,
         "ingress configuration"
     );
-    let pool = persistence::connect(&args.database_url, args.db_pool_max).await?;
-    // Its own connection, so that a burst of reads never delays the lag signal.
-    let monitor_pool = persistence::connect(&args.database_url, 1).await?;
+    let partitions = args.log.request_partitions;
+    let urls =
+        persistence::layout::database_urls(&args.database_url, &args.database_urls, partitions)?;
+    let mut pools = Vec::with_capacity(urls.len());
+    let mut monitor_pools = Vec::with_capacity(urls.len());
+    for url in &urls {
+        pools.push(persistence::connect(url, args.db_pool_max).await?);
+        // Its own connection, so that a burst of reads never delays the lag signal.
+        monitor_pools.push(persistence::connect(url, 1).await?);
+    }
     let metrics = Arc::new(Metrics::new(&route_table()));
     let bus = Bus::start(
-        &args.log.brokers,
-        &args.log.requests_topic,
-        &args.log.outcomes_topic,
+        &args.log,
         Duration::from_millis(args.outcome_timeout_ms),
         args.fetch_wait_max_ms,
         args.produce_linger_ms,
         metrics.hops.clone(),
     )?;
-    let lag = Arc::new(LagMonitor::default());
-    tokio::spawn(lag.clone().run(
-        bus.broker_probe(),
-        monitor_pool,
-        Duration::from_millis(args.lag_poll_ms.max(10)),
-    ));
+    // A topic with another partition count would send SKUs where no writer decides them.
+    let probe = bus.broker_probe();
+    match tokio::task::spawn_blocking(move || probe.requests_partitions()).await? {
+        Ok(Some(n)) if n != partitions as usize => {
+            return Err(kafka_config::partition_count_differs(
+                &args.log.requests_topic,
+                n,
+                partitions,
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot check the requests topic's partitions yet: {e:#}"),
+    }
+    let mut lags = Vec::with_capacity(monitor_pools.len());
+    for (partition, monitor_pool) in monitor_pools.into_iter().enumerate() {
+        let lag = Arc::new(LagMonitor::default());
+        tokio::spawn(lag.clone().run(
+            bus.broker_probe(),
+            monitor_pool,
+            Duration::from_millis(args.lag_poll_ms.max(10)),
+            partition as u32,
+        ));
+        lags.push(lag);
+    }
     tokio::spawn(housekeeping(metrics.clone(), limiter.clone()));
     let limits = AdmissionLimits {
         in_flight_max: args.in_flight_max,
@@ -202,7 +230,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let app = Arc::new(App {
         bus,
-        pool,
+        pools,
         config: AppConfig {
             admin_token: args.admin_token,
             body_bytes_max: args.body_bytes_max,
@@ -211,7 +239,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             stream_subscribers_max: args.stream_subscribers_max,
             connections_max: args.connections_max.max(1),
         },
-        admission: Admission::new(limits, lag, limiter, metrics.clone()),
+        admission: Admission::new(limits, lags, limiter, metrics.clone()),
         metrics,
         jwt,
         console: Console::new(&args.sequencer_status_urls),

@@ -14,6 +14,55 @@ pub struct LogArgs {
     pub requests_topic: String,
     #[arg(long, env = "OUTCOMES_TOPIC", default_value = "reservation-outcomes")]
     pub outcomes_topic: String,
+    /// How many partitions the requests topic has: every SKU lives in one of them
+    /// (`wire::partition`), each decided by its own fenced writer. Fixed for a store once it
+    /// has SKUs.
+    #[arg(long, env = "REQUEST_PARTITIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=wire::partition::PARTITIONS_MAX as i64))]
+    pub request_partitions: u32,
+}
+
+/// The partition count of `topic` from the broker's metadata; `None` when there is no such topic
+/// (or it is not ready yet).
+pub fn partition_count<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Option<usize>> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| anyhow::anyhow!("reading the metadata of topic {topic:?}: {e}"))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().len()))
+}
+
+/// Why a store refuses a requests topic with `found` partitions.
+pub fn partition_count_differs(topic: &str, found: usize, partitions: u32) -> anyhow::Error {
+    anyhow::anyhow!(
+        "topic {topic:?} has {found} partitions, but REQUEST_PARTITIONS is {partitions}: every \
+         process of a store must agree on the count (it decides where each SKU lives)"
+    )
+}
+
+/// Checks that `topic` exists with exactly `partitions` partitions.
+pub fn check_partition_count<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partitions: u32,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    match partition_count(client, topic, timeout)? {
+        Some(n) if n == partitions as usize => Ok(()),
+        Some(n) => Err(partition_count_differs(topic, n, partitions)),
+        None => anyhow::bail!(
+            "topic {topic:?} does not exist (create it: sequencer create-topics, with \
+             REQUEST_PARTITIONS={partitions})"
+        ),
+    }
 }
 
 /// An empty client configuration, with librdkafka's own debug contexts when `KAFKA_DEBUG` names

@@ -15,6 +15,9 @@ pub struct AuditReport {
     pub checkpoint_batch_seq: Option<u64>,
     /// The current generation of the requests log (1 until a `rebase-log`).
     pub log_generation: i64,
+    /// The partition of the requests log this database holds, and the partition count.
+    pub partition: i32,
+    pub partitions: i32,
     pub violations: Vec<String>,
 }
 
@@ -188,7 +191,9 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
                 (SELECT count(*) FROM decisions) AS reservations,
                 (SELECT count(*) FROM batches) AS batches,
                 (SELECT next_offset FROM sequencer_state WHERE id = 1) AS committed_offset,
-                (SELECT max(generation) FROM log_generations) AS log_generation",
+                (SELECT max(generation) FROM log_generations) AS log_generation,
+                (SELECT log_partition FROM sequencer_state WHERE id = 1) AS partition,
+                (SELECT log_partitions FROM sequencer_state WHERE id = 1) AS partitions",
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -199,6 +204,8 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         committed_offset: counts.try_get("committed_offset")?,
         checkpoint_batch_seq: None,
         log_generation: counts.try_get("log_generation")?,
+        partition: counts.try_get("partition")?,
+        partitions: counts.try_get("partitions")?,
         violations: Vec::new(),
     };
     for (name, sql) in CHECKS {
@@ -210,6 +217,27 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
             .violations
             .extend(lines.into_iter().map(|l| format!("{name}: {l}")));
     }
+    // Every SKU is in the partition its name hashes to (wire::partition): one decided elsewhere
+    // would have two writers.
+    let names: Vec<String> = sqlx::query_scalar("SELECT sku FROM skus ORDER BY sku")
+        .fetch_all(&mut *tx)
+        .await?;
+    let misplaced = names.iter().filter(|sku| {
+        report.partitions < 1
+            || wire::partition::partition_of(sku, report.partitions as u32) as i32
+                != report.partition
+    });
+    report.violations.extend(
+        misplaced
+            .take(VIOLATIONS_PER_CHECK_MAX as usize)
+            .map(|sku| {
+                format!(
+                    "sku in its partition: {sku} is stored in partition {} of {}, but its name \
+                     hashes elsewhere",
+                    report.partition, report.partitions
+                )
+            }),
+    );
     tx.commit().await?;
     Ok(report)
 }

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod batch;
 pub mod checkpoint;
+pub mod layout;
 pub mod lease;
 pub mod loggen;
 pub mod reads;

@@ -8,16 +8,17 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
-/// Creates each topic with ONE partition (the log's order is the fairness order) unless it
-/// exists already. Plain Kafka admin API: works against Kafka, Redpanda or tansu.
-pub async fn create_topics(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
+/// Creates each `(topic, partitions)` unless it exists already: the requests topic with
+/// REQUEST_PARTITIONS partitions (each partition's order is the fairness order of its SKUs),
+/// the outcomes topic with one. Plain Kafka admin API: works against Kafka, Redpanda or tansu.
+pub async fn create_topics(brokers: &str, topics: &[(String, u32)]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .context("creating the Kafka admin client")?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .map(|(t, n)| NewTopic::new(t, *n as i32, TopicReplication::Fixed(1)))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new, &options).await? {
@@ -25,6 +26,23 @@ pub async fn create_topics(brokers: &str, topics: &[String]) -> anyhow::Result<(
             Ok(topic) => println!("created topic {topic}"),
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => println!("topic {topic} exists"),
             Err((topic, code)) => bail!("creating topic {topic}: {code}"),
+        }
+    }
+    // A topic just created may take a moment to show its partitions in the metadata.
+    for (topic, partitions) in topics {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let checked = kafka_config::check_partition_count(
+                admin.inner(),
+                topic,
+                *partitions,
+                Duration::from_secs(5),
+            );
+            match checked {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
         }
     }
     Ok(())

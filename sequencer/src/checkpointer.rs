@@ -62,13 +62,15 @@ impl Checkpointer {
         pool: PgPool,
         runtime: Handle,
         written_batch_seq: Arc<AtomicU64>,
+        partition: i32,
     ) -> Checkpointer {
+        let p = crate::status::partition_label(partition);
         // One job at a time: a checkpoint that would queue behind another is not due yet.
         let (jobs, inbox) = crossbeam_channel::bounded::<Job>(0);
         let chain = Arc::new(Mutex::new(None));
         let (chain_w, written) = (chain.clone(), written_batch_seq.clone());
         thread::Builder::new()
-            .name("checkpoint-writer".into())
+            .name(format!("checkpoint-p{partition}"))
             .spawn(move || {
                 for job in inbox {
                     let started = Instant::now();
@@ -77,10 +79,10 @@ impl Checkpointer {
                         Ok(()) => {
                             *chain_w.lock().expect("chain lock") = Some(job.end);
                             written.store(job.new.batch_seq, Ordering::Relaxed);
-                            metrics::counter!("sequencer_checkpoints_total").increment(1);
-                            metrics::histogram!("sequencer_checkpoint_write_seconds")
+                            metrics::counter!("sequencer_checkpoints_total", "partition" => p.clone()).increment(1);
+                            metrics::histogram!("sequencer_checkpoint_write_seconds", "partition" => p.clone())
                                 .record(started.elapsed().as_secs_f64());
-                            metrics::gauge!("sequencer_checkpoint_batch_seq")
+                            metrics::gauge!("sequencer_checkpoint_batch_seq", "partition" => p.clone())
                                 .set(job.new.batch_seq as f64);
                             tracing::info!(
                                 batch_seq = job.new.batch_seq,
@@ -92,7 +94,7 @@ impl Checkpointer {
                             );
                         }
                         Err(e) => {
-                            metrics::counter!("sequencer_checkpoint_failures_total").increment(1);
+                            metrics::counter!("sequencer_checkpoint_failures_total", "partition" => p.clone()).increment(1);
                             tracing::warn!(error = %e, batch_seq = job.new.batch_seq,
                                 "checkpoint not written; will read the chain back and retry later");
                             let end = runtime.block_on(read_chain_end(&pool)).ok();

@@ -34,9 +34,16 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// 10,000 by default). Correct on any broker: offsets below the target are never handed on.
 const MID_BATCH_LOOKBACK: i64 = 16_384;
 
-/// When the log reader thread last made progress (a poll returned, or it handed a message on or
-/// waited on a full channel), unix ms; 0 = no reader running. One reader per process at a time.
-pub static READER_ALIVE_MS: AtomicI64 = AtomicI64::new(0);
+/// When the log reader thread of each partition last made progress (a poll returned, or it
+/// handed a message on or waited on a full channel), unix ms; 0 = no reader running. One reader
+/// per partition and process at a time.
+static READER_ALIVE_MS: [AtomicI64; wire::partition::PARTITIONS_MAX as usize] =
+    [const { AtomicI64::new(0) }; wire::partition::PARTITIONS_MAX as usize];
+
+/// When partition `partition`'s reader last made progress (0: none running).
+pub fn reader_alive_ms(partition: i32) -> i64 {
+    READER_ALIVE_MS[partition as usize].load(Ordering::Relaxed)
+}
 
 /// A reader that has made no progress for this long is stalled (stopped, or stuck in a call):
 /// the sequencer is then not ready. Fifty poll timeouts: never reached by a healthy reader, even
@@ -49,21 +56,28 @@ pub fn reader_stalled_for(now_ms: i64, alive_ms: i64) -> Option<i64> {
     (alive_ms == 0 || age > READER_STALL_MAX_MS).then_some(age)
 }
 
-/// Exits the process (code 1: a restart fixes it) once the log reader has made no progress for
+/// Exits the process (code 1: a restart fixes it) once a log reader has made no progress for
 /// more than `exit_ms`: a stuck reader holds no lock, but a leader whose reader is stuck keeps
 /// its lease and decides nothing, so only its exit lets a standby take over.
 pub async fn exit_when_reader_stalls(exit_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let alive = READER_ALIVE_MS.load(Ordering::Relaxed);
-        if alive == 0 {
-            continue; // no reader running
-        }
-        if let Some(ms) =
-            reader_stalled_for(crate::clock::now_ms(), alive).filter(|ms| *ms > exit_ms)
-        {
+        let now = crate::clock::now_ms();
+        let stalled = READER_ALIVE_MS
+            .iter()
+            .enumerate()
+            .find_map(|(partition, alive)| {
+                let alive = alive.load(Ordering::Relaxed);
+                // 0: no reader running.
+                let ms = (alive != 0)
+                    .then(|| reader_stalled_for(now, alive))
+                    .flatten()?;
+                (ms > exit_ms).then_some((partition, ms))
+            });
+        if let Some((partition, ms)) = stalled {
             tracing::error!(
+                partition,
                 stalled_ms = ms,
                 "the log reader has made no progress for {ms} ms (READER_STALL_EXIT_MS \
                  {exit_ms}): exiting with code 1 so that a standby takes over"
@@ -81,18 +95,18 @@ fn stall_at_offset() -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn reader_alive() {
-    READER_ALIVE_MS.store(crate::clock::now_ms(), Ordering::Relaxed);
+fn reader_alive(partition: i32) {
+    READER_ALIVE_MS[partition as usize].store(crate::clock::now_ms(), Ordering::Relaxed);
 }
 
 /// Clears [`READER_ALIVE_MS`] when the reader thread ends (the log found lost, or the reader
 /// stopped for a role change or a reload): no reader running is not a stalled reader, and a
 /// sequencer waiting for `rebase-log` or loading its state must not be made to exit.
-struct ReaderGone;
+struct ReaderGone(i32);
 
 impl Drop for ReaderGone {
     fn drop(&mut self) {
-        READER_ALIVE_MS.store(0, Ordering::Relaxed);
+        READER_ALIVE_MS[self.0 as usize].store(0, Ordering::Relaxed);
     }
 }
 
@@ -124,6 +138,28 @@ pub struct LogIdentity {
     pub topic_id: Option<String>,
     /// The first offset decided in this generation.
     pub base_offset: i64,
+    /// The partition of the topic this database's writer decides.
+    pub partition: i32,
+}
+
+impl LogIdentity {
+    /// The log of `generation` as recorded, or the configured topic when none is recorded yet.
+    pub fn of(
+        generation: &persistence::loggen::LogGeneration,
+        configured_topic: &str,
+        partition: i32,
+    ) -> LogIdentity {
+        LogIdentity {
+            generation: generation.generation,
+            topic: generation
+                .topic
+                .clone()
+                .unwrap_or_else(|| configured_topic.to_owned()),
+            topic_id: generation.topic_id.clone(),
+            base_offset: generation.base_offset,
+            partition,
+        }
+    }
 }
 
 pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> ClientConfig {
@@ -134,16 +170,21 @@ pub fn consumer_config(brokers: &str, node_id: &str, fetch_wait_max_ms: u64) -> 
     )
 }
 
-/// The low and high watermarks of partition 0, with a clear error when the topic is missing.
+/// The low and high watermarks of the identity's partition, with a clear error when the topic
+/// or the partition is missing.
 pub fn watermarks(
     consumer: &BaseConsumer,
-    topic: &str,
+    identity: &LogIdentity,
     timeout: Duration,
 ) -> anyhow::Result<(i64, i64)> {
+    let (topic, partition) = (identity.topic.as_str(), identity.partition);
     consumer
-        .fetch_watermarks(topic, 0, timeout)
+        .fetch_watermarks(topic, partition, timeout)
         .with_context(|| {
-            format!("reading the log end of topic {topic:?} (does it exist? is the broker up?)")
+            format!(
+                "reading the log end of topic {topic:?} partition {partition} (does it exist \
+                 with REQUEST_PARTITIONS partitions? is the broker up?)"
+            )
         })
 }
 
@@ -269,7 +310,7 @@ pub fn check_log(
             ));
         }
     }
-    let (low, high) = watermarks(&consumer, topic, Duration::from_secs(10))?;
+    let (low, high) = watermarks(&consumer, identity, Duration::from_secs(10))?;
     if low > next_offset {
         return Err(lost(
             identity,
@@ -296,7 +337,7 @@ pub fn check_log(
     let last_decided = next_offset - 1;
     let mut assignment = TopicPartitionList::new();
     let start = (last_decided - MID_BATCH_LOOKBACK).max(low);
-    assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
+    assignment.add_partition_offset(topic, identity.partition, Offset::Offset(start))?;
     consumer.assign(&assignment)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut last_seen: Option<i64> = None;
@@ -346,7 +387,7 @@ pub struct LogReader {
 }
 
 impl LogReader {
-    /// Starts reading the log of `identity`, partition 0, at `from_offset`. `log_end` is kept
+    /// Starts reading the log of `identity` (its partition) at `from_offset`. `log_end` is kept
     /// up to date with the high watermark so the runtime can report lag cheaply.
     pub fn start(
         config: &ClientConfig,
@@ -356,13 +397,13 @@ impl LogReader {
     ) -> anyhow::Result<LogReader> {
         let topic = identity.topic.as_str();
         let consumer: BaseConsumer = config.create().context("creating the requests consumer")?;
-        let (low, high) = watermarks(&consumer, topic, Duration::from_secs(10))?;
+        let (low, high) = watermarks(&consumer, identity, Duration::from_secs(10))?;
         // A new reader may follow a rebased log: the end of the old one means nothing here.
         log_end.store(high, Ordering::Relaxed);
-        reader_alive();
+        reader_alive(identity.partition);
         let mut assignment = TopicPartitionList::new();
         let start = (from_offset - MID_BATCH_LOOKBACK).max(low).min(from_offset);
-        assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
+        assignment.add_partition_offset(topic, identity.partition, Offset::Offset(start))?;
         consumer.assign(&assignment)?;
         let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_MESSAGES_MAX);
         let stop = Arc::new(AtomicBool::new(false));
@@ -445,7 +486,7 @@ impl Reader {
     /// longer has, or a topic that was deleted or replaced stops the reader with
     /// [`LogEvent::Lost`], never a skip.
     fn read_loop(&self, consumer: BaseConsumer, from_offset: i64, tx: Sender<LogEvent>) {
-        let _gone = ReaderGone;
+        let _gone = ReaderGone(self.identity.partition);
         let topic = self.identity.topic.as_str();
         let mut expected = from_offset;
         let stall_at = stall_at_offset();
@@ -462,11 +503,11 @@ impl Reader {
             }
             if let Some(why) = self.lost.get() {
                 // The watcher found it first.
-                let _ = offer(&tx, LogEvent::Lost(why.clone()), &self.stop);
+                let _ = self.offer(&tx, LogEvent::Lost(why.clone()));
                 return;
             }
             let polled = consumer.poll(POLL_TIMEOUT);
-            reader_alive();
+            reader_alive(self.identity.partition);
             let event = match polled {
                 None => continue,
                 Some(Ok(m)) if m.offset() < expected => continue,
@@ -511,8 +552,26 @@ impl Reader {
             };
             let lost = matches!(event, LogEvent::Lost(_));
             // Blocks while the decide loop is behind: back-pressure, bounded memory.
-            if !offer(&tx, event, &self.stop) || lost {
+            if !self.offer(&tx, event) || lost {
                 return;
+            }
+        }
+    }
+
+    /// Keeps offering `event` until it is taken (true) or the reader must stop (false).
+    fn offer(&self, tx: &Sender<LogEvent>, mut event: LogEvent) -> bool {
+        loop {
+            match tx.send_timeout(event, POLL_TIMEOUT) {
+                Ok(()) => return true,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(e)) => {
+                    // Waiting for the decide loop (back-pressure) is not a stalled reader.
+                    reader_alive(self.identity.partition);
+                    if self.stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    event = e;
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
             }
         }
     }
@@ -523,7 +582,11 @@ impl Reader {
     fn watch(&self, consumer: BaseConsumer) {
         let topic = self.identity.topic.as_str();
         while !self.stop.load(Ordering::Relaxed) && self.lost.get().is_none() {
-            if let Ok((_, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_millis(500)) {
+            if let Ok((_, high)) = consumer.fetch_watermarks(
+                topic,
+                self.identity.partition,
+                Duration::from_millis(500),
+            ) {
                 self.log_end.fetch_max(high, Ordering::Relaxed);
             }
             if let Some(why) = topic_replaced(consumer.client(), &self.identity) {
@@ -531,24 +594,6 @@ impl Reader {
                 return;
             }
             thread::sleep(WATCH_EVERY);
-        }
-    }
-}
-
-/// Keeps offering `event` until it is taken (true) or the reader must stop (false).
-fn offer(tx: &Sender<LogEvent>, mut event: LogEvent, stop: &AtomicBool) -> bool {
-    loop {
-        match tx.send_timeout(event, POLL_TIMEOUT) {
-            Ok(()) => return true,
-            Err(crossbeam_channel::SendTimeoutError::Timeout(e)) => {
-                // Waiting for the decide loop (back-pressure) is not a stalled reader.
-                reader_alive();
-                if stop.load(Ordering::Relaxed) {
-                    return false;
-                }
-                event = e;
-            }
-            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
         }
     }
 }

@@ -39,17 +39,20 @@ enum Command {
     /// lost what Postgres decided (run `sequencer rebase-log`).
     Run(RunArgs),
     /// Check every invariant over Postgres; exit 1 on any violation.
+    ///
+    /// With REQUEST_PARTITIONS above 1 every partition's database is audited.
     Audit {
-        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-        database_url: String,
-        /// Print the report as JSON.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print the report as JSON (an array of reports, one per partition, when there are
+        /// several).
         #[arg(long)]
         json: bool,
     },
     /// Show the group: the fence row in Postgres and each sequencer's /status.
     Status {
-        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-        database_url: String,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Comma-separated status URLs of the sequencers (http://127.0.0.1:9101,...).
         #[arg(long, env = "SEQUENCER_PEERS", value_delimiter = ',')]
         peers: Vec<String>,
@@ -58,8 +61,12 @@ enum Command {
     /// in Postgres that decisions continue at an offset of a new log generation, keeping every
     /// committed decision. Refuses while the current log still holds everything decided.
     RebaseLog {
-        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-        database_url: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The partition of the requests topic whose log was lost (each has its own database
+        /// and its own log generations).
+        #[arg(long, default_value_t = 0)]
+        partition: u32,
         #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
         brokers: String,
         /// The topic the new generation reads (the configured requests topic).
@@ -88,7 +95,8 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Create the requests and outcomes topics (one partition each) if they do not exist.
+    /// Create the requests topic (REQUEST_PARTITIONS partitions) and the outcomes topic (one)
+    /// if they do not exist; fail when one exists with another partition count.
     CreateTopics {
         #[command(flatten)]
         log: LogArgs,
@@ -112,12 +120,52 @@ const EXIT_FATAL: u8 = 5;
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/flash";
 
+/// Where a store's partitions keep their state (`persistence::layout`).
 #[derive(Args)]
-struct RunArgs {
+struct StoreArgs {
+    /// Partition 0's database; partition p's is the same with `_p{p}` after the name, unless
+    /// DATABASE_URLS names them all.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     database_url: String,
+    /// One database URL per partition, in partition order (comma-separated).
+    #[arg(long, env = "DATABASE_URLS", value_delimiter = ',')]
+    database_urls: Vec<String>,
+    #[arg(long, env = "REQUEST_PARTITIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=wire::partition::PARTITIONS_MAX as i64))]
+    request_partitions: u32,
+}
+
+impl StoreArgs {
+    fn urls(&self) -> anyhow::Result<Vec<String>> {
+        persistence::layout::database_urls(
+            &self.database_url,
+            &self.database_urls,
+            self.request_partitions,
+        )
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Partition 0's database; partition p's is the same with `_p{p}` after the name, unless
+    /// DATABASE_URLS names them all.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// One database URL per partition of the requests topic, in partition order (comma-separated).
+    #[arg(long, env = "DATABASE_URLS", value_delimiter = ',')]
+    database_urls: Vec<String>,
     #[command(flatten)]
     log: LogArgs,
+    /// The partitions this process serves, as leader or standby (comma-separated; default all).
+    #[arg(long, env = "SEQUENCER_PARTITIONS", value_delimiter = ',')]
+    partitions: Vec<u32>,
+    /// The partitions this process takes the lease of as soon as it is free (default: every one
+    /// it serves). It takes the others only after LEAD_OTHERS_AFTER_MS from its start, so that
+    /// processes started together each lead their own share; a failover is not delayed by it.
+    #[arg(long, env = "LEAD_PARTITIONS", value_delimiter = ',')]
+    lead_partitions: Option<Vec<u32>>,
+    #[arg(long, env = "LEAD_OTHERS_AFTER_MS", default_value_t = 3_000)]
+    lead_others_after_ms: u64,
     /// Name of this process in the lease row and the logs (default: host-pid).
     #[arg(long, env = "NODE_ID")]
     node_id: Option<String>,
@@ -190,13 +238,23 @@ fn main() -> ExitCode {
     init_tracing(cli.log_json);
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Audit { database_url, json } => audit(&database_url, json),
-        Command::Status {
-            database_url,
-            peers,
-        } => status(&database_url, &peers),
+        Command::Audit { store, json } => match store.urls() {
+            Ok(urls) => audit(&urls, json),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Status { store, peers } => match store.urls() {
+            Ok(urls) => status(&urls, &peers),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::RebaseLog {
-            database_url,
+            store,
+            partition,
             brokers,
             requests_topic,
             offset,
@@ -213,7 +271,22 @@ fn main() -> ExitCode {
                 (None, _, true) => Target::End,
                 (None, false, false) => Target::Auto,
             };
+            let database_url = match store.urls().and_then(|urls| {
+                urls.get(partition as usize).cloned().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--partition {partition}, but REQUEST_PARTITIONS is {}",
+                        store.request_partitions
+                    )
+                })
+            }) {
+                Ok(url) => url,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
             let args = sequencer::rebase::Args {
+                partition: partition as i32,
                 database_url,
                 brokers,
                 requests_topic,
@@ -244,7 +317,10 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(admin::create_topics(
                 &log.brokers,
-                &[log.requests_topic, log.outcomes_topic],
+                &[
+                    (log.requests_topic, log.request_partitions),
+                    (log.outcomes_topic, 1),
+                ],
             )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -276,7 +352,11 @@ fn run(args: RunArgs) -> ExitCode {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        if std::thread::current().name() == Some("main") {
+        let thread = std::thread::current();
+        if thread
+            .name()
+            .is_some_and(|n| n == "main" || n.starts_with(DECIDE_THREAD))
+        {
             tracing::error!(exit_code = EXIT_FATAL, "FATAL: {info}; not safe to restart blindly, run `sequencer audit` (docs/OPERATIONS.md, exit code 5)");
             std::process::exit(i32::from(EXIT_FATAL));
         }
@@ -295,8 +375,29 @@ fn run(args: RunArgs) -> ExitCode {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
-    let config = Config {
-        database_url: args.database_url,
+    let partitions = args.log.request_partitions;
+    let layout = match Layout::from_args(
+        &args.database_url,
+        &args.database_urls,
+        partitions,
+        &args.partitions,
+        args.lead_partitions.as_deref(),
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = check_topic_partitions(&args.log) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let base = Config {
+        database_url: String::new(),
+        partition: 0,
+        partitions,
+        lead_after: Duration::ZERO,
         brokers: args.log.brokers,
         requests_topic: args.log.requests_topic,
         outcomes_topic: args.log.outcomes_topic,
@@ -319,25 +420,33 @@ fn run(args: RunArgs) -> ExitCode {
         exit_on_log_lost: args.exit_on_log_lost,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
-    let sequencer = match Sequencer::new(config.clone(), shutdown.clone()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot start: {e:#}");
-            return ExitCode::from(1);
+    let mut sequencers = Vec::new();
+    for &p in &layout.served {
+        let config = Config {
+            database_url: layout.database_urls[p as usize].clone(),
+            partition: p as i32,
+            lead_after: if layout.lead.contains(&p) {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(args.lead_others_after_ms)
+            },
+            ..base.clone()
+        };
+        match Sequencer::new(config, shutdown.clone()) {
+            Ok(s) => sequencers.push(s),
+            Err(e) => {
+                tracing::error!(partition = p, "cannot start: {e:#}");
+                return ExitCode::from(1);
+            }
         }
-    };
-    sequencer.runtime().spawn(async move {
+    }
+    let first = &sequencers[0];
+    let signal = shutdown.clone();
+    first.runtime().spawn(async move {
         shutdown::requested().await;
-        tracing::info!("shutdown requested: finishing the current batch");
-        shutdown.store(true, Ordering::Relaxed);
+        tracing::info!("shutdown requested: finishing the current batches");
+        signal.store(true, Ordering::Relaxed);
     });
-    sequencer
-        .runtime()
-        .spawn(sequencer::status::log_periodically(
-            node_id.clone(),
-            sequencer.status.clone(),
-            Duration::from_secs(10),
-        ));
     let metrics = match sequencer::status::install_metrics() {
         Ok(m) => m,
         Err(e) => {
@@ -345,147 +454,277 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    for s in &sequencers {
+        s.runtime().spawn(sequencer::status::log_periodically(
+            s.status.clone(),
+            Duration::from_secs(10),
+        ));
+        s.runtime().spawn(sequencer::status::watch_oversell(
+            s.status.partition,
+            s.pool().clone(),
+            Duration::from_secs(5),
+        ));
+    }
     if args.reader_stall_exit_ms > 0 {
-        sequencer
+        first
             .runtime()
             .spawn(sequencer::log::exit_when_reader_stalls(
                 args.reader_stall_exit_ms,
             ));
     }
-    sequencer.runtime().spawn(sequencer::status::watch_oversell(
-        sequencer.pool().clone(),
-        Duration::from_secs(5),
-    ));
-    if let Some(addr) = config.status_addr {
-        let status = sequencer.status.clone();
-        sequencer.runtime().spawn(async move {
-            if let Err(e) = sequencer::status::serve(addr, node_id, status, metrics).await {
+    if let Some(addr) = base.status_addr {
+        let statuses = sequencers.iter().map(|s| s.status.clone()).collect();
+        first.runtime().spawn(async move {
+            if let Err(e) = sequencer::status::serve(addr, node_id, statuses, metrics).await {
                 tracing::error!("status endpoint on {addr} failed: {e:#}");
             }
         });
     }
-    match sequencer.run() {
+    // One decide thread per partition. The first to stop with an error stops the others (each
+    // finishes its batch and hands its lease over), and its exit code is the process's.
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    std::thread::scope(|scope| {
+        for s in &sequencers {
+            let done = done_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("{DECIDE_THREAD}{}", s.status.partition))
+                .spawn_scoped(scope, move || {
+                    let partition = s.status.partition;
+                    let _span = tracing::info_span!("partition", partition).entered();
+                    let _ = done.send((partition, exit_code(s.run())));
+                })
+                .expect("spawning a decide thread");
+        }
+        drop(done_tx);
+        let mut code = 0u8;
+        for (partition, c) in done_rx {
+            if c != 0 && code == 0 {
+                code = c;
+                if !shutdown.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        partition,
+                        exit_code = c,
+                        "a partition stopped: stopping the others so that a standby takes them over"
+                    );
+                }
+            }
+        }
+        ExitCode::from(code)
+    })
+}
+
+/// The names of the threads that decide (and assert the engine's invariants), one per partition.
+const DECIDE_THREAD: &str = "decide-p";
+
+/// The exit code for how a partition's writer stopped, logged with its reason.
+fn exit_code(result: anyhow::Result<()>) -> u8 {
+    let e = match result {
         Ok(()) => {
             tracing::info!("stopped");
-            ExitCode::SUCCESS
+            return 0;
         }
+        Err(e) => e,
+    };
+    let code = match e.downcast_ref::<Stop>() {
+        Some(Stop::Deposed(_)) => EXIT_DEPOSED,
+        Some(Stop::Fatal(_)) => EXIT_FATAL,
+        Some(Stop::LogLost(_)) => EXIT_LOG_LOST,
+        _ if e.downcast_ref::<sequencer::log::LogLost>().is_some() => EXIT_LOG_LOST,
+        _ => 1,
+    };
+    if code == EXIT_FATAL {
+        tracing::error!(
+            exit_code = code,
+            "FATAL, not safe to restart blindly: {e:#}. Freeze the sale if it runs \
+             elsewhere, run `sequencer audit`, and see docs/OPERATIONS.md (exit code 5)"
+        );
+    } else {
+        tracing::error!(exit_code = code, "stopped writing: {e:#}");
+    }
+    code
+}
+
+/// Which database each partition uses, which partitions this process serves and which it
+/// leads first.
+struct Layout {
+    database_urls: Vec<String>,
+    served: Vec<u32>,
+    lead: Vec<u32>,
+}
+
+impl Layout {
+    fn from_args(
+        database_url: &str,
+        database_urls: &[String],
+        partitions: u32,
+        served: &[u32],
+        lead: Option<&[u32]>,
+    ) -> anyhow::Result<Layout> {
+        let database_urls =
+            persistence::layout::database_urls(database_url, database_urls, partitions)?;
+        let served: Vec<u32> = if served.is_empty() {
+            (0..partitions).collect()
+        } else {
+            let mut v = served.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let lead = lead.map_or_else(|| served.clone(), <[u32]>::to_vec);
+        if let Some(p) = served.iter().chain(&lead).find(|&&p| p >= partitions) {
+            anyhow::bail!(
+                "partition {p} named in SEQUENCER_PARTITIONS or LEAD_PARTITIONS, but the \
+                 requests topic has {partitions} (REQUEST_PARTITIONS)"
+            );
+        }
+        Ok(Layout {
+            database_urls,
+            served,
+            lead,
+        })
+    }
+}
+
+/// Refuses a requests topic whose partition count is not REQUEST_PARTITIONS. A broker that does
+/// not answer, or a topic not created yet, is not refused here: the writers wait for both.
+fn check_topic_partitions(log: &LogArgs) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka_config::base()
+        .set("bootstrap.servers", &log.brokers)
+        .create()?;
+    let topic = &log.requests_topic;
+    match kafka_config::partition_count(consumer.client(), topic, Duration::from_secs(5)) {
+        Ok(Some(n)) if n != log.request_partitions as usize => Err(
+            kafka_config::partition_count_differs(topic, n, log.request_partitions),
+        ),
+        Ok(_) => Ok(()),
         Err(e) => {
-            let code = match e.downcast_ref::<Stop>() {
-                Some(Stop::Deposed(_)) => EXIT_DEPOSED,
-                Some(Stop::Fatal(_)) => EXIT_FATAL,
-                Some(Stop::LogLost(_)) => EXIT_LOG_LOST,
-                _ if e.downcast_ref::<sequencer::log::LogLost>().is_some() => EXIT_LOG_LOST,
-                _ => 1,
-            };
-            if code == EXIT_FATAL {
-                tracing::error!(
-                    exit_code = code,
-                    "FATAL, not safe to restart blindly: {e:#}. Freeze the sale if it runs \
-                     elsewhere, run `sequencer audit`, and see docs/OPERATIONS.md (exit code 5)"
-                );
-            } else {
-                tracing::error!(exit_code = code, "stopped writing: {e:#}");
-            }
-            ExitCode::from(code)
+            tracing::warn!("cannot check the requests topic's partitions yet: {e:#}");
+            Ok(())
         }
     }
 }
 
-fn audit(database_url: &str, json: bool) -> ExitCode {
+fn audit(database_urls: &[String], json: bool) -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let report = (|| {
-        let pool = rt.block_on(persistence::connect(database_url, 2))?;
-        let mut report = rt.block_on(persistence::audit::run(&pool))?;
-        let (checked, violations) = sequencer::audit::checkpoint_against_rows(&rt, &pool)?;
-        report.checkpoint_batch_seq = checked;
-        report.violations.extend(violations);
-        anyhow::Ok(report)
-    })();
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("audit could not run: {e:#}");
-            return ExitCode::from(2);
+    let mut reports = Vec::new();
+    for url in database_urls {
+        let report = (|| {
+            let pool = rt.block_on(persistence::connect(url, 2))?;
+            let mut report = rt.block_on(persistence::audit::run(&pool))?;
+            let (checked, violations) = sequencer::audit::checkpoint_against_rows(&rt, &pool)?;
+            report.checkpoint_batch_seq = checked;
+            report.violations.extend(violations);
+            anyhow::Ok(report)
+        })();
+        match report {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                eprintln!(
+                    "audit could not run on {}: {e:#}",
+                    persistence::layout::redacted(url)
+                );
+                return ExitCode::from(2);
+            }
         }
-    };
+    }
+    let several = reports.len() > 1;
+    let clean = reports.iter().all(|r| r.is_clean());
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
-        );
+        let doc = if several {
+            serde_json::to_string_pretty(&reports)
+        } else {
+            serde_json::to_string_pretty(&reports[0])
+        };
+        println!("{}", doc.expect("serializable"));
     } else {
-        println!(
-            "audited {} skus, {} reservations, {} batches, committed offset {} (log generation {}), checkpoint {}",
-            report.skus,
-            report.reservations,
-            report.batches,
-            report.committed_offset,
-            report.log_generation,
-            report
-                .checkpoint_batch_seq
-                .map_or("none".to_owned(), |b| format!(
-                    "of batch {b} compared with the rows"
-                ))
-        );
-        for v in &report.violations {
-            println!("VIOLATION {v}");
+        for report in &reports {
+            println!(
+                "{}audited {} skus, {} reservations, {} batches, committed offset {} (log generation {}), checkpoint {}",
+                if several { format!("partition {}: ", report.partition) } else { String::new() },
+                report.skus,
+                report.reservations,
+                report.batches,
+                report.committed_offset,
+                report.log_generation,
+                report
+                    .checkpoint_batch_seq
+                    .map_or("none".to_owned(), |b| format!(
+                        "of batch {b} compared with the rows"
+                    ))
+            );
+            for v in &report.violations {
+                println!("VIOLATION {v}");
+            }
         }
         println!(
             "{}",
-            if report.is_clean() {
+            if clean {
                 "audit: clean"
             } else {
                 "audit: FAILED"
             }
         );
     }
-    if report.is_clean() {
+    if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
 }
 
-fn status(database_url: &str, peers: &[String]) -> ExitCode {
+fn status(database_urls: &[String], peers: &[String]) -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let state = rt.block_on(async {
-        let pool = persistence::connect(database_url, 1).await?;
-        anyhow::Ok(persistence::lease::read_state(&pool).await?)
-    });
     let mut healthy = true;
-    match state {
-        Ok(s) => println!(
-            "postgres: epoch {} leader {} lease {} committed offset {} batch {}",
-            s.epoch,
-            s.leader.as_deref().unwrap_or("-"),
-            if s.lease_remaining_ms >= 0 {
-                format!("valid for {} ms", s.lease_remaining_ms)
-            } else {
-                "lapsed".to_owned()
-            },
-            s.next_offset,
-            s.batch_seq
-        ),
-        Err(e) => {
-            healthy = false;
-            println!("postgres: unreachable ({e:#})");
+    for (partition, url) in database_urls.iter().enumerate() {
+        let state = rt.block_on(async {
+            let pool = persistence::connect(url, 1).await?;
+            anyhow::Ok(persistence::lease::read_state(&pool).await?)
+        });
+        match state {
+            Ok(s) => println!(
+                "postgres partition {partition}: epoch {} leader {} lease {} committed offset {} batch {}",
+                s.epoch,
+                s.leader.as_deref().unwrap_or("-"),
+                if s.lease_remaining_ms >= 0 {
+                    format!("valid for {} ms", s.lease_remaining_ms)
+                } else {
+                    "lapsed".to_owned()
+                },
+                s.next_offset,
+                s.batch_seq
+            ),
+            Err(e) => {
+                healthy = false;
+                println!("postgres partition {partition}: unreachable ({e:#})");
+            }
         }
     }
     for peer in peers {
         let url = format!("{}/status", peer.trim_end_matches('/'));
         let doc = rt.block_on(admin::http_get(&url));
         match doc.and_then(|b| Ok(serde_json::from_str::<serde_json::Value>(&b)?)) {
-            Ok(doc) => println!(
-                "{peer}: {} role {} epoch {} committed {} lag {} last batch {} ms ago ({} commands, commit {} us)",
-                doc["node_id"].as_str().unwrap_or("?"),
-                doc["role"].as_str().unwrap_or("?"),
-                doc["epoch"],
-                doc["committed_offset"],
-                doc["lag"],
-                doc["last_batch_age_ms"],
-                doc["last_batch_size"],
-                doc["last_commit_us"],
-            ),
+            Ok(doc) => {
+                println!(
+                    "{peer}: {} ready {} (last batch {} commands, commit {} us)",
+                    doc["node_id"].as_str().unwrap_or("?"),
+                    doc["ready"],
+                    doc["last_batch_size"],
+                    doc["last_commit_us"],
+                );
+                for p in doc["partitions"].as_array().into_iter().flatten() {
+                    println!(
+                        "{peer}:   partition {} role {} epoch {} committed {} lag {} batch {} last batch {} ms ago",
+                        p["partition"],
+                        p["role"].as_str().unwrap_or("?"),
+                        p["epoch"],
+                        p["committed_offset"],
+                        p["lag"],
+                        p["batch_seq"],
+                        p["last_batch_age_ms"],
+                    );
+                }
+            }
             Err(e) => {
                 healthy = false;
                 println!("{peer}: unreachable ({e:#})");

@@ -44,6 +44,8 @@ pub struct Args {
     /// Check and print the plan, change nothing.
     pub dry_run: bool,
     pub reason: Option<String>,
+    /// The partition of the requests topic whose database this is.
+    pub partition: i32,
 }
 
 /// Runs the command: Ok when a new generation was recorded (or, dry run, would be).
@@ -53,15 +55,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let pool = rt.block_on(persistence::connect(&args.database_url, 2))?;
     let state = rt.block_on(lease::read_state(&pool))?;
     let generation = rt.block_on(loggen::current(&pool))?;
-    let identity = LogIdentity {
-        generation: generation.generation,
-        topic: generation
-            .topic
-            .clone()
-            .unwrap_or_else(|| args.requests_topic.clone()),
-        topic_id: generation.topic_id.clone(),
-        base_offset: generation.base_offset,
-    };
+    let identity = LogIdentity::of(&generation, &args.requests_topic, args.partition);
     println!(
         "postgres: log generation {} (topic {:?}, id {}, from offset {}), {} batches committed, \
          next offset {}, epoch {}",
@@ -111,7 +105,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
              run rebase-log again"
         ),
     };
-    let (low, high) = log::watermarks(&consumer, topic, Duration::from_secs(10))?;
+    let (low, high) = log::watermarks(
+        &consumer,
+        &LogIdentity {
+            topic: topic.to_owned(),
+            ..identity.clone()
+        },
+        Duration::from_secs(10),
+    )?;
     let same_topic = topic == identity.topic && topic_id.is_some() && topic_id == identity.topic_id;
     let base_offset = match args.target {
         Target::Auto if same_topic => state.next_offset.clamp(low, high),

@@ -31,6 +31,8 @@ pub const LOADED_FROM_ROWS: u8 = 2;
 /// What the status endpoint and the logs report; written by the runtime, read by anyone.
 #[derive(Debug, Default)]
 pub struct Status {
+    /// The partition of the requests log these figures are about.
+    pub partition: i32,
     pub role: AtomicU8,
     pub epoch: AtomicU64,
     pub committed_offset: AtomicI64,
@@ -81,17 +83,13 @@ impl Status {
 #[derive(Serialize)]
 pub struct StatusDoc {
     pub node_id: String,
-    pub role: &'static str,
-    pub epoch: u64,
-    pub committed_offset: i64,
-    pub log_end_offset: i64,
-    pub lag: i64,
-    pub batch_seq: u64,
+    /// The first served partition (0 unless SEQUENCER_PARTITIONS says otherwise), at the top
+    /// level as before partitions existed.
+    #[serde(flatten)]
+    pub first: PartitionDoc,
     pub last_batch_at_ms: i64,
-    pub last_batch_age_ms: Option<i64>,
     pub last_batch_size: u64,
     pub last_commit_us: u64,
-    pub batches_committed: u64,
     pub commands_decided: u64,
     pub decisions_written: u64,
     /// Where the state was last loaded from: "checkpoint" or "rows" (absent before a load).
@@ -107,16 +105,42 @@ pub struct StatusDoc {
     pub log_lost: Option<String>,
     /// Since the log reader last made progress (a poll returned); absent before it started.
     pub reader_poll_age_ms: Option<i64>,
-    /// Whether `/readyz` answers 200, and why not (the same text it answers).
+    /// Whether `/readyz` answers 200 (every served partition is ready), and why not (the same
+    /// text it answers).
     pub ready: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_ready: Option<String>,
+    /// Every partition this process serves, in partition order.
+    pub partitions: Vec<PartitionEntry>,
+}
+
+/// One served partition of the requests log: this process's role in it and how far it is.
+#[derive(Serialize)]
+pub struct PartitionDoc {
+    pub partition: i32,
+    pub role: &'static str,
+    pub epoch: u64,
+    pub committed_offset: i64,
+    pub log_end_offset: i64,
+    pub lag: i64,
+    pub batch_seq: u64,
+    pub last_batch_age_ms: Option<i64>,
+    pub batches_committed: u64,
+}
+
+/// A partition in the `partitions` array: its figures and whether it is ready.
+#[derive(Serialize)]
+pub struct PartitionEntry {
+    #[serde(flatten)]
+    pub doc: PartitionDoc,
+    pub ready: bool,
 }
 
 #[derive(Clone)]
 struct Ctx {
     node_id: Arc<str>,
-    status: Arc<Status>,
+    /// One per served partition, in partition order.
+    statuses: Arc<[Arc<Status>]>,
     metrics: PrometheusHandle,
 }
 
@@ -150,16 +174,21 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 /// Per committed batch: a handful of series updates, nothing per request.
 pub fn record_batch(
+    partition: i32,
     out: &engine::BatchOutput,
     commands: usize,
     decide: std::time::Duration,
     commit: std::time::Duration,
 ) {
-    metrics::histogram!("sequencer_batch_decide_seconds").record(decide.as_secs_f64());
-    metrics::histogram!("sequencer_batch_commit_seconds").record(commit.as_secs_f64());
-    metrics::histogram!("sequencer_batch_size").record(commands as f64);
-    metrics::counter!("sequencer_batches_total").increment(1);
-    metrics::counter!("sequencer_commands_total").increment(commands as u64);
+    let p = partition_label(partition);
+    metrics::histogram!("sequencer_batch_decide_seconds", "partition" => p.clone())
+        .record(decide.as_secs_f64());
+    metrics::histogram!("sequencer_batch_commit_seconds", "partition" => p.clone())
+        .record(commit.as_secs_f64());
+    metrics::histogram!("sequencer_batch_size", "partition" => p.clone()).record(commands as f64);
+    metrics::counter!("sequencer_batches_total", "partition" => p.clone()).increment(1);
+    metrics::counter!("sequencer_commands_total", "partition" => p.clone())
+        .increment(commands as u64);
     // Decisions of the batch's commands and of the queued requests it decided at their start.
     let mut by_outcome = [0u64; Reject::ALL.len() + 1];
     let slot = |result: Result<(), Reject>| result.map_or_else(|r| 1 + r as usize, |()| 0);
@@ -173,7 +202,7 @@ pub fn record_batch(
         by_outcome[i] += 1;
     }
     if !out.queued.is_empty() {
-        metrics::counter!("sequencer_decisions_total", "outcome" => "queued")
+        metrics::counter!("sequencer_decisions_total", "partition" => p.clone(), "outcome" => "queued")
             .increment(out.queued.len() as u64);
     }
     for (i, &n) in by_outcome.iter().enumerate().filter(|(_, &n)| n > 0) {
@@ -182,7 +211,8 @@ pub fn record_batch(
         } else {
             Reject::ALL[i - 1].code()
         };
-        metrics::counter!("sequencer_decisions_total", "outcome" => outcome).increment(n);
+        metrics::counter!("sequencer_decisions_total", "partition" => p.clone(), "outcome" => outcome)
+            .increment(n);
     }
     for sku in &out.skus {
         for (state, units) in [
@@ -198,37 +228,60 @@ pub fn record_batch(
 
 /// Every `every`, counts the SKUs whose stored counters break the invariant (the CHECK
 /// constraints make this impossible; the gauge is the alarm that would prove otherwise).
-pub async fn watch_oversell(pool: sqlx::PgPool, every: std::time::Duration) {
+pub async fn watch_oversell(partition: i32, pool: sqlx::PgPool, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let broken = persistence::audit::count_stock_broken(&pool).await;
         match broken {
-            Ok(n) => metrics::gauge!("sequencer_oversell_skus").set(n as f64),
+            Ok(n) => metrics::gauge!("sequencer_oversell_skus", "partition" => partition_label(partition))
+                .set(n as f64),
             Err(e) => tracing::warn!(error = %e, "oversell check could not run"),
         }
     }
 }
 
-pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
+fn partition_doc(s: &Status, now: i64) -> PartitionDoc {
     let committed = s.committed_offset.load(Ordering::Relaxed);
     let log_end = s.log_end.load(Ordering::Relaxed);
     let last = s.last_batch_ms.load(Ordering::Relaxed);
-    let alive = crate::log::READER_ALIVE_MS.load(Ordering::Relaxed);
-    let (ready, why) = readiness(s, now_ms());
-    StatusDoc {
-        node_id: node_id.to_owned(),
+    PartitionDoc {
+        partition: s.partition,
         role: s.role_name(),
         epoch: s.epoch.load(Ordering::Relaxed),
         committed_offset: committed,
         log_end_offset: log_end,
         lag: (log_end - committed).max(0),
         batch_seq: s.applied_batch_seq.load(Ordering::Relaxed),
-        last_batch_at_ms: last,
-        last_batch_age_ms: (last > 0).then(|| now_ms() - last),
+        last_batch_age_ms: (last > 0).then(|| now - last),
+        batches_committed: s.batches_committed.load(Ordering::Relaxed),
+    }
+}
+
+/// The status document of a process serving `statuses` (at least one; the first is described
+/// at the top level, every one in `partitions`). Ready when every served partition is.
+pub fn doc(node_id: &str, statuses: &[Arc<Status>]) -> StatusDoc {
+    let s = &statuses[0];
+    let now = now_ms();
+    let partitions: Vec<PartitionEntry> = statuses
+        .iter()
+        .map(|s| PartitionEntry {
+            doc: partition_doc(s, now),
+            ready: readiness(s, now).0,
+        })
+        .collect();
+    let (mut ready, mut why) = readiness(s, now);
+    if let Some(p) = statuses.iter().skip(1).find(|p| !readiness(p, now).0) {
+        ready = false;
+        why = format!("partition {}: {}", p.partition, readiness(p, now).1);
+    }
+    let alive = crate::log::reader_alive_ms(s.partition);
+    StatusDoc {
+        node_id: node_id.to_owned(),
+        first: partition_doc(s, now),
+        last_batch_at_ms: s.last_batch_ms.load(Ordering::Relaxed),
         last_batch_size: s.last_batch_size.load(Ordering::Relaxed),
         last_commit_us: s.last_commit_us.load(Ordering::Relaxed),
-        batches_committed: s.batches_committed.load(Ordering::Relaxed),
         commands_decided: s.commands.load(Ordering::Relaxed),
         decisions_written: s.decisions.load(Ordering::Relaxed),
         loaded_from: s.loaded_from_name(),
@@ -236,21 +289,26 @@ pub fn doc(node_id: &str, s: &Status) -> StatusDoc {
         checkpoint_batch_seq: s.checkpoint_batch_seq.load(Ordering::Relaxed),
         log_generation: s.log_generation.load(Ordering::Relaxed),
         log_lost: s.log_lost.lock().expect("status lock").clone(),
-        reader_poll_age_ms: (alive > 0).then(|| now_ms() - alive),
+        reader_poll_age_ms: (alive > 0).then(|| now - alive),
         ready,
         not_ready: (!ready).then_some(why),
+        partitions,
     }
 }
 
 pub async fn serve(
     addr: SocketAddr,
     node_id: String,
-    status: Arc<Status>,
+    statuses: Vec<Arc<Status>>,
     metrics: PrometheusHandle,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !statuses.is_empty(),
+        "a status endpoint serves at least one partition"
+    );
     let ctx = Ctx {
         node_id: node_id.into(),
-        status,
+        statuses: statuses.into(),
         metrics,
     };
     let app = Router::new()
@@ -265,25 +323,41 @@ pub async fn serve(
 }
 
 /// Figures that live in the runtime's atomics are copied into gauges at scrape time: free per batch.
+/// Every series carries the `partition` label.
 async fn metrics_text(State(ctx): State<Ctx>) -> String {
-    let d = doc(&ctx.node_id, &ctx.status);
-    let role = ctx.status.role.load(std::sync::atomic::Ordering::Relaxed);
-    metrics::gauge!("sequencer_role").set(f64::from(role));
-    metrics::gauge!("sequencer_is_active").set(if role == ROLE_ACTIVE { 1.0 } else { 0.0 });
-    metrics::gauge!("sequencer_epoch").set(d.epoch as f64);
-    metrics::gauge!("sequencer_committed_offset").set(d.committed_offset as f64);
-    metrics::gauge!("sequencer_log_end_offset").set(d.log_end_offset as f64);
-    metrics::gauge!("sequencer_lag").set(d.lag as f64);
-    metrics::gauge!("sequencer_batch_seq").set(d.batch_seq as f64);
-    metrics::gauge!("sequencer_log_generation").set(d.log_generation as f64);
-    metrics::gauge!("sequencer_log_lost").set(if role == ROLE_LOG_LOST { 1.0 } else { 0.0 });
-    metrics::gauge!("sequencer_last_batch_age_seconds")
-        .set(d.last_batch_age_ms.map_or(-1.0, |ms| ms as f64 / 1000.0));
+    let now = now_ms();
+    for s in ctx.statuses.iter() {
+        let d = partition_doc(s, now);
+        let p = partition_label(s.partition);
+        let role = s.role.load(Ordering::Relaxed);
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        metrics::gauge!("sequencer_role", "partition" => p.clone()).set(f64::from(role));
+        metrics::gauge!("sequencer_is_active", "partition" => p.clone())
+            .set(flag(role == ROLE_ACTIVE));
+        metrics::gauge!("sequencer_epoch", "partition" => p.clone()).set(d.epoch as f64);
+        metrics::gauge!("sequencer_committed_offset", "partition" => p.clone())
+            .set(d.committed_offset as f64);
+        metrics::gauge!("sequencer_log_end_offset", "partition" => p.clone())
+            .set(d.log_end_offset as f64);
+        metrics::gauge!("sequencer_lag", "partition" => p.clone()).set(d.lag as f64);
+        metrics::gauge!("sequencer_batch_seq", "partition" => p.clone()).set(d.batch_seq as f64);
+        metrics::gauge!("sequencer_log_generation", "partition" => p.clone())
+            .set(s.log_generation.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("sequencer_log_lost", "partition" => p.clone())
+            .set(flag(role == ROLE_LOG_LOST));
+        metrics::gauge!("sequencer_last_batch_age_seconds", "partition" => p)
+            .set(d.last_batch_age_ms.map_or(-1.0, |ms| ms as f64 / 1000.0));
+    }
     ctx.metrics.render()
 }
 
+/// The value of the `partition` label on every per-partition series.
+pub fn partition_label(partition: i32) -> String {
+    partition.to_string()
+}
+
 async fn status_doc(State(ctx): State<Ctx>) -> Json<StatusDoc> {
-    Json(doc(&ctx.node_id, &ctx.status))
+    Json(doc(&ctx.node_id, &ctx.statuses))
 }
 
 /// Ready when deciding and committing (active), or following the leader's batches (standby):
@@ -291,7 +365,11 @@ async fn status_doc(State(ctx): State<Ctx>) -> Json<StatusDoc> {
 /// one whose log reader has stalled (no poll for READER_STALL_MAX_MS: it would never see a new
 /// request), nor one whose requests log is lost (the answer says why and what to do).
 async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, String) {
-    let (ready, text) = readiness(&ctx.status, now_ms());
+    let d = doc(&ctx.node_id, &ctx.statuses);
+    let (ready, text) = (
+        d.ready,
+        d.not_ready.unwrap_or_else(|| d.first.role.to_owned()),
+    );
     let code = if ready {
         StatusCode::OK
     } else {
@@ -310,8 +388,7 @@ fn readiness(s: &Status, now: i64) -> (bool, String) {
             format!("requests log lost: {}", why.unwrap_or_default()),
         );
     }
-    let reader =
-        crate::log::reader_stalled_for(now, crate::log::READER_ALIVE_MS.load(Ordering::Relaxed));
+    let reader = crate::log::reader_stalled_for(now, crate::log::reader_alive_ms(s.partition));
     let (ready, text) = match role {
         ROLE_ACTIVE if !s.commit_failing.load(Ordering::Relaxed) => (true, "active"),
         ROLE_ACTIVE => (false, "active, but commits are failing"),
@@ -333,12 +410,13 @@ fn readiness(s: &Status, now: i64) -> (bool, String) {
 
 /// Every `every`, one log line with the same figures as `/status`, so the logs alone tell an
 /// operator who was active, at which epoch, how far behind, and when the last batch committed.
-pub async fn log_periodically(node_id: String, status: Arc<Status>, every: std::time::Duration) {
+pub async fn log_periodically(status: Arc<Status>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let d = doc(&node_id, &status);
+        let d = partition_doc(&status, now_ms());
         tracing::info!(
+            partition = d.partition,
             role = d.role,
             epoch = d.epoch,
             committed_offset = d.committed_offset,

@@ -164,7 +164,7 @@ pub async fn verify_with(
     for a in answers {
         match a.status {
             201 | 409 => {
-                let rows = decisions(stack, a).await?;
+                let rows = decisions(stack, sku, a).await?;
                 ensure!(
                     rows.len() == 1,
                     "{}/{} answered {} {} but has {} rows",
@@ -207,7 +207,7 @@ pub async fn verify_with(
         }
     }
     for a in unknown {
-        let before = decisions(stack, a)
+        let before = decisions(stack, sku, a)
             .await?
             .into_iter()
             .find(|(_, status, _)| status != "rejected")
@@ -232,7 +232,7 @@ pub async fn verify_with(
                 .as_str()
                 .is_some_and(|d| d.contains("append failed") || d.contains("not acknowledged"));
         if let (true, Some(original)) = (appended, &a.request_id) {
-            let decided = decisions(stack, a)
+            let decided = decisions(stack, sku, a)
                 .await?
                 .into_iter()
                 .next()
@@ -249,7 +249,7 @@ pub async fn verify_with(
     // After the retries every request sent has exactly one decision row on this SKU.
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions WHERE sku = $1")
         .bind(sku)
-        .fetch_one(&stack.pool)
+        .fetch_one(stack.pool_for(sku))
         .await?;
     ensure!(
         rows as usize == answers.len(),
@@ -257,8 +257,12 @@ pub async fn verify_with(
         answers.len()
     );
     let report = stack.audit()?;
+    let reports = report
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| vec![report.clone()]);
     ensure!(
-        report["violations"] == json!([]),
+        reports.iter().all(|r| r["violations"] == json!([])),
         "audit found violations: {report}"
     );
     Ok(v)
@@ -267,6 +271,7 @@ pub async fn verify_with(
 /// The decision rows of an answer's buyer and key: reservation id, status, refusal reason.
 async fn decisions(
     stack: &Stack,
+    sku: &str,
     a: &Answer,
 ) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
     Ok(sqlx::query_as(
@@ -275,7 +280,7 @@ async fn decisions(
     )
     .bind(&a.user)
     .bind(&a.key)
-    .fetch_all(&stack.pool)
+    .fetch_all(stack.pool_for(sku))
     .await?)
 }
 
@@ -307,6 +312,16 @@ pub async fn takeover_gap_ms(
     fault_at_ms: i64,
     within: Duration,
 ) -> anyhow::Result<i64> {
+    takeover_gap_ms_in(&stack.pool, old_epoch, fault_at_ms, within).await
+}
+
+/// [`takeover_gap_ms`] of the partition whose database is `pool`.
+pub async fn takeover_gap_ms_in(
+    pool: &sqlx::PgPool,
+    old_epoch: i64,
+    fault_at_ms: i64,
+    within: Duration,
+) -> anyhow::Result<i64> {
     let deadline = Instant::now() + within;
     loop {
         let first: Option<f64> = sqlx::query_scalar(
@@ -314,7 +329,7 @@ pub async fn takeover_gap_ms(
               WHERE epoch > $1 ORDER BY batch_seq LIMIT 1",
         )
         .bind(old_epoch)
-        .fetch_optional(&stack.pool)
+        .fetch_optional(pool)
         .await?;
         if let Some(at) = first {
             return Ok(at as i64 - fault_at_ms);

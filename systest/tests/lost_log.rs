@@ -103,7 +103,10 @@ async fn a_recreated_requests_topic_stops_the_sale_loudly_and_rebase_log_recover
             "{text}"
         );
         let (_, metrics) = get_text(&stack, i, "/metrics").await;
-        assert!(metrics.contains("sequencer_log_lost 1"), "{metrics}");
+        assert!(
+            metrics.contains("sequencer_log_lost{partition=\"0\"} 1"),
+            "{metrics}"
+        );
     }
     // Nothing is decided from the new log meanwhile, though buyers keep appending to it.
     let decided = rows(&stack, "hot").await.len();

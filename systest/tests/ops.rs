@@ -50,11 +50,11 @@ async fn sequencers_report_role_epoch_offsets_and_batch_metrics() {
     for series in [
         "sequencer_batch_commit_seconds_bucket",
         "sequencer_batch_size_bucket",
-        "sequencer_decisions_total{outcome=\"held\"} 5",
-        "sequencer_is_active 1",
-        "sequencer_epoch 1",
-        "sequencer_lag 0",
-        "sequencer_oversell_skus 0",
+        "sequencer_decisions_total{partition=\"0\",outcome=\"held\"} 5",
+        "sequencer_is_active{partition=\"0\"} 1",
+        "sequencer_epoch{partition=\"0\"} 1",
+        "sequencer_lag{partition=\"0\"} 0",
+        "sequencer_oversell_skus{partition=\"0\"} 0",
         "sequencer_sku_units{sku=\"m\",state=\"held\"} 5",
     ] {
         assert!(metrics.contains(series), "missing {series} in:\n{metrics}");

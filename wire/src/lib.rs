@@ -22,6 +22,7 @@ pub type IngressId = u64;
 
 pub mod limits;
 mod outbox;
+pub mod partition;
 
 pub use outbox::{
     ingress_key, Outbox, OutboxMessage, OutcomeBatch, Reply, StockUpdate, STOCK_UPDATES,
@@ -117,6 +118,14 @@ impl Command {
                 idempotency_key,
             } => Some((sku, user_id, *quantity, idempotency_key)),
             _ => None,
+        }
+    }
+
+    /// The command itself: what a [`Command::Admin`] carries under its key, else `self`.
+    pub fn unkeyed(&self) -> &Command {
+        match self {
+            Command::Admin { command, .. } => command,
+            other => other,
         }
     }
 

@@ -108,8 +108,9 @@ async fn sample(app: &App, client: &reqwest::Client) -> Tick {
             .map(|base| ask_sequencer(client, base)),
     );
     let (writer, queues, peers) = tokio::join!(
-        persistence::reads::writer(&app.pool),
-        persistence::reads::queue_lengths(&app.pool, QUEUES_MAX),
+        // Partition 0's writer, and its SKUs' queues.
+        persistence::reads::writer(&app.pools[0]),
+        persistence::reads::queue_lengths(&app.pools[0], QUEUES_MAX),
         peers
     );
     let now = now_ms();
@@ -117,7 +118,7 @@ async fn sample(app: &App, client: &reqwest::Client) -> Tick {
     let ingress = IngressTick {
         answers: Answers::read(&scrape),
         connections: Connections::read(&scrape, app.config.connections_max as f64),
-        log: LogPosition::measured(&app.admission.lag, now),
+        log: LogPosition::measured(app.admission.lag(0), now),
         queues: Queues::of(&app.bus),
     };
     Tick {

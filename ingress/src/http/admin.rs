@@ -16,7 +16,7 @@ use wire::{Command, Outcome, QueueWindow, SkuConfig};
 use serde::de::DeserializeOwned;
 
 use super::answers::{AdminErrors, SkuBodyAnswers, SkuSwitchAnswers};
-use super::command::{submit, unexpected};
+use super::command::{submit, submit_to, unexpected};
 use super::dto::{
     AdminKeyHeader, FreezeOut, QueueBody, RestockBody, RestockKeyHeader, SkuOut, SkuPath,
     UpsertBody,
@@ -243,9 +243,31 @@ async fn admin_call(
         },
         None => command,
     };
+    if matches!(command.unkeyed(), Command::PauseAll) {
+        return freeze_every_partition(app, command, key).await;
+    }
     match submit(app, Write::Admin, command, key).await?.0 {
         Outcome::Sku(view) => Ok(Json(SkuOut::from(view)).into_response()),
-        Outcome::Frozen { skus_paused } => Ok(Json(FreezeOut { skus_paused }).into_response()),
         other => Err(unexpected(other)),
     }
+}
+
+/// The emergency freeze reaches every partition of the requests log: one copy of the command
+/// each, sent together; the answer sums what each paused. Any copy that fails fails the
+/// answer (the freeze is idempotent: send it again, with the same key if it had one).
+async fn freeze_every_partition(
+    app: &App,
+    command: Command,
+    key: Option<String>,
+) -> Result<Response, ApiError> {
+    let copies = (0..app.bus.partitions)
+        .map(|p| submit_to(app, Write::Admin, command.clone(), key.clone(), Some(p)));
+    let mut skus_paused = 0;
+    for answer in futures_util::future::join_all(copies).await {
+        match answer?.0 {
+            Outcome::Frozen { skus_paused: n } => skus_paused += n,
+            other => return Err(unexpected(other)),
+        }
+    }
+    Ok(Json(FreezeOut { skus_paused }).into_response())
 }

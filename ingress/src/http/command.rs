@@ -4,7 +4,7 @@
 use uuid::Uuid;
 use wire::{Command, Outcome, Request as WireRequest};
 
-use super::state::{current_request_id, App};
+use super::state::{current_request_id, set_current_request_id, App};
 use super::tickets::Ticket;
 use crate::admission::Write;
 use crate::bus::SendError;
@@ -20,7 +20,20 @@ pub(super) async fn submit(
     command: Command,
     idempotency_key: Option<String>,
 ) -> Result<(Outcome, Ticket), ApiError> {
-    let request = admitted(app, write, command)?;
+    submit_to(app, write, command, idempotency_key, None).await
+}
+
+/// [`submit`] to partition `partition` of the requests log when given, else to the one the
+/// command names (`wire::partition::of_command`). The emergency freeze goes to each partition
+/// with this.
+pub(super) async fn submit_to(
+    app: &App,
+    write: Write<'_>,
+    command: Command,
+    idempotency_key: Option<String>,
+    partition: Option<u32>,
+) -> Result<(Outcome, Ticket), ApiError> {
+    let request = admitted(app, write, command, partition)?;
     let request_id = request.request_id;
     match app.bus.call(&request).await {
         Ok((Outcome::Rejected(reason), _)) => Err(ApiError::Rejected(reason)),
@@ -37,7 +50,7 @@ pub(super) async fn submit_async(
     command: Command,
     idempotency_key: Option<String>,
 ) -> Result<Ticket, ApiError> {
-    let request = admitted(app, write, command)?;
+    let request = admitted(app, write, command, None)?;
     let request_id = request.request_id;
     match app.bus.append_only(&request).await {
         Ok(offset) => Ok(Ticket { request_id, offset }),
@@ -45,11 +58,32 @@ pub(super) async fn submit_async(
     }
 }
 
-/// `command` under the current request's id, once admission lets `write` through.
-fn admitted(app: &App, write: Write<'_>, command: Command) -> Result<WireRequest, ApiError> {
-    app.admission.admit(write, app.bus.in_flight())?;
+/// `command` under the current request's id (tagged with its partition when the log has
+/// several, see `wire::partition::tag`), once admission lets `write` through to that partition.
+/// A confirm or cancel whose id names no partition is a reservation that does not exist (404).
+fn admitted(
+    app: &App,
+    write: Write<'_>,
+    command: Command,
+    partition: Option<u32>,
+) -> Result<WireRequest, ApiError> {
+    let id = current_request_id();
+    let partitions = app.bus.partitions;
+    let request_id = match partition {
+        // One copy of several (the freeze): the header keeps the request's own id.
+        Some(p) => wire::partition::tag(id, p, partitions),
+        None => {
+            let p = wire::partition::of_command(&command, id, partitions)
+                .ok_or(ApiError::NotFound("unknown_reservation"))?;
+            let tagged = wire::partition::tag(id, p, partitions);
+            set_current_request_id(tagged);
+            tagged
+        }
+    };
+    let partition = wire::partition::of_id(request_id, partitions).unwrap_or(0);
+    app.admission.admit(write, app.bus.in_flight(), partition)?;
     Ok(WireRequest {
-        request_id: current_request_id(),
+        request_id,
         ingress_id: app.bus.ingress_id,
         command,
     })

@@ -36,7 +36,7 @@ pub(crate) async fn readyz(State(app): State<Arc<App>>) -> Response {
         now_ms(),
         health.listening.load(Ordering::Relaxed),
         health.last_poll_ms.load(Ordering::Relaxed),
-        app.admission.lag.broker_ok_ms.load(Ordering::Relaxed),
+        app.admission.broker_ok_ms(),
         app.config.ready_broker_max_age_ms,
         app.admission.stalled_for(now_ms()),
     );
@@ -135,8 +135,9 @@ fn refresh_gauges(app: &App) {
             + health.replies_unclaimed.load(Ordering::Relaxed),
     );
     sync_counter(&m.outcomes_unclaimed, &health.replies_unclaimed);
-    m.sequencer_lag
-        .set(app.admission.lag.lag.load(Ordering::Relaxed) as f64);
+    let lags = app.admission.lags();
+    let lag: i64 = lags.iter().map(|l| l.lag.load(Ordering::Relaxed)).sum();
+    m.sequencer_lag.set(lag as f64);
     let age = |ms: i64| {
         if ms == 0 {
             f64::INFINITY
@@ -144,10 +145,13 @@ fn refresh_gauges(app: &App) {
             (now - ms).max(0) as f64 / 1000.0
         }
     };
-    m.lag_signal_age
-        .set(age(app.admission.lag.measured_ms.load(Ordering::Relaxed)));
-    m.broker_ok_age
-        .set(age(app.admission.lag.broker_ok_ms.load(Ordering::Relaxed)));
+    // The oldest partition's lag signal: a stale one is what matters.
+    let oldest = lags
+        .iter()
+        .map(|l| l.measured_ms.load(Ordering::Relaxed))
+        .min();
+    m.lag_signal_age.set(age(oldest.unwrap_or(0)));
+    m.broker_ok_age.set(age(app.admission.broker_ok_ms()));
     if let Some(limiter) = &app.admission.limiter {
         m.rate_limiter_keys.set(limiter.len() as f64);
     }

@@ -116,7 +116,7 @@ pub(crate) async fn create_reservation(
     let write = Write::Reserve { user_id: &user_id };
     if prefers_async(&headers) {
         let ticket = submit_async(&app, write, command, Some(key)).await?;
-        let lag = &app.admission.lag;
+        let lag = app.admission.lag(app.partition_of_sku(&sku));
         let committed = lag
             .committed_offset
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -154,7 +154,8 @@ pub(crate) async fn create_reservation(
             ticket,
         ) => {
             let position = i64::from(position);
-            let eta = queued_eta_ms(starts_at_ms, position, app.admission.lag.decide_rate());
+            let rate = app.admission.lag(app.partition_of_sku(&sku)).decide_rate();
+            let eta = queued_eta_ms(starts_at_ms, position, rate);
             Ok(accepted(ticket, position, Some(eta), false))
         }
         (other, _) => Err(unexpected(other)),
@@ -264,7 +265,10 @@ async fn read_owned(
     subject: Option<&str>,
     id: Uuid,
 ) -> Result<persistence::reads::ReservationRecord, ApiError> {
-    let record = persistence::reads::reservation(&app.pool, id)
+    let pool = app
+        .pool_of_id(id.as_u128())
+        .ok_or(ApiError::NotFound("unknown_reservation"))?;
+    let record = persistence::reads::reservation(pool, id)
         .await
         .map_err(db_unavailable)?
         .ok_or(ApiError::NotFound("unknown_reservation"))?;

@@ -119,8 +119,15 @@ struct Tracked {
 async fn track(State(t): State<Tracked>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let _in_flight = t.metrics.request_started();
-    let id = Uuid::now_v7();
-    let mut response = REQUEST_ID.scope(id.as_u128(), next.run(request)).await;
+    let first = Uuid::now_v7().as_u128();
+    // The handler may tag the id with its write's partition: the header returns the id as the
+    // command carried it.
+    let (mut response, id) = REQUEST_ID
+        .scope(std::cell::Cell::new(first), async {
+            let response = next.run(request).await;
+            (response, Uuid::from_u128(REQUEST_ID.with(|id| id.get())))
+        })
+        .await;
     t.metrics
         .request_done(t.route, response.status().as_u16(), start.elapsed());
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];

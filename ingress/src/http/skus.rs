@@ -41,7 +41,7 @@ pub(crate) async fn get_sku(
     Path(SkuPath { sku }): Path<SkuPath>,
 ) -> Result<Response, ApiError> {
     validate::sku_name(&sku).map_err(|_| ApiError::NotFound("unknown_sku"))?;
-    let view = persistence::reads::sku(&app.pool, &sku)
+    let view = persistence::reads::sku(app.pool_of_sku(&sku), &sku)
         .await
         .map_err(db_unavailable)?
         .ok_or(ApiError::NotFound("unknown_sku"))?;
@@ -73,10 +73,18 @@ pub(crate) async fn list_skus(
     if let Some(after) = &after {
         validate::sku_name(after)?;
     }
-    // One more than a page: whether another page follows.
-    let mut views = persistence::reads::skus(&app.pool, after.as_deref(), SKUS_PAGE_MAX + 1)
-        .await
-        .map_err(db_unavailable)?;
+    // One more than a page from each partition, merged by name: whether another page follows.
+    let pages = futures_util::future::join_all(
+        app.pools
+            .iter()
+            .map(|pool| persistence::reads::skus(pool, after.as_deref(), SKUS_PAGE_MAX + 1)),
+    )
+    .await;
+    let mut views = Vec::new();
+    for page in pages {
+        views.extend(page.map_err(db_unavailable)?);
+    }
+    views.sort_unstable_by(|a, b| a.sku.cmp(&b.sku));
     let more = views.len() > SKUS_PAGE_MAX as usize;
     views.truncate(SKUS_PAGE_MAX as usize);
     let skus: Vec<SkuOut> = views.into_iter().map(SkuOut::from).collect();
@@ -122,18 +130,19 @@ pub(crate) async fn sku_events(
     // the watch (and one older than the read is skipped by its batch number).
     let mut updates = stock.watch(&sku);
     updates.borrow_and_update();
-    let (view, batch_seq) = match persistence::reads::sku_and_batch(&app.pool, &sku).await {
-        Ok(Some(found)) => found,
-        other => {
-            // No stream: leave no slot behind for a name that is no SKU.
-            drop(updates);
-            stock.forget_unknown(&sku);
-            return Err(match other {
-                Err(e) => db_unavailable(e),
-                _ => ApiError::NotFound("unknown_sku"),
-            });
-        }
-    };
+    let (view, batch_seq) =
+        match persistence::reads::sku_and_batch(app.pool_of_sku(&sku), &sku).await {
+            Ok(Some(found)) => found,
+            other => {
+                // No stream: leave no slot behind for a name that is no SKU.
+                drop(updates);
+                stock.forget_unknown(&sku);
+                return Err(match other {
+                    Err(e) => db_unavailable(e),
+                    _ => ApiError::NotFound("unknown_sku"),
+                });
+            }
+        };
     let first = StockState { batch_seq, view };
     Ok(Sse::new(stock_events(first, updates, subscriber))
         .keep_alive(KeepAlive::new().interval(HEARTBEAT))

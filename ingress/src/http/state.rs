@@ -28,7 +28,8 @@ pub struct AppConfig {
 
 pub struct App {
     pub bus: Bus,
-    pub pool: PgPool,
+    /// One pool per partition of the requests log (its database), in partition order.
+    pub pools: Vec<PgPool>,
     pub config: AppConfig,
     pub metrics: Arc<Metrics>,
     /// In-flight and lag bounds, the stall check and the per-user token buckets.
@@ -39,14 +40,39 @@ pub struct App {
     pub console: Console,
 }
 
+impl App {
+    /// The database of the partition `sku` lives in.
+    pub fn pool_of_sku(&self, sku: &str) -> &PgPool {
+        &self.pools[wire::partition::partition_of(sku, self.bus.partitions) as usize]
+    }
+
+    /// The database of the partition a reservation or request id was tagged with; `None` when
+    /// the id names no partition (then it names nothing stored either).
+    pub fn pool_of_id(&self, id: u128) -> Option<&PgPool> {
+        wire::partition::of_id(id, self.bus.partitions).map(|p| &self.pools[p as usize])
+    }
+
+    /// The partition `sku` lives in.
+    pub fn partition_of_sku(&self, sku: &str) -> u32 {
+        wire::partition::partition_of(sku, self.bus.partitions)
+    }
+}
+
 tokio::task_local! {
     /// The id of the HTTP request being handled (set by the router's tracking layer).
-    pub(super) static REQUEST_ID: u128;
+    pub(super) static REQUEST_ID: std::cell::Cell<u128>;
 }
 
 /// The current HTTP request's id; a fresh one outside a request (never the case for routes).
 pub(super) fn current_request_id() -> u128 {
     REQUEST_ID
-        .try_with(|id| *id)
+        .try_with(|id| id.get())
         .unwrap_or_else(|_| Uuid::now_v7().as_u128())
+}
+
+/// Makes `id` the current request's id: the one `X-Request-Id` returns (a write's id tagged with
+/// its partition, see `wire::partition::tag`, so that the header still names the command in
+/// the log).
+pub(super) fn set_current_request_id(id: u128) {
+    let _ = REQUEST_ID.try_with(|current| current.set(id));
 }

@@ -171,7 +171,10 @@ pub(crate) async fn get_ticket(
     let ticket: Ticket = id
         .parse()
         .map_err(|_| ApiError::NotFound("unknown_ticket"))?;
-    let (outbox, committed) = persistence::reads::decided_at_offset(&app.pool, ticket.offset)
+    let partition = wire::partition::of_id(ticket.request_id, app.bus.partitions)
+        .ok_or(ApiError::NotFound("unknown_ticket"))?;
+    let pool = &app.pools[partition as usize];
+    let (outbox, committed) = persistence::reads::decided_at_offset(pool, ticket.offset)
         .await
         .map_err(db_unavailable)?;
     let state = match outbox {
@@ -188,7 +191,8 @@ pub(crate) async fn get_ticket(
         }
         None if ticket.offset >= committed => {
             let position = ticket.offset - committed;
-            TicketStateOut::queued(position, eta_ms(position, app.admission.lag.decide_rate()))
+            let rate = app.admission.lag(partition).decide_rate();
+            TicketStateOut::queued(position, eta_ms(position, rate))
         }
         None => return Err(ApiError::NotFound("unknown_ticket")),
     };
@@ -200,7 +204,10 @@ async fn decided(app: &App, outcome: Outcome) -> Result<TicketStateOut, ApiError
     match outcome {
         Outcome::Held { reservation_id, .. } => {
             let id = Uuid::from_u128(reservation_id);
-            let r = persistence::reads::reservation(&app.pool, id)
+            let pool = app
+                .pool_of_id(reservation_id)
+                .ok_or(ApiError::NotFound("unknown_ticket"))?;
+            let r = persistence::reads::reservation(pool, id)
                 .await
                 .map_err(db_unavailable)?
                 .ok_or(ApiError::Unavailable(
@@ -216,14 +223,19 @@ async fn decided(app: &App, outcome: Outcome) -> Result<TicketStateOut, ApiError
             starts_at_ms,
         } => {
             let id = Uuid::from_u128(reservation_id);
-            match persistence::reads::decision(&app.pool, id)
+            let pool = app
+                .pool_of_id(reservation_id)
+                .ok_or(ApiError::NotFound("unknown_ticket"))?;
+            match persistence::reads::decision(pool, id)
                 .await
                 .map_err(db_unavailable)?
             {
                 None => {
                     let position = i64::from(position);
-                    let eta =
-                        queued_eta_ms(starts_at_ms, position, app.admission.lag.decide_rate());
+                    let partition =
+                        wire::partition::of_id(reservation_id, app.bus.partitions).unwrap_or(0);
+                    let rate = app.admission.lag(partition).decide_rate();
+                    let eta = queued_eta_ms(starts_at_ms, position, rate);
                     Ok(TicketStateOut::queued(position, Some(eta)))
                 }
                 Some(Ok(r)) => Ok(granted(r)),

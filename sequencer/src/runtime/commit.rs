@@ -66,8 +66,14 @@ impl Sequencer {
         s.last_commit_us.store(commit_us, Ordering::Relaxed);
         s.last_batch_size
             .store(requests.len() as u64, Ordering::Relaxed);
-        crate::status::record_batch(&out, requests.len(), decide, started.elapsed());
-        metrics::gauge!("sequencer_queued_requests").set(position.engine.queued_len() as f64);
+        crate::status::record_batch(
+            self.config.partition,
+            &out,
+            requests.len(),
+            decide,
+            started.elapsed(),
+        );
+        metrics::gauge!("sequencer_queued_requests", "partition" => crate::status::partition_label(self.config.partition)).set(position.engine.queued_len() as f64);
         tracing::debug!(
             epoch,
             batch_seq = out.batch_seq,
@@ -107,7 +113,7 @@ impl Sequencer {
                 Err(CommitError::Database(e)) => e,
             };
             tracing::warn!(error = %error, batch_seq = record.batch_seq, ?backoff, "commit failed; retrying");
-            metrics::counter!("sequencer_commit_retries_total").increment(1);
+            metrics::counter!("sequencer_commit_retries_total", "partition" => crate::status::partition_label(self.config.partition)).increment(1);
             self.status.commit_failing.store(true, Ordering::Relaxed);
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(COMMIT_BACKOFF_MAX);

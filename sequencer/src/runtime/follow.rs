@@ -101,7 +101,7 @@ impl Sequencer {
         }
         position.next_offset = header.next_offset;
         self.publish_position(&position.engine, position.next_offset);
-        metrics::counter!("sequencer_replayed_batches_total").increment(1);
+        metrics::counter!("sequencer_replayed_batches_total", "partition" => crate::status::partition_label(self.config.partition)).increment(1);
         Ok(())
     }
 }

@@ -59,6 +59,7 @@ impl Sequencer {
             self.bulk_pool.clone(),
             self.rt.handle().clone(),
             self.status.checkpoint_batch_seq.clone(),
+            self.config.partition,
         );
         if let Err(e) = checkpointer.refresh(self.rt.handle(), &self.bulk_pool) {
             tracing::warn!(
@@ -224,8 +225,13 @@ fn take(
             created_ms,
         } => {
             if let Some(created) = created_ms {
-                static WAIT: OnceLock<metrics::Histogram> = OnceLock::new();
-                WAIT.get_or_init(|| metrics::histogram!("sequencer_request_wait_seconds"))
+                const N: usize = wire::partition::PARTITIONS_MAX as usize;
+                static WAIT: [OnceLock<metrics::Histogram>; N] = [const { OnceLock::new() }; N];
+                WAIT[log.partition as usize]
+                    .get_or_init(|| {
+                        let p = crate::status::partition_label(log.partition);
+                        metrics::histogram!("sequencer_request_wait_seconds", "partition" => p)
+                    })
                     .record((now_ms() - created).max(0) as f64 / 1000.0);
             }
             messages.push((offset, payload));

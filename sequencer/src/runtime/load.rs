@@ -14,7 +14,7 @@ impl Sequencer {
         engine.reserve_room(self.config.engine_headroom);
         let load_ms = started.elapsed().as_millis() as u64;
         self.status.load_ms.store(load_ms, Ordering::Relaxed);
-        metrics::gauge!("sequencer_state_load_seconds").set(load_ms as f64 / 1000.0);
+        metrics::gauge!("sequencer_state_load_seconds", "partition" => crate::status::partition_label(self.config.partition)).set(load_ms as f64 / 1000.0);
         let consumer_config = log::consumer_config(
             &self.config.brokers,
             &self.config.node_id,
@@ -127,7 +127,7 @@ impl Sequencer {
                         return Ok((engine, stored.next_offset));
                     }
                     Err(e) => {
-                        metrics::counter!("sequencer_checkpoint_load_failures_total").increment(1);
+                        metrics::counter!("sequencer_checkpoint_load_failures_total", "partition" => crate::status::partition_label(self.config.partition)).increment(1);
                         tracing::error!(
                             error = format!("{e:#}"),
                             checkpoint_batch_seq = stored.batch_seq,
@@ -138,7 +138,7 @@ impl Sequencer {
             }
             Ok(None) => {}
             Err(e) => {
-                metrics::counter!("sequencer_checkpoint_load_failures_total").increment(1);
+                metrics::counter!("sequencer_checkpoint_load_failures_total", "partition" => crate::status::partition_label(self.config.partition)).increment(1);
                 tracing::error!(error = %e, "checkpoint unreadable; loading the state from the rows instead (slower)");
             }
         }
@@ -181,15 +181,11 @@ impl Sequencer {
         if now.generation != generation.generation {
             bail!("the requests log was rebased while the state was loading; loading again");
         }
-        let mut identity = LogIdentity {
-            generation: generation.generation,
-            topic: generation
-                .topic
-                .clone()
-                .unwrap_or_else(|| self.config.requests_topic.clone()),
-            topic_id: generation.topic_id.clone(),
-            base_offset: generation.base_offset,
-        };
+        let mut identity = LogIdentity::of(
+            &generation,
+            &self.config.requests_topic,
+            self.config.partition,
+        );
         if identity.topic != self.config.requests_topic {
             return Err(LogLost {
                 generation: identity.generation,
@@ -243,7 +239,6 @@ impl Sequencer {
     pub(super) fn wait_for_rebase(&self, lost: LogLost) -> anyhow::Result<()> {
         self.status.role.store(ROLE_LOG_LOST, Ordering::Relaxed);
         *self.status.log_lost.lock().expect("status lock") = Some(lost.message.clone());
-        metrics::gauge!("sequencer_log_lost").set(1.0);
         tracing::error!(
             generation = lost.generation,
             "{lost}; deciding nothing until `sequencer rebase-log` starts a new log generation"
@@ -279,7 +274,6 @@ impl Sequencer {
             };
             if recovered {
                 *self.status.log_lost.lock().expect("status lock") = None;
-                metrics::gauge!("sequencer_log_lost").set(0.0);
                 self.status.role.store(ROLE_STANDBY, Ordering::Relaxed);
                 return Ok(());
             }
@@ -303,14 +297,11 @@ impl Sequencer {
         let Ok(state) = self.rt.block_on(lease::read_state(&self.pool)) else {
             return false;
         };
-        let identity = LogIdentity {
-            generation: generation.generation,
-            topic: generation
-                .topic
-                .unwrap_or_else(|| self.config.requests_topic.clone()),
-            topic_id: generation.topic_id,
-            base_offset: generation.base_offset,
-        };
+        let identity = LogIdentity::of(
+            &generation,
+            &self.config.requests_topic,
+            self.config.partition,
+        );
         let config = log::consumer_config(
             &self.config.brokers,
             &self.config.node_id,

@@ -44,7 +44,13 @@ mod load;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// This partition's database (`persistence::layout`).
     pub database_url: String,
+    /// The partition of the requests topic this writer decides, and the topic's partition count.
+    pub partition: i32,
+    pub partitions: u32,
+    /// Take a free lease only this long after start (0: at once); see `LEAD_PARTITIONS`.
+    pub lead_after: Duration,
     pub brokers: String,
     pub requests_topic: String,
     pub outcomes_topic: String,
@@ -129,16 +135,21 @@ impl Sequencer {
         let (pool, bulk_pool) = rt.block_on(async {
             let pool = persistence::connect_writer(&config.database_url, 4, config.lease).await?;
             persistence::migrate(&pool).await?;
+            persistence::layout::claim(&pool, config.partition as u32, config.partitions).await?;
             let bulk_pool = persistence::connect(&config.database_url, 2).await?;
             anyhow::Ok((pool, bulk_pool))
         })?;
+        let status = Arc::new(Status {
+            partition: config.partition,
+            ..Status::default()
+        });
         Ok(Sequencer {
             config,
             rt,
             pool,
             bulk_pool,
             clock: DatabaseClock::default(),
-            status: Arc::new(Status::default()),
+            status,
             shutdown,
         })
     }
@@ -156,6 +167,11 @@ impl Sequencer {
     /// fenced commit or a broken invariant is not.
     pub fn run(&self) -> anyhow::Result<()> {
         self.status.role.store(ROLE_STANDBY, Ordering::Relaxed);
+        let started = Instant::now();
+        // Whether another process led this partition since this one started: then a lapsed
+        // lease is a failover, taken at once, not a start-up race to leave to the preferred
+        // process (`lead_after`).
+        let mut seen_led = false;
         let mut position: Option<Position> = None;
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
@@ -200,11 +216,19 @@ impl Sequencer {
                     },
                 },
             };
-            let acquired = self.rt.block_on(lease::try_acquire(
-                &self.pool,
-                &self.config.node_id,
-                self.config.lease,
-            ));
+            let acquired = if !seen_led && started.elapsed() < self.config.lead_after {
+                // Another process leads this partition first, if it is up.
+                if let Ok(s) = self.rt.block_on(lease::read_state(&self.pool)) {
+                    seen_led = s.lease_remaining_ms > 0;
+                }
+                Ok(None)
+            } else {
+                self.rt.block_on(lease::try_acquire(
+                    &self.pool,
+                    &self.config.node_id,
+                    self.config.lease,
+                ))
+            };
             match acquired {
                 Ok(Some(state)) => {
                     let result = self.lead(p, state.epoch, state.batch_seq);
