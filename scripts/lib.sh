@@ -14,6 +14,9 @@ export DATABASE_URL="${DATABASE_URL:-postgres://$PG_SUPERUSER@$PGHOST_ADDR:$PGPO
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export REQUESTS_TOPIC="${REQUESTS_TOPIC:-reservation-requests}"
 export OUTCOMES_TOPIC="${OUTCOMES_TOPIC:-reservation-outcomes}"
+# Partitions of the requests topic: each has its own database ($DB_NAME, ${DB_NAME}_p1, ...) and
+# its own fenced writer. Fixed for a store once it has SKUs.
+export REQUEST_PARTITIONS="${REQUEST_PARTITIONS:-1}"
 BROKER_PORT="${KAFKA_BROKERS##*:}"
 
 log() { printf '\033[1m[%s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -270,6 +273,13 @@ ensure_promtool() {
   command -v promtool >/dev/null || die "Debian's prometheus package installed no promtool"
 }
 
+# Creates the database of every partition ($1, then $1_p1 ... for REQUEST_PARTITIONS > 1).
+ensure_partition_databases() {
+  ensure_database "$1"
+  local p
+  for ((p = 1; p < REQUEST_PARTITIONS; p++)); do ensure_database "${1}_p$p"; done
+}
+
 # Creates database $1 if it does not exist.
 ensure_database() {
   local db="$1"
@@ -311,8 +321,9 @@ stop_broker() {
   stop_pidfile "$RUN_DIR/tansu.pid"
 }
 
-# Creates both topics with one partition through the Kafka admin API (the sequencer's own
-# create-topics command, which works against any Kafka-API broker); existing topics are kept.
+# Creates the requests topic with REQUEST_PARTITIONS partitions and the outcomes topic with one
+# through the Kafka admin API (the sequencer's own create-topics command, which works against any
+# Kafka-API broker); existing topics are kept (one with another partition count is an error).
 # A broker that has just opened its port may still be electing its controller: retry a while.
 ensure_topics() {
   for _ in $(seq 1 30); do

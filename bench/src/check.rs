@@ -93,6 +93,7 @@ pub async fn run(
     client_winners: &[u64],
     database_url: Option<&str>,
     audit_bin: Option<&Path>,
+    partitions: u32,
 ) -> CheckReport {
     let mut report = CheckReport {
         skus_checked: skus.len(),
@@ -131,11 +132,15 @@ pub async fn run(
         rows.push(c);
     }
     // 2. Postgres rows.
+    // Every partition's database holds its own SKUs' rows.
     if let Some(url) = database_url {
-        if let Err(e) = db_rows(url, &mut rows).await {
-            report.violations.push(format!(
-                "could not read skus/reservations from Postgres: {e:#}"
-            ));
+        let urls = persistence::layout::database_urls(url, &[], partitions.max(1));
+        for url in urls.into_iter().flatten() {
+            if let Err(e) = db_rows(&url, &mut rows).await {
+                report.violations.push(format!(
+                    "could not read skus/reservations from Postgres: {e:#}"
+                ));
+            }
         }
     }
     for c in &rows {
@@ -168,7 +173,7 @@ pub async fn run(
     }
     // 3. The system's own audit.
     if let (Some(bin), Some(url)) = (audit_bin, database_url) {
-        let audit = run_audit(bin, url);
+        let audit = run_partitions_audit(bin, url, partitions.max(1));
         if !audit.clean {
             report
                 .violations
@@ -218,7 +223,12 @@ async fn db_rows(url: &str, rows: &mut [SkuCheck]) -> anyhow::Result<()> {
 }
 
 pub fn run_audit(bin: &Path, database_url: &str) -> AuditResult {
-    let run = match harness::audit::run(bin, database_url) {
+    run_partitions_audit(bin, database_url, 1)
+}
+
+/// [`run_audit`] over every partition's database of a store with `partitions` partitions.
+pub fn run_partitions_audit(bin: &Path, database_url: &str, partitions: u32) -> AuditResult {
+    let run = match harness::audit::run_partitions(bin, database_url, partitions) {
         Ok(run) => run,
         Err(e) => {
             return AuditResult {
@@ -237,16 +247,27 @@ pub fn run_audit(bin: &Path, database_url: &str) -> AuditResult {
         .collect();
     let clean = run.clean();
     let doc = &run.report;
+    let reports: Vec<&serde_json::Value> = match doc.as_array() {
+        Some(all) => all.iter().collect(),
+        None => vec![doc],
+    };
+    let sum = |key: &str| {
+        reports
+            .iter()
+            .map(|r| r[key].as_i64().unwrap_or(0))
+            .sum::<i64>()
+    };
     let summary = if doc.is_null() {
         format!("audit printed no report: {}", run.stderr.trim())
     } else {
         format!(
-            "{} ({} skus, {} reservations, {} batches, committed offset {})",
+            "{} ({} partition(s): {} skus, {} reservations, {} batches, committed offsets {})",
             if clean { "clean" } else { "FAILED" },
-            doc["skus"],
-            doc["reservations"],
-            doc["batches"],
-            doc["committed_offset"]
+            reports.len(),
+            sum("skus"),
+            sum("reservations"),
+            sum("batches"),
+            sum("committed_offset")
         )
     };
     AuditResult {

@@ -179,6 +179,7 @@ fn load_args(c: &CompareArgs, scenario: Scenario, target: String, label: &str) -
         admin_token: Some(ADMIN_TOKEN.into()),
         database_url: None,
         audit_bin: None,
+        partitions: 1,
         stock: None,
         users: 200_000,
         skus: 500,

@@ -18,6 +18,7 @@ mod compare;
 mod hops;
 mod http;
 mod load;
+mod partitions;
 mod pipeline;
 mod ramp;
 mod scenario;
@@ -41,6 +42,9 @@ enum Cmd {
     Load(scenario::LoadArgs),
     /// The sequencer alone: pre-filled topic, one `sequencer run`, decisions/s.
     Pipeline(pipeline::PipelineArgs),
+    /// Scaling on partitions: a pre-filled topic of 1, 2, 4 partitions, one sequencer process
+    /// serving them all; decisions/s and the CPU, commits and WAL bytes per decision.
+    Partitions(partitions::PartitionsArgs),
     /// Cold start of a sequencer at 1M, 5M and 10M stored decisions, and a standby's takeover.
     Coldstart(coldstart::ColdStartArgs),
     /// Serves a baseline design (naive Postgres or Redis+Lua) behind the same HTTP contract.
@@ -67,6 +71,15 @@ enum Cmd {
 
 pub use harness::rand32;
 
+/// Writes `value` as `bench/results/<kind>-<UTC time>.json`; returns the path.
+fn write_result(kind: &str, value: &impl serde::Serialize) -> anyhow::Result<String> {
+    std::fs::create_dir_all("bench/results")?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let path = format!("bench/results/{kind}-{stamp}.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(value)?)?;
+    Ok(path)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -89,20 +102,17 @@ fn main() -> ExitCode {
             for &b in &args.batch_sizes {
                 all.push(pipeline::run_one(&args, b).await?);
             }
-            std::fs::create_dir_all("bench/results")?;
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-            let path = format!("bench/results/pipeline-{stamp}.json");
-            std::fs::write(&path, serde_json::to_vec_pretty(&all)?)?;
-            println!("report: {path}");
+            println!("report: {}", write_result("pipeline", &all)?);
             anyhow::Ok(all.iter().all(|r| r.audit.as_ref().is_none_or(|a| a.clean)))
+        }),
+        Cmd::Partitions(args) => runtime().block_on(async {
+            let reports = partitions::run(&args).await?;
+            println!("report: {}", write_result("partitions", &reports)?);
+            anyhow::Ok(reports.iter().all(|r| r.audit.starts_with("clean")))
         }),
         Cmd::Coldstart(args) => runtime().block_on(async {
             let report = coldstart::run(&args).await?;
-            std::fs::create_dir_all("bench/results")?;
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-            let path = format!("bench/results/coldstart-{stamp}.json");
-            std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
-            println!("report: {path}");
+            println!("report: {}", write_result("coldstart", &report)?);
             anyhow::Ok(true)
         }),
         Cmd::BaselineServer(args) => baseline::serve(args).map(|()| true),

@@ -77,6 +77,18 @@ pub struct PipelineReport {
     pub audit: Option<AuditResult>,
 }
 
+/// The hot SKU of a pre-fill: `--stock` units, 2 per buyer, holds of 5 minutes.
+pub(crate) fn hot_sku(args: &PipelineArgs) -> SkuConfig {
+    SkuConfig {
+        total_stock: args.stock,
+        per_user_limit: 2,
+        hold_ttl_ms: 300_000,
+        starts_at_ms: None,
+        ends_at_ms: None,
+        queue: None,
+    }
+}
+
 /// Encodes the pre-fill: one UpsertSku, then N reserves on the hot SKU.
 fn messages(args: &PipelineArgs, sku: &str, run: &str) -> Vec<Vec<u8>> {
     let ingress_id = u64::from(crate::rand32());
@@ -87,14 +99,7 @@ fn messages(args: &PipelineArgs, sku: &str, run: &str) -> Vec<Vec<u8>> {
         ingress_id,
         command: WireCommand::UpsertSku {
             sku: sku.to_owned(),
-            config: SkuConfig {
-                total_stock: args.stock,
-                per_user_limit: 2,
-                hold_ttl_ms: 300_000,
-                starts_at_ms: None,
-                ends_at_ms: None,
-                queue: None,
-            },
+            config: hot_sku(args),
         },
     }));
     for i in 0..args.requests {
@@ -149,11 +154,36 @@ fn read_probe(brokers: &str, topic: &str, total: i64) -> anyhow::Result<(f64, f6
     Ok((s, total as f64 / s, watermark_ms))
 }
 
-async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
+pub(crate) async fn status(addr: SocketAddr) -> Option<serde_json::Value> {
     let r = http::once(addr, "GET", "/status", "", b"", Duration::from_millis(500))
         .await
         .ok()?;
     serde_json::from_slice(&r.body).ok()
+}
+
+/// One release `sequencer run` on `topology` with batches of at most `batch_size` (a fixed cap:
+/// no growth of batches under backlog, which would otherwise grow every run's batches to the
+/// backlog maximum), once it is active (for every partition it leads).
+pub(crate) async fn drain_sequencer(
+    infra: &Infra,
+    topology: &harness::topics::Topology,
+    status_addr: SocketAddr,
+    batch_size: usize,
+    log: &str,
+) -> anyhow::Result<Proc> {
+    let mut cmd = topology.sequencer(&infra.bin_dir(), "bench-drain", &status_addr.to_string());
+    cmd.env("BATCH_SIZE_MAX", batch_size.to_string())
+        .env("BATCH_SIZE_BACKLOG_MAX", batch_size.to_string());
+    let mut proc_ = Proc::spawn("sequencer", cmd, infra.log_file(log)?)?;
+    wait_http(
+        status_addr,
+        "/readyz",
+        Some("active"),
+        Duration::from_secs(60),
+        &mut proc_,
+    )
+    .await?;
+    Ok(proc_)
 }
 
 pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Result<PipelineReport> {
@@ -185,21 +215,8 @@ pub async fn run_one(args: &PipelineArgs, batch_size_max: usize) -> anyhow::Resu
         "pipeline: pre-filled in {prefill_s:.1} s; a bare consumer reads it back at {broker_read_rate:.0} msg/s; one watermark query takes {watermark_query_ms:.1} ms; starting one sequencer with BATCH_SIZE_MAX={batch_size_max}"
     );
     let status_addr: SocketAddr = format!("127.0.0.1:{}", args.status_port).parse()?;
-    let mut cmd = topology.sequencer(&infra.bin_dir(), "bench-pipeline", &status_addr.to_string());
-    cmd.env("BATCH_SIZE_MAX", batch_size_max.to_string())
-        // A fixed cap: no growth of batches under backlog (the sequencer's adaptive batch size
-        // would otherwise grow every run's batches to its backlog maximum).
-        .env("BATCH_SIZE_BACKLOG_MAX", batch_size_max.to_string());
-    let log = infra.log_file(&format!("pipeline-{batch_size_max}-sequencer"))?;
-    let mut proc_ = Proc::spawn("sequencer", cmd, log)?;
-    wait_http(
-        status_addr,
-        "/readyz",
-        Some("active"),
-        Duration::from_secs(60),
-        &mut proc_,
-    )
-    .await?;
+    let log = format!("pipeline-{batch_size_max}-sequencer");
+    let mut proc_ = drain_sequencer(infra, topology, status_addr, batch_size_max, &log).await?;
     let started = Instant::now();
     let mut commit_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut last_batches = 0;

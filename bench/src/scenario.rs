@@ -49,6 +49,10 @@ pub struct LoadArgs {
     /// Run `sequencer audit` with this binary against --database-url at the end.
     #[arg(long)]
     pub audit_bin: Option<PathBuf>,
+    /// Partitions of the target's requests topic: partition p's database is --database-url's
+    /// with `_p{p}` after the name (as `scripts/up` makes them).
+    #[arg(long, env = "REQUEST_PARTITIONS", default_value_t = 1)]
+    pub partitions: u32,
     /// Units of the hot SKU (flash, ramp) or of each SKU (mixed).
     #[arg(long)]
     pub stock: Option<u64>,
@@ -385,6 +389,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         &winners_by_slot,
         args.database_url.as_deref(),
         args.audit_bin.as_deref(),
+        args.partitions,
     )
     .await;
     check::print(&check);

@@ -66,19 +66,33 @@ impl Infra {
 
     /// A fresh database and fresh topics named after `suffix`, on this broker.
     pub async fn fresh_topology(&self, suffix: &str) -> anyhow::Result<FreshTopology> {
+        self.fresh_partitioned_topology(suffix, 1).await
+    }
+
+    /// [`Infra::fresh_topology`] with a requests topic of `partitions` partitions, each with a
+    /// fresh database of its own (`<db>`, `<db>_p1`, ...).
+    pub async fn fresh_partitioned_topology(
+        &self,
+        suffix: &str,
+        partitions: u32,
+    ) -> anyhow::Result<FreshTopology> {
         let db = format!("{}_{suffix}", self.prefix);
         let database_url = self.fresh_database(&db).await?;
+        for p in 1..partitions {
+            self.fresh_database(&format!("{db}_p{p}")).await?;
+        }
         let topology = Topology {
             database_url,
             brokers: self.brokers.clone(),
             requests_topic: format!("{}-req-{suffix}", self.prefix.replace('_', "-")),
             outcomes_topic: format!("{}-out-{suffix}", self.prefix.replace('_', "-")),
-            partitions: 1,
+            partitions,
         };
-        harness::topics::create_topics(
+        harness::topics::create_partitioned_topics(
             &self.bin_dir(),
             &self.brokers,
             &[&topology.requests_topic, &topology.outcomes_topic],
+            partitions,
         )?;
         Ok(FreshTopology { db, topology })
     }
@@ -86,6 +100,9 @@ impl Infra {
     /// Drops the database and deletes the topics of a run (best effort).
     pub fn remove(&self, fresh: &FreshTopology) {
         self.drop_database(&fresh.db);
+        for p in 1..fresh.topology.partitions {
+            self.drop_database(&format!("{}_p{p}", fresh.db));
+        }
         let topology = &fresh.topology;
         let _ = harness::topics::delete_topics(
             &self.bin_dir(),

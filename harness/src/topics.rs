@@ -116,6 +116,17 @@ pub fn delete_topics(bin_dir: &Path, brokers: &str, topics: &[&str]) -> anyhow::
 /// Appends raw messages to `topic`, as any producer could (idempotent, every replica
 /// acknowledging), and waits until the broker has them all.
 pub fn produce(brokers: &str, topic: &str, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
+    produce_to(brokers, topic, payloads, |_| None)
+}
+
+/// [`produce`], each payload to the partition `partition_of` names (`None`: the producer's
+/// choice).
+pub fn produce_to(
+    brokers: &str,
+    topic: &str,
+    payloads: &[Vec<u8>],
+    partition_of: impl Fn(usize) -> Option<i32>,
+) -> anyhow::Result<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -126,8 +137,11 @@ pub fn produce(brokers: &str, topic: &str, payloads: &[Vec<u8>]) -> anyhow::Resu
         .set("queue.buffering.max.messages", "1000000")
         .create()
         .context("creating a producer")?;
-    for p in payloads {
+    for (i, p) in payloads.iter().enumerate() {
         let mut record: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic).payload(&p[..]);
+        if let Some(partition) = partition_of(i) {
+            record = record.partition(partition);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,
