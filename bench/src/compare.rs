@@ -310,6 +310,7 @@ pub async fn run(c: CompareArgs) -> anyhow::Result<()> {
             status_port: c.status_port,
             batch_size_max: c.http_batch_size,
             standby: c.standby,
+            partitions: 1,
         };
         let result = async {
             let stack = SystemStack::start(&infra, &opts).await?;

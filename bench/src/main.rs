@@ -107,8 +107,19 @@ fn main() -> ExitCode {
         }),
         Cmd::Partitions(args) => runtime().block_on(async {
             let reports = partitions::run(&args).await?;
-            println!("report: {}", write_result("partitions", &reports)?);
-            anyhow::Ok(reports.iter().all(|r| r.audit.starts_with("clean")))
+            let mut mixed = Vec::new();
+            if args.mixed_rate > 0.0 {
+                for &p in &args.partitions {
+                    mixed.push(partitions::mixed(&args, p).await?);
+                }
+                partitions::print_mixed(&mixed);
+            }
+            let all = serde_json::json!({"pipeline": reports, "mixed": mixed});
+            println!("report: {}", write_result("partitions", &all)?);
+            anyhow::Ok(
+                reports.iter().all(|r| r.audit.starts_with("clean"))
+                    && mixed.iter().all(|m| m.check == "clean"),
+            )
         }),
         Cmd::Coldstart(args) => runtime().block_on(async {
             let report = coldstart::run(&args).await?;
@@ -134,6 +145,7 @@ fn main() -> ExitCode {
                 status_port,
                 batch_size_max,
                 standby: false,
+                partitions: 1,
             };
             let s = stack::SystemStack::start(&infra, &opts).await?;
             println!(

@@ -25,6 +25,40 @@ pub struct PartitionsArgs {
     /// batch), stock of each partition's hot SKU, buyers, retries, status port, timeout.
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    /// Then, for each partition count, the `mixed` HTTP scenario (500 SKUs over the partitions)
+    /// at this offered rate against a fresh system (one sequencer process serving every
+    /// partition, one ingress); 0 skips it.
+    #[arg(long, default_value_t = 0.0)]
+    pub mixed_rate: f64,
+    /// Seconds of the mixed scenario.
+    #[arg(long, default_value_t = 20.0)]
+    pub mixed_duration: f64,
+    /// Port of the mixed runs' ingress (its sequencer's status port is --status-port + 1).
+    #[arg(long, default_value_t = 18_190)]
+    pub ingress_port: u16,
+}
+
+/// The mixed HTTP scenario on one partition count: what the clients saw and what each process
+/// spent.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct MixedReport {
+    pub partitions: u32,
+    pub offered_rate: f64,
+    pub decisions_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    /// HTTP requests answered over the whole run (SKU setup, the reservations, the follow-up
+    /// reads, confirms and cancels).
+    pub requests: u64,
+    /// CPU microseconds per answered request, over the whole run, of the sequencer process, the
+    /// ingress, Postgres, the broker and the load generator itself.
+    pub sequencer_us_per_request: f64,
+    pub ingress_us_per_request: f64,
+    pub postgres_us_per_request: f64,
+    pub broker_us_per_request: f64,
+    pub load_generator_us_per_request: f64,
+    pub check: String,
 }
 
 #[derive(Serialize, Clone, Debug, Default)]
@@ -146,6 +180,127 @@ async fn wal_lsn(admin: &sqlx::PgPool) -> anyhow::Result<i64> {
             .fetch_one(admin)
             .await?,
     )
+}
+
+/// The CPU seconds so far of (sequencer, ingress, Postgres, broker, this process).
+fn cpu_now(sequencer: u32, ingress: u32) -> [f64; 5] {
+    [
+        cpu_s(sequencer),
+        cpu_s(ingress),
+        cpu_of_all("postgres"),
+        cpu_of_all("kafka.Kafka"),
+        cpu_s(std::process::id()),
+    ]
+}
+
+/// The mixed scenario at `--mixed-rate` on a fresh system with `partitions` partitions.
+pub async fn mixed(args: &PartitionsArgs, partitions: u32) -> anyhow::Result<MixedReport> {
+    use clap::Parser;
+    let infra = &args.pipeline.infra;
+    let opts = crate::stack::SystemOptions {
+        name: format!("mixed_p{partitions}"),
+        ingress_port: args.ingress_port,
+        status_port: args.pipeline.status_port + 1,
+        batch_size_max: 250,
+        standby: false,
+        partitions,
+    };
+    let stack = crate::stack::SystemStack::start(infra, &opts).await?;
+    let pid = |i: usize| {
+        stack.procs[i]
+            .child
+            .as_ref()
+            .map_or(0, std::process::Child::id)
+    };
+    let (sequencer, ingress) = (pid(0), pid(stack.procs.len() - 1));
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        load: crate::scenario::LoadArgs,
+    }
+    let (rate, duration) = (args.mixed_rate.to_string(), args.mixed_duration.to_string());
+    let (target, parts) = (
+        format!("http://{}", stack.ingress_addr),
+        partitions.to_string(),
+    );
+    let audit_bin = infra.bin("sequencer");
+    let mut load = Cli::parse_from([
+        "bench",
+        "--scenario",
+        "mixed",
+        "--rate",
+        &rate,
+        "--duration",
+        &duration,
+        "--target",
+        &target,
+        "--admin-token",
+        crate::stack::ADMIN_TOKEN,
+        "--partitions",
+        &parts,
+        "--label",
+        &format!("mixed-p{partitions}"),
+    ])
+    .load;
+    load.database_url = Some(stack.fresh.topology.database_url.clone());
+    load.audit_bin = Some(audit_bin);
+    let before = cpu_now(sequencer, ingress);
+    let result = crate::scenario::run(&load).await;
+    let after = cpu_now(sequencer, ingress);
+    stack.stop(infra).await;
+    let report = result?;
+    let phase = report.main_phase().cloned().unwrap_or_default();
+    let requests: u64 = report.phases.iter().map(|p| p.answered).sum();
+    let us = |i: usize| (after[i] - before[i]) * 1e6 / requests.max(1) as f64;
+    Ok(MixedReport {
+        partitions,
+        offered_rate: args.mixed_rate,
+        decisions_per_s: phase.goodput,
+        p50_ms: phase.latency.p50_ms,
+        p99_ms: phase.latency.p99_ms,
+        errors: phase.errors,
+        requests,
+        sequencer_us_per_request: us(0),
+        ingress_us_per_request: us(1),
+        postgres_us_per_request: us(2),
+        broker_us_per_request: us(3),
+        load_generator_us_per_request: us(4),
+        check: if report.check.violations.is_empty() && !report.check.oversell {
+            "clean".into()
+        } else {
+            format!("FAILED: {:?}", report.check.violations)
+        },
+    })
+}
+
+/// Prints the mixed runs side by side.
+pub fn print_mixed(reports: &[MixedReport]) {
+    println!(
+        "── mixed HTTP scenario by partition count: one sequencer process, one ingress; CPU us \
+         per answered request ──"
+    );
+    println!(
+        "  {:>10} {:>9} {:>12} {:>8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>7} {:>6}  check",
+        "partitions",
+        "offered",
+        "decisions/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "seq",
+        "ingress",
+        "pg",
+        "broker",
+        "load"
+    );
+    for r in reports {
+        println!(
+            "  {:>10} {:>9.0} {:>12.0} {:>8.1} {:>8.1} {:>7} {:>6.1} {:>8.1} {:>6.1} {:>7.1} {:>6.1}  {}",
+            r.partitions, r.offered_rate, r.decisions_per_s, r.p50_ms, r.p99_ms, r.errors,
+            r.sequencer_us_per_request, r.ingress_us_per_request, r.postgres_us_per_request,
+            r.broker_us_per_request, r.load_generator_us_per_request, r.check
+        );
+    }
 }
 
 pub async fn run(args: &PartitionsArgs) -> anyhow::Result<Vec<PartitionsReport>> {

@@ -169,12 +169,16 @@ pub struct SystemOptions {
     pub status_port: u16,
     pub batch_size_max: usize,
     pub standby: bool,
+    /// Partitions of the requests topic, each with its database; every sequencer serves all.
+    pub partitions: u32,
 }
 
 impl SystemStack {
     pub async fn start(infra: &Infra, o: &SystemOptions) -> anyhow::Result<SystemStack> {
         let suffix = format!("{}_{:06x}", o.name, crate::rand32() & 0xFF_FFFF);
-        let fresh = infra.fresh_topology(&suffix).await?;
+        let fresh = infra
+            .fresh_partitioned_topology(&suffix, o.partitions.max(1))
+            .await?;
         let status_addr: SocketAddr = format!("127.0.0.1:{}", o.status_port).parse()?;
         let ingress_addr: SocketAddr = format!("127.0.0.1:{}", o.ingress_port).parse()?;
         let mut stack = SystemStack {
