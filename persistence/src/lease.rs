@@ -58,13 +58,17 @@ pub async fn try_acquire(
     let row = sqlx::query(
         "UPDATE sequencer_state
             SET epoch = epoch + 1, leader = $1,
-                lease_expires_at = now() + make_interval(secs => $2)
+                lease_expires_at = now() + make_interval(secs => $2),
+                handback_to = NULL, handback_at = NULL
           WHERE id = 1 AND lease_expires_at < now()
+            AND (handback_to IS NULL OR handback_to = $1
+                 OR handback_at < clock_timestamp() - make_interval(secs => $3))
       RETURNING epoch, next_offset, batch_seq, clock_ms, hash_seed, leader,
                 (EXTRACT(EPOCH FROM (lease_expires_at - now())) * 1000)::float8 AS remaining_ms",
     )
     .bind(holder)
     .bind(lease.as_secs_f64())
+    .bind(HANDBACK_VALID.as_secs_f64())
     .fetch_optional(pool)
     .await?;
     row.as_ref().map(state_from_row).transpose()
@@ -86,6 +90,36 @@ pub async fn renew(pool: &PgPool, epoch: u64, lease: Duration) -> Result<bool, s
     .await?
     .rows_affected();
     Ok(renewed == 1)
+}
+
+/// How long a hand-back request holds: meanwhile a released lease is left to the process that
+/// asked for it; after it, anyone takes a lapsed lease again.
+pub const HANDBACK_VALID: Duration = Duration::from_secs(3);
+
+/// Asks whoever leads this partition now (not `holder`) to hand it back to `holder`, its
+/// preferred writer; renews an older request. Nothing happens while no one else leads.
+pub async fn request_handback(pool: &PgPool, holder: &str) -> Result<bool, sqlx::Error> {
+    let asked = sqlx::query(
+        "UPDATE sequencer_state SET handback_to = $1, handback_at = clock_timestamp()
+          WHERE id = 1 AND leader IS DISTINCT FROM $1 AND lease_expires_at > clock_timestamp()",
+    )
+    .bind(holder)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(asked == 1)
+}
+
+/// Who asked the leader to hand this partition back, if a request is still valid.
+pub async fn handback_asked(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT handback_to FROM sequencer_state
+          WHERE id = 1 AND handback_at > clock_timestamp() - make_interval(secs => $1)",
+    )
+    .bind(HANDBACK_VALID.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+    .map(Option::flatten)
 }
 
 /// Gives the lease up at once (graceful handover): a standby can take it on its next try.

@@ -80,3 +80,42 @@ async fn the_lease_is_taken_once_and_bumps_the_epoch_each_time() {
     let state = lease::read_state(&b).await.unwrap();
     assert_eq!((state.epoch, state.leader.as_deref()), (2, Some("b")));
 }
+
+#[tokio::test]
+async fn a_released_partition_waits_for_the_writer_that_asked_for_it_back() {
+    let url = fresh_database("handback").await;
+    let lease_len = Duration::from_millis(200);
+    let (a, b) = two_writers(&url, 1, lease_len).await;
+    assert!(
+        lease::handback_asked(&a).await.unwrap().is_none(),
+        "no request yet"
+    );
+    assert!(
+        !lease::request_handback(&b, "b").await.unwrap(),
+        "nothing to ask while no one leads"
+    );
+    let epoch = take_lease(&a, "a", lease_len).await;
+    assert!(
+        !lease::request_handback(&a, "a").await.unwrap(),
+        "the leader does not ask itself"
+    );
+    assert!(lease::request_handback(&b, "b").await.unwrap());
+    assert_eq!(
+        lease::handback_asked(&a).await.unwrap().as_deref(),
+        Some("b")
+    );
+    // The leader hands over; a third process cannot take the lease meanwhile, the asker can.
+    assert!(lease::release(&a, epoch).await.unwrap());
+    assert!(
+        lease::try_acquire(&a, "c", lease_len)
+            .await
+            .unwrap()
+            .is_none(),
+        "left to the writer that asked"
+    );
+    assert_eq!(take_lease(&b, "b", lease_len).await, epoch + 1);
+    assert!(
+        lease::handback_asked(&b).await.unwrap().is_none(),
+        "taking the lease ends the request"
+    );
+}

@@ -1,4 +1,5 @@
-//! Operator commands that are not the decide loop: creating the topics and showing the group.
+//! Operator commands that are not the decide loop: creating the topics, showing the group
+//! (`sequencer status`) and auditing every partition (`sequencer audit`).
 
 use std::time::Duration;
 
@@ -86,6 +87,136 @@ pub async fn http_get(url: &str) -> anyhow::Result<String> {
         bail!("{url} answered {status}: {body}");
     }
     Ok(body)
+}
+
+/// `sequencer audit`: every partition's database audited (and its newest checkpoint compared with
+/// the rows); the report printed as text or JSON. Exit code 0 clean, 1 violations, 2 the audit
+/// could not run.
+pub fn audit(database_urls: &[String], json: bool) -> u8 {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let mut reports = Vec::new();
+    for url in database_urls {
+        let report = (|| {
+            let pool = rt.block_on(persistence::connect(url, 2))?;
+            let mut report = rt.block_on(persistence::audit::run(&pool))?;
+            let (checked, violations) = crate::audit::checkpoint_against_rows(&rt, &pool)?;
+            report.checkpoint_batch_seq = checked;
+            report.violations.extend(violations);
+            anyhow::Ok(report)
+        })();
+        match report {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                eprintln!(
+                    "audit could not run on {}: {e:#}",
+                    persistence::layout::redacted(url)
+                );
+                return 2;
+            }
+        }
+    }
+    let several = reports.len() > 1;
+    let clean = reports.iter().all(|r| r.is_clean());
+    if json {
+        let doc = if several {
+            serde_json::to_string_pretty(&reports)
+        } else {
+            serde_json::to_string_pretty(&reports[0])
+        };
+        println!("{}", doc.expect("serializable"));
+    } else {
+        for report in &reports {
+            println!(
+                "{}audited {} skus, {} reservations, {} batches, committed offset {} (log generation {}), checkpoint {}",
+                if several { format!("partition {}: ", report.partition) } else { String::new() },
+                report.skus,
+                report.reservations,
+                report.batches,
+                report.committed_offset,
+                report.log_generation,
+                report
+                    .checkpoint_batch_seq
+                    .map_or("none".to_owned(), |b| format!(
+                        "of batch {b} compared with the rows"
+                    ))
+            );
+            for v in &report.violations {
+                println!("VIOLATION {v}");
+            }
+        }
+        println!(
+            "{}",
+            if clean {
+                "audit: clean"
+            } else {
+                "audit: FAILED"
+            }
+        );
+    }
+    u8::from(!clean)
+}
+
+/// `sequencer status`: the fence row of every partition and each peer's `/status`, a row per
+/// partition. Exit code 0, or 1 when a database or a peer does not answer.
+pub fn status(database_urls: &[String], peers: &[String]) -> u8 {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let mut healthy = true;
+    for (partition, url) in database_urls.iter().enumerate() {
+        let state = rt.block_on(async {
+            let pool = persistence::connect(url, 1).await?;
+            anyhow::Ok(persistence::lease::read_state(&pool).await?)
+        });
+        match state {
+            Ok(s) => println!(
+                "postgres partition {partition}: epoch {} leader {} lease {} committed offset {} batch {}",
+                s.epoch,
+                s.leader.as_deref().unwrap_or("-"),
+                if s.lease_remaining_ms >= 0 {
+                    format!("valid for {} ms", s.lease_remaining_ms)
+                } else {
+                    "lapsed".to_owned()
+                },
+                s.next_offset,
+                s.batch_seq
+            ),
+            Err(e) => {
+                healthy = false;
+                println!("postgres partition {partition}: unreachable ({e:#})");
+            }
+        }
+    }
+    for peer in peers {
+        let url = format!("{}/status", peer.trim_end_matches('/'));
+        let doc = rt.block_on(http_get(&url));
+        match doc.and_then(|b| Ok(serde_json::from_str::<serde_json::Value>(&b)?)) {
+            Ok(doc) => {
+                println!(
+                    "{peer}: {} ready {} (last batch {} commands, commit {} us)",
+                    doc["node_id"].as_str().unwrap_or("?"),
+                    doc["ready"],
+                    doc["last_batch_size"],
+                    doc["last_commit_us"],
+                );
+                for p in doc["partitions"].as_array().into_iter().flatten() {
+                    println!(
+                        "{peer}:   partition {} role {} epoch {} committed {} lag {} batch {} last batch {} ms ago",
+                        p["partition"],
+                        p["role"].as_str().unwrap_or("?"),
+                        p["epoch"],
+                        p["committed_offset"],
+                        p["lag"],
+                        p["batch_seq"],
+                        p["last_batch_age_ms"],
+                    );
+                }
+            }
+            Err(e) => {
+                healthy = false;
+                println!("{peer}: unreachable ({e:#})");
+            }
+        }
+    }
+    u8::from(!healthy)
 }
 
 #[cfg(test)]

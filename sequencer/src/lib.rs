@@ -6,12 +6,15 @@
 //! (`runtime/commit.rs`), replays the leader's batches on a standby (`runtime/follow.rs`) and
 //! loads the state at start-up (`runtime/load.rs`); [`status`] reports. [`topic`]
 //! tells a recreated topic from the original; [`rebase`] is the way back from a lost log.
+//! [`partitions`] says which partitions of the requests topic a process serves (one
+//! [`runtime::Sequencer`] each) and where each keeps its state.
 
 pub mod admin;
 pub mod audit;
 pub mod checkpointer;
 pub mod clock;
 pub mod log;
+pub mod partitions;
 pub mod publish;
 pub mod rebase;
 pub mod runtime;

@@ -239,14 +239,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Audit { store, json } => match store.urls() {
-            Ok(urls) => audit(&urls, json),
+            Ok(urls) => ExitCode::from(admin::audit(&urls, json)),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)
             }
         },
         Command::Status { store, peers } => match store.urls() {
-            Ok(urls) => status(&urls, &peers),
+            Ok(urls) => ExitCode::from(admin::status(&urls, &peers)),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::from(2)
@@ -376,7 +376,7 @@ fn run(args: RunArgs) -> ExitCode {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let partitions = args.log.request_partitions;
-    let layout = match Layout::from_args(
+    let layout = match sequencer::partitions::Layout::from_args(
         &args.database_url,
         &args.database_urls,
         partitions,
@@ -389,7 +389,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = check_topic_partitions(&args.log) {
+    if let Err(e) = sequencer::partitions::check_topic_partitions(&args.log) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
@@ -398,6 +398,7 @@ fn run(args: RunArgs) -> ExitCode {
         partition: 0,
         partitions,
         lead_after: Duration::ZERO,
+        preferred: true,
         brokers: args.log.brokers,
         requests_topic: args.log.requests_topic,
         outcomes_topic: args.log.outcomes_topic,
@@ -425,6 +426,7 @@ fn run(args: RunArgs) -> ExitCode {
         let config = Config {
             database_url: layout.database_urls[p as usize].clone(),
             partition: p as i32,
+            preferred: layout.lead.contains(&p),
             lead_after: if layout.lead.contains(&p) {
                 Duration::ZERO
             } else {
@@ -542,198 +544,4 @@ fn exit_code(result: anyhow::Result<()>) -> u8 {
         tracing::error!(exit_code = code, "stopped writing: {e:#}");
     }
     code
-}
-
-/// Which database each partition uses, which partitions this process serves and which it
-/// leads first.
-struct Layout {
-    database_urls: Vec<String>,
-    served: Vec<u32>,
-    lead: Vec<u32>,
-}
-
-impl Layout {
-    fn from_args(
-        database_url: &str,
-        database_urls: &[String],
-        partitions: u32,
-        served: &[u32],
-        lead: Option<&[u32]>,
-    ) -> anyhow::Result<Layout> {
-        let database_urls =
-            persistence::layout::database_urls(database_url, database_urls, partitions)?;
-        let served: Vec<u32> = if served.is_empty() {
-            (0..partitions).collect()
-        } else {
-            let mut v = served.to_vec();
-            v.sort_unstable();
-            v.dedup();
-            v
-        };
-        let lead = lead.map_or_else(|| served.clone(), <[u32]>::to_vec);
-        if let Some(p) = served.iter().chain(&lead).find(|&&p| p >= partitions) {
-            anyhow::bail!(
-                "partition {p} named in SEQUENCER_PARTITIONS or LEAD_PARTITIONS, but the \
-                 requests topic has {partitions} (REQUEST_PARTITIONS)"
-            );
-        }
-        Ok(Layout {
-            database_urls,
-            served,
-            lead,
-        })
-    }
-}
-
-/// Refuses a requests topic whose partition count is not REQUEST_PARTITIONS. A broker that does
-/// not answer, or a topic not created yet, is not refused here: the writers wait for both.
-fn check_topic_partitions(log: &LogArgs) -> anyhow::Result<()> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = kafka_config::base()
-        .set("bootstrap.servers", &log.brokers)
-        .create()?;
-    let topic = &log.requests_topic;
-    match kafka_config::partition_count(consumer.client(), topic, Duration::from_secs(5)) {
-        Ok(Some(n)) if n != log.request_partitions as usize => Err(
-            kafka_config::partition_count_differs(topic, n, log.request_partitions),
-        ),
-        Ok(_) => Ok(()),
-        Err(e) => {
-            tracing::warn!("cannot check the requests topic's partitions yet: {e:#}");
-            Ok(())
-        }
-    }
-}
-
-fn audit(database_urls: &[String], json: bool) -> ExitCode {
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let mut reports = Vec::new();
-    for url in database_urls {
-        let report = (|| {
-            let pool = rt.block_on(persistence::connect(url, 2))?;
-            let mut report = rt.block_on(persistence::audit::run(&pool))?;
-            let (checked, violations) = sequencer::audit::checkpoint_against_rows(&rt, &pool)?;
-            report.checkpoint_batch_seq = checked;
-            report.violations.extend(violations);
-            anyhow::Ok(report)
-        })();
-        match report {
-            Ok(r) => reports.push(r),
-            Err(e) => {
-                eprintln!(
-                    "audit could not run on {}: {e:#}",
-                    persistence::layout::redacted(url)
-                );
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let several = reports.len() > 1;
-    let clean = reports.iter().all(|r| r.is_clean());
-    if json {
-        let doc = if several {
-            serde_json::to_string_pretty(&reports)
-        } else {
-            serde_json::to_string_pretty(&reports[0])
-        };
-        println!("{}", doc.expect("serializable"));
-    } else {
-        for report in &reports {
-            println!(
-                "{}audited {} skus, {} reservations, {} batches, committed offset {} (log generation {}), checkpoint {}",
-                if several { format!("partition {}: ", report.partition) } else { String::new() },
-                report.skus,
-                report.reservations,
-                report.batches,
-                report.committed_offset,
-                report.log_generation,
-                report
-                    .checkpoint_batch_seq
-                    .map_or("none".to_owned(), |b| format!(
-                        "of batch {b} compared with the rows"
-                    ))
-            );
-            for v in &report.violations {
-                println!("VIOLATION {v}");
-            }
-        }
-        println!(
-            "{}",
-            if clean {
-                "audit: clean"
-            } else {
-                "audit: FAILED"
-            }
-        );
-    }
-    if clean {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
-}
-
-fn status(database_urls: &[String], peers: &[String]) -> ExitCode {
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let mut healthy = true;
-    for (partition, url) in database_urls.iter().enumerate() {
-        let state = rt.block_on(async {
-            let pool = persistence::connect(url, 1).await?;
-            anyhow::Ok(persistence::lease::read_state(&pool).await?)
-        });
-        match state {
-            Ok(s) => println!(
-                "postgres partition {partition}: epoch {} leader {} lease {} committed offset {} batch {}",
-                s.epoch,
-                s.leader.as_deref().unwrap_or("-"),
-                if s.lease_remaining_ms >= 0 {
-                    format!("valid for {} ms", s.lease_remaining_ms)
-                } else {
-                    "lapsed".to_owned()
-                },
-                s.next_offset,
-                s.batch_seq
-            ),
-            Err(e) => {
-                healthy = false;
-                println!("postgres partition {partition}: unreachable ({e:#})");
-            }
-        }
-    }
-    for peer in peers {
-        let url = format!("{}/status", peer.trim_end_matches('/'));
-        let doc = rt.block_on(admin::http_get(&url));
-        match doc.and_then(|b| Ok(serde_json::from_str::<serde_json::Value>(&b)?)) {
-            Ok(doc) => {
-                println!(
-                    "{peer}: {} ready {} (last batch {} commands, commit {} us)",
-                    doc["node_id"].as_str().unwrap_or("?"),
-                    doc["ready"],
-                    doc["last_batch_size"],
-                    doc["last_commit_us"],
-                );
-                for p in doc["partitions"].as_array().into_iter().flatten() {
-                    println!(
-                        "{peer}:   partition {} role {} epoch {} committed {} lag {} batch {} last batch {} ms ago",
-                        p["partition"],
-                        p["role"].as_str().unwrap_or("?"),
-                        p["epoch"],
-                        p["committed_offset"],
-                        p["lag"],
-                        p["batch_seq"],
-                        p["last_batch_age_ms"],
-                    );
-                }
-            }
-            Err(e) => {
-                healthy = false;
-                println!("{peer}: unreachable ({e:#})");
-            }
-        }
-    }
-    if healthy {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
 }

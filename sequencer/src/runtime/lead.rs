@@ -24,18 +24,25 @@ impl Sequencer {
         // Renew from the start: a catch-up (or a reload) can take longer than a lease, and a
         // leader deposed while catching up would only have cost the sale a second takeover.
         let lease_lost = Arc::new(AtomicBool::new(false));
+        let handback = Arc::new(AtomicBool::new(false));
         let clock = self.clock.clone();
         self.rt
             .block_on(clock.measure(&self.pool))
             .map_err(|e| Stop::Failed(format!("reading the database clock: {e}")))?;
-        let renewer = self.rt.spawn(renew_lease(
-            self.pool.clone(),
-            epoch,
-            self.config.lease,
-            self.config.renew_every,
-            lease_lost.clone(),
-            clock.clone(),
-        ));
+        let renewer = self.rt.spawn(
+            Renewal {
+                pool: self.pool.clone(),
+                epoch,
+                lease_len: self.config.lease,
+                every: self.config.renew_every,
+                lost: lease_lost.clone(),
+                clock: clock.clone(),
+                // A preferred writer keeps its partition; another watches for a hand-back.
+                handback: (!self.config.preferred)
+                    .then(|| (handback.clone(), self.config.node_id.clone())),
+            }
+            .run(),
+        );
         let renewer = AbortOnDrop(renewer);
         if let Err(e) = self.follow(position, Some(committed_batch_seq)) {
             tracing::warn!(error = %e, "catch-up by replay failed; reloading state from Postgres");
@@ -75,10 +82,14 @@ impl Sequencer {
             ready_ms = took_over_at.elapsed().as_millis() as u64,
             "active: deciding"
         );
-        let result = self.decide_loop(position, epoch, &publisher, &lease_lost, &mut checkpointer);
+        let flags = LeadFlags {
+            lease_lost: &lease_lost,
+            handback: &handback,
+        };
+        let result = self.decide_loop(position, epoch, &publisher, flags, &mut checkpointer);
         drop(renewer);
         publisher.flush(Duration::from_secs(5));
-        if matches!(result, Err(Stop::Shutdown)) {
+        if matches!(result, Err(Stop::Shutdown | Stop::HandBack)) {
             // Graceful handover: the current batch is committed and published; give the lease up
             // so a standby takes over at its next poll instead of waiting for expiry.
             match self.rt.block_on(lease::release(&self.pool, epoch)) {
@@ -111,7 +122,7 @@ impl Sequencer {
         position: &mut Position,
         epoch: u64,
         publisher: &Publisher,
-        lease_lost: &AtomicBool,
+        flags: LeadFlags<'_>,
         checkpointer: &mut Checkpointer,
     ) -> Result<(), Stop> {
         // The pooled connection returns itself to the pool on drop through a Tokio task; this
@@ -124,13 +135,17 @@ impl Sequencer {
         let mut messages: Vec<(i64, Vec<u8>)> =
             Vec::with_capacity(self.config.batch_size_backlog_max);
         loop {
-            if lease_lost.load(Ordering::Relaxed) {
+            if flags.lease_lost.load(Ordering::Relaxed) {
                 return Err(Stop::Deposed(format!(
                     "lease of epoch {epoch} lost to another sequencer"
                 )));
             }
             if self.shutdown.load(Ordering::Relaxed) {
                 return Err(Stop::Shutdown);
+            }
+            if flags.handback.load(Ordering::Relaxed) {
+                tracing::info!(epoch, "handing the partition back to its preferred writer");
+                return Err(Stop::HandBack);
             }
             check_log_whole(position)?;
             messages.clear();
@@ -245,33 +260,62 @@ fn take(
 }
 
 /// Renews the lease every `every`; flags `lost` the moment the database says the epoch is gone.
-async fn renew_lease(
+/// What the decide loop watches besides the shutdown flag.
+#[derive(Clone, Copy)]
+pub(super) struct LeadFlags<'a> {
+    /// The renewer found the lease lost: stop writing.
+    lease_lost: &'a AtomicBool,
+    /// The partition's preferred writer asked for it back.
+    handback: &'a AtomicBool,
+}
+
+/// The leader's lease renewal, every `every` until aborted.
+struct Renewal {
     pool: PgPool,
     epoch: u64,
     lease_len: Duration,
     every: Duration,
     lost: Arc<AtomicBool>,
     clock: DatabaseClock,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for renewal in 0u64.. {
-        tick.tick().await;
-        match lease::renew(&pool, epoch, lease_len).await {
-            Ok(true) => {
-                // Clocks drift slowly: re-measure the offset every few renewals.
-                if renewal % CLOCK_MEASURE_EVERY_RENEWALS == 0 {
-                    if let Err(e) = clock.measure(&pool).await {
-                        tracing::warn!(error = %e, "database clock not read; keeping the last offset");
+    /// For a leader that does not prefer the partition: the flag to raise when its preferred
+    /// writer asks for it back, and this process's node id.
+    handback: Option<(Arc<AtomicBool>, String)>,
+}
+
+impl Renewal {
+    async fn run(self) {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for renewal in 0u64.. {
+            tick.tick().await;
+            match lease::renew(&self.pool, self.epoch, self.lease_len).await {
+                Ok(true) => {
+                    // Clocks drift slowly: re-measure the offset every few renewals.
+                    if renewal % CLOCK_MEASURE_EVERY_RENEWALS == 0 {
+                        if let Err(e) = self.clock.measure(&self.pool).await {
+                            tracing::warn!(error = %e, "database clock not read; keeping the last offset");
+                        }
+                    }
+                    if let Some((flag, me)) = &self.handback {
+                        if let Ok(Some(to)) = lease::handback_asked(&self.pool).await {
+                            if to != *me {
+                                flag.store(true, Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
+                Ok(false) => {
+                    tracing::error!(
+                        epoch = self.epoch,
+                        "lease lost: another sequencer holds a newer epoch"
+                    );
+                    self.lost.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, epoch = self.epoch, "lease renewal failed; will retry")
+                }
             }
-            Ok(false) => {
-                tracing::error!(epoch, "lease lost: another sequencer holds a newer epoch");
-                lost.store(true, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, epoch, "lease renewal failed; will retry"),
         }
     }
 }

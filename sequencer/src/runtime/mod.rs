@@ -51,6 +51,9 @@ pub struct Config {
     pub partitions: u32,
     /// Take a free lease only this long after start (0: at once); see `LEAD_PARTITIONS`.
     pub lead_after: Duration,
+    /// This process is a preferred writer of the partition (`LEAD_PARTITIONS`): as a standby it
+    /// asks a leader that is not to hand the partition back; as a leader it hands back nothing.
+    pub preferred: bool,
     pub brokers: String,
     pub requests_topic: String,
     pub outcomes_topic: String,
@@ -84,6 +87,10 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 pub enum Stop {
     #[error("shut down on request")]
     Shutdown,
+    /// The partition's preferred writer asked for it back: this leader finished its batch,
+    /// released the lease, and goes on as a standby.
+    #[error("handed back to its preferred writer")]
+    HandBack,
     /// Another sequencer holds a newer epoch: this one's fence failed or its lease was taken,
     /// and it wrote nothing after that. Safe to restart as a standby (exit code 3).
     #[error("deposed: {0}")]
@@ -172,6 +179,8 @@ impl Sequencer {
         // lease is a failover, taken at once, not a start-up race to leave to the preferred
         // process (`lead_after`).
         let mut seen_led = false;
+        // When this preferred standby last asked the leader for the partition back.
+        let mut asked_at: Option<Instant> = None;
         let mut position: Option<Position> = None;
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
@@ -233,6 +242,12 @@ impl Sequencer {
                 Ok(Some(state)) => {
                     let result = self.lead(p, state.epoch, state.batch_seq);
                     self.status.role.store(ROLE_STOPPED, Ordering::Relaxed);
+                    if let Err(Stop::HandBack) = result {
+                        // Follow from a fresh state, as a standby of the preferred writer.
+                        position = None;
+                        self.status.role.store(ROLE_STANDBY, Ordering::Relaxed);
+                        continue;
+                    }
                     if let Err(Stop::LogLost(lost)) = result {
                         // Not deposed: the log is gone. Wait for the operator's rebase, then
                         // start over from Postgres like a fresh process.
@@ -251,6 +266,19 @@ impl Sequencer {
                         self.status
                             .last_follow_ms
                             .store(now_ms(), Ordering::Relaxed);
+                        // Caught up with a leader that may not prefer this partition: ask for it
+                        // back, at most once a second (a no-op while no one else leads).
+                        if self.config.preferred
+                            && asked_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                        {
+                            asked_at = Some(Instant::now());
+                            let node = &self.config.node_id;
+                            if let Err(e) =
+                                self.rt.block_on(lease::request_handback(&self.pool, node))
+                            {
+                                tracing::warn!(error = %e, "could not ask for the partition back");
+                            }
+                        }
                     }
                     if let Err(e) = followed {
                         // A replay that disagrees with the leader, or a gap: start over from a

@@ -263,10 +263,20 @@ async fn partitioned(
                 ensure!(code == Some(0), "SIGTERM must exit 0, got {code:?}");
             }
         }
+        // Restarted, it follows every partition and gets its preferred half handed back.
         stack.spawn_sequencer(victim)?;
-        stack
-            .wait_role(victim, "standby", Duration::from_secs(30))
-            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let leader = leaders(&stack, partitions).await;
+            if (0..n).all(|p| leader[p] == Some(p % 2)) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "round {round}: leaderships not back to even and odd: {leader:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let (mut answers, mut held, mut refused, mut late, mut errors) = (0, 0, 0, 0, 0);
         for (sku, load) in skus.iter().zip(loads) {
             let got = load.wait().await;
