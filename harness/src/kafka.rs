@@ -28,8 +28,18 @@ fn kafka_dir() -> PathBuf {
 }
 
 /// A Kafka cluster id: 16 random bytes in URL-safe base64 without padding (what
-/// `kafka-storage random-uuid` prints).
+/// `kafka-storage random-uuid` prints). Like Kafka's own, never one that starts with `-`: the
+/// storage tool would read `--cluster-id -...` as a missing value (a 1-in-64 failure).
 fn cluster_id() -> String {
+    loop {
+        let id = random_base64_id();
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn random_base64_id() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let bytes = uuid::Uuid::new_v4().as_u128().to_be_bytes();
     let mut bits = 0u32;
@@ -177,6 +187,23 @@ impl Drop for KafkaBroker {
         // Keep the log of a failed test for inspection.
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cluster_id;
+
+    #[test]
+    fn a_cluster_id_is_22_url_safe_characters_and_never_starts_with_a_dash() {
+        for _ in 0..2_000 {
+            let id = cluster_id();
+            assert_eq!(id.len(), 22, "{id}");
+            assert!(!id.starts_with('-'), "{id}");
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         }
     }
 }
