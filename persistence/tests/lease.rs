@@ -119,3 +119,33 @@ async fn a_released_partition_waits_for_the_writer_that_asked_for_it_back() {
         "taking the lease ends the request"
     );
 }
+
+#[tokio::test]
+async fn a_database_is_never_served_as_another_partition_once_it_holds_skus() {
+    let url = fresh_database("claim").await;
+    let pool = persistence::connect(&url, 1).await.unwrap();
+    persistence::migrate(&pool).await.unwrap();
+    // Empty: it may be claimed, and claimed again otherwise.
+    persistence::layout::claim(&pool, 0, 1).await.unwrap();
+    persistence::layout::claim(&pool, 2, 4).await.unwrap();
+    sqlx::query(
+        "INSERT INTO skus (sku, total, available, held, sold, per_user_limit, hold_ttl_ms,
+                           paused, updated_batch)
+         VALUES ('a', 1, 1, 0, 0, 1, 1000, false, 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    persistence::layout::claim(&pool, 2, 4).await.unwrap();
+    for (partition, of) in [(1, 4), (2, 8), (0, 1)] {
+        let refused = persistence::layout::claim(&pool, partition, of)
+            .await
+            .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("holds partition 2 of a requests log with 4"),
+            "{refused:#}"
+        );
+    }
+}
